@@ -1,0 +1,377 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML with ``key=value`` overrides.
+
+Every key is validated on load: an unknown key or a value of the wrong type raises
+:class:`ConfigError` naming the dotted key and what was expected. The resolved config is a plain
+tree of dataclasses; :func:`to_dict` turns it back into YAML-able data (stored with every
+checkpoint and MLflow run) and :func:`config_hash` names runs deterministically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Targets and encoding (METHOD.md, "Targets and encoding")."""
+
+    resolution: int = 64
+    """Training resolution H = W in pixels, after aspect-preserving resize and padding."""
+    num_slots: int = 32
+    """S id slots, slot 0 = void; a power of two so that ids fit log2(S) bit planes."""
+    min_segment_area: int = 10
+    """Segments under this many pixels become void at training time."""
+    resize_mode: Literal["pad", "squash"] = "pad"
+    """``pad`` keeps the aspect ratio and pads (with a valid-pixel mask); ``squash`` is the paper's."""
+
+    @property
+    def num_bits(self) -> int:
+        return int(math.log2(self.num_slots))
+
+    def validate(self) -> None:
+        if self.num_slots < 2 or self.num_slots & (self.num_slots - 1):
+            raise ConfigError(f"data.num_slots must be a power of two >= 2, got {self.num_slots}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"data.resolution must be a multiple of 8, got {self.resolution}")
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic scenes in exact COCO panoptic format (``ldmseg synth``)."""
+
+    num_images: int = 64
+    size: int = 64
+    seed: int = 0
+    min_things: int = 2
+    max_things: int = 6
+    max_stuff: int = 3
+    void_fraction: float = 0.05
+    crowd_prob: float = 0.1
+
+
+@dataclass
+class MaskAEConfig:
+    """Shallow mask autoencoder (METHOD.md, "Mask autoencoder")."""
+
+    widths: tuple[int, ...] = (16, 32, 64)
+    """Encoder widths; len(widths) - 1 stride-2 stages give the downsampling factor."""
+    latent_channels: int = 4
+    kl_weight: float = 0.0
+    latent_noise: float = 0.0
+    """Std of Gaussian noise added to latents while training, in units of the latent std."""
+    num_points: int = 1024
+    """Points sampled per image for the loss (112² at COCO scale)."""
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    ce_weight: float = 1.0
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.widths) - 1)
+
+
+@dataclass
+class ImageEncoderConfig:
+    """Frozen image encoder: a diffusers ``AutoencoderKL`` (Stable Diffusion's ``vae/``)."""
+
+    pretrained: Optional[str] = None
+    """Local ``save_pretrained`` directory or hub id; ``None`` builds from the fields below."""
+    subfolder: Optional[str] = None
+    """E.g. ``vae`` for a full Stable Diffusion repository."""
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    scaling_factor: float = 0.18215
+
+
+@dataclass
+class DenoiserConfig:
+    """Conditional denoiser: input [noisy mask latent | image latent | self-conditioning x̂₀]."""
+
+    kind: Literal["unet2d", "stable-diffusion"] = "unet2d"
+    pretrained: Optional[str] = None
+    """For ``stable-diffusion``: local directory or hub id of the SD UNet (``None``: from config)."""
+    subfolder: Optional[str] = None
+    block_out_channels: tuple[int, ...] = (64, 128)
+    layers_per_block: int = 2
+    attention_levels: tuple[bool, ...] = (False, True)
+    """Per level: whether the block has self-attention."""
+    attention_head_dim: int = 32
+    image_stem_channels: int = 32
+    """Width of a learned conv stem applied to the image latent (0: feed it raw)."""
+    self_condition: bool = True
+    freeze_time_embedding: bool = False
+    gradient_checkpointing: bool = False
+    sd_config: Optional[str] = None
+    """For a from-config SD UNet: ``sd-v1`` reproduces Stable Diffusion v1.x's UNet shape."""
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise process and loss (METHOD.md, "Latent diffusion model")."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
+    min_snr_gamma: Optional[float] = 5.0
+    self_condition_prob: float = 0.5
+    ae_aux_weight: float = 0.0
+    """Weight of an auxiliary cross-entropy through the frozen AE decoder on x̂₀ (0: off)."""
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling and post-processing (METHOD.md, "Sampling and post-processing")."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
+    eta: float = 0.0
+    seed: int = 0
+    self_condition: bool = True
+    mask_th: float = 0.5
+    count_th: float = 0.002
+    """Minimum segment area as a fraction of the image area (512 px of 512² ≈ 0.002)."""
+    overlap_th: float = 0.5
+    batch_size: int = 16
+
+
+@dataclass
+class TrainConfig:
+    """One training stage (``train_ae`` or ``train_ldm``)."""
+
+    iterations: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup: int = 200
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 1.0
+    ema_decay: Optional[float] = None
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    report_every: int = 50
+    checkpoint_every: int = 500
+    num_to_keep: int = 2
+    max_failures: int = 0
+    time_budget_s: Optional[float] = None
+    """Stop after this many seconds of training (checked between steps); ``None``: no limit."""
+
+
+@dataclass
+class PreprocessConfig:
+    """Ray Data preprocessing into Parquet shards."""
+
+    rows_per_file: int = 256
+    val_fraction: float = 0.0
+    image_format: Literal["png", "jpeg", "raw"] = "raw"
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking; ``None`` URI means the embedded sqlite store in the run folder."""
+
+    tracking_uri: Optional[str] = None
+    experiment: str = "ldmseg"
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    name: str = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    mask_ae: MaskAEConfig = field(default_factory=MaskAEConfig)
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train_ae: TrainConfig = field(default_factory=TrainConfig)
+    train_ldm: TrainConfig = field(default_factory=TrainConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        self.data.validate()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and return it in canonical form."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train_ae.lr=1e-3", "data.num_slots=8"]`` → nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train_ae.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[parts[-1]] = value
+    return tree
+
+
+def from_dict(values: dict) -> Config:
+    """Build and validate a :class:`Config` from a nested dict."""
+    cfg = _build(Config, values or {})
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (YAML; ``None``: defaults), apply ``key=value`` overrides, validate."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (try conf/tiny.yaml)")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    values = _merge(values, parse_overrides(overrides or []))
+    try:
+        return from_dict(values)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """Dataclass tree → plain dict of lists/scalars (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def config_hash(cfg: Any, sections: list[str] | None = None) -> str:
+    """Short stable hash of the config (or of some of its sections), for run names."""
+    d = to_dict(cfg)
+    if sections is not None:
+        d = {k: d[k] for k in sections}
+    blob = json.dumps(d, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
