@@ -273,6 +273,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -317,6 +322,11 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train_ae.lr=1e-3)")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else None
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
