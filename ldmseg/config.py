@@ -93,8 +93,15 @@ class MaskAEConfig:
 
 @dataclass
 class ImageEncoderConfig:
-    """Frozen image encoder: a diffusers ``AutoencoderKL`` (Stable Diffusion's ``vae/``)."""
+    """Frozen image encoder: a diffusers ``AutoencoderKL`` (Stable Diffusion's ``vae/``).
 
+    ``pixel_unshuffle`` is a parameter-free, lossless alternative for CPU-scale work: the image is
+    rearranged into (3·f², H/f, W/f) and the denoiser's learned image stem does the rest.
+    """
+
+    kind: Literal["autoencoder_kl", "pixel_unshuffle"] = "autoencoder_kl"
+    downsample_factor: int = 4
+    """For ``pixel_unshuffle`` only (``autoencoder_kl``: 2^(len(block_out_channels) - 1))."""
     pretrained: Optional[str] = None
     """Local ``save_pretrained`` directory or hub id; ``None`` builds from the fields below."""
     subfolder: Optional[str] = None

@@ -1,0 +1,106 @@
+"""The one module that talks to version-sensitive Ray APIs (Ray 2.60 at the time of writing).
+
+Everything else in ``pipelines/`` calls these helpers, so a Ray upgrade touches this file only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Iterable
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Environment every Ray worker process gets: one torch/OpenMP thread per CPU it owns
+# (two threads on two busy cores ran 10-40x slower; see STACK.md) and quiet MLflow telemetry.
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, temp_dir: str | None = None,
+             quiet: bool = True) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray if none is given.
+
+    A no-op when Ray is already initialised in this process (tests share one session).
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {
+        "runtime_env": {"env_vars": dict(WORKER_ENV)},
+        "log_to_driver": not quiet,
+        "configure_logging": True,
+        "logging_level": logging.WARNING if quiet else logging.INFO,
+    }
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        kwargs.update(include_dashboard=False, num_cpus=num_cpus)
+        if temp_dir:
+            kwargs["_temp_dir"] = os.path.abspath(temp_dir)
+        ray.init(**kwargs)
+    quiet_data_progress(quiet)
+
+
+def quiet_data_progress(quiet: bool = True) -> None:
+    """Ray Data progress bars off (we print our own progress); execution logs stay at WARNING."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    ctx.print_on_execution_start = not quiet
+    logging.getLogger("ray.data").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def dataset_from_items(items: list[dict]) -> "ray.data.Dataset":
+    import ray.data
+
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
+
+
+def map_batches(ds: "ray.data.Dataset", fn: Callable, *, batch_size: int, num_cpus: float = 1,
+                fn_kwargs: dict | None = None) -> "ray.data.Dataset":
+    """Stateless batch transform in Ray tasks (pandas batches in, pandas batches out)."""
+    return ds.map_batches(fn, batch_size=batch_size, batch_format="pandas", num_cpus=num_cpus,
+                          fn_kwargs=fn_kwargs or {})
+
+
+def write_parquet(ds: "ray.data.Dataset", path: str, *, filesystem=None, rows_per_file: int,
+                  filename_prefix: str) -> None:
+    """Write ``ds`` to ``path`` in files of at most ``rows_per_file`` rows named ``<prefix>-*``."""
+    from ray.data.datasource import FilenameProvider
+
+    class _Names(FilenameProvider):
+        def __init__(self) -> None:
+            super().__init__(file_format="parquet")
+
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"{filename_prefix}-{task_index:05d}.parquet"
+
+    ds.write_parquet(path, filesystem=filesystem, filename_provider=_Names(),
+                     min_rows_per_file=rows_per_file, max_rows_per_file=rows_per_file)
+
+
+def read_parquet(paths: str | list[str], *, filesystem=None, columns: list[str] | None = None):
+    import ray.data
+
+    return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns)
+
+
+def take_all(ds: "ray.data.Dataset") -> list[dict]:
+    return ds.take_all()
+
+
+def materialize(ds):
+    return ds.materialize()
+
+
+def iterate(rows: Iterable) -> Iterable:
+    return rows

@@ -1,0 +1,56 @@
+import pytest
+
+from ldmseg.config import ConfigError, config_hash, load_config, parse_overrides, to_dict
+from conftest import REPO
+
+
+def test_tiny_and_coco_load():
+    tiny = load_config(REPO / "conf/tiny.yaml")
+    coco = load_config(REPO / "conf/coco.yaml")
+    assert (tiny.data.resolution, tiny.data.num_slots, tiny.data.num_bits) == (64, 32, 5)
+    assert (coco.data.resolution, coco.data.num_slots, coco.data.num_bits) == (512, 128, 7)
+    assert coco.mask_ae.widths == (32, 64, 128, 256)
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(REPO / "conf/tiny.yaml", ["train_ae.lr=3e-4", "data.num_slots=8", "sampling.sampler=euler",
+                                                  "mask_ae.widths=[8,16]", "image_encoder.pretrained=null"])
+    assert cfg.train_ae.lr == pytest.approx(3e-4)
+    assert cfg.data.num_slots == 8 and cfg.data.num_bits == 3
+    assert cfg.mask_ae.widths == (8, 16) and cfg.mask_ae.downsample_factor == 2
+    assert cfg.image_encoder.pretrained is None
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("data.foo=1", "unknown config key data.foo"),
+    ("nosuch.x=1", "unknown config key nosuch"),
+    ("train_ae.iterations=1.5", "train_ae.iterations: expected an integer"),
+    ("data.resize_mode=stretch", "data.resize_mode: 'stretch' is not one of"),
+    ("denoiser.self_condition=maybe", "denoiser.self_condition: expected true or false"),
+    ("data.num_slots=30", "power of two"),
+    ("mask_ae.widths=5", "mask_ae.widths: expected a list"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "conf/tiny.yaml", [override])
+    assert needle in str(err.value)
+
+
+def test_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_overrides(["train_ae.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_hash_is_stable_and_sensitive():
+    a = load_config(REPO / "conf/tiny.yaml")
+    b = load_config(REPO / "conf/tiny.yaml")
+    c = load_config(REPO / "conf/tiny.yaml", ["train_ae.lr=0.5"])
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+    assert config_hash(a, ["data"]) == config_hash(c, ["data"])
+    assert to_dict(a)["mask_ae"]["widths"] == [16, 32, 64]
