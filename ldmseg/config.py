@@ -60,12 +60,21 @@ class SynthConfig:
 
     num_images: int = 64
     size: int = 64
+    """Image width in pixels (and height, unless ``height`` is set)."""
+    height: Optional[int] = None
+    """Image height in pixels; ``None``: square images of ``size``."""
     seed: int = 0
     min_things: int = 2
+    """Fewest thing shapes drawn per image (occlusion may hide some entirely)."""
     max_things: int = 6
     max_stuff: int = 3
+    """1 to ``max_stuff`` stuff regions (bands) split the background; at most 5."""
     void_fraction: float = 0.05
+    """Target fraction of void pixels, reached with thin void outlines around things."""
     crowd_prob: float = 0.1
+    """Probability that an image has one crowd segment (a cluster of small shapes, iscrowd=1)."""
+    shared_colour_prob: float = 0.3
+    """Probability that a thing reuses an earlier thing's colour (instances told apart by shape only)."""
 
 
 @dataclass
@@ -196,7 +205,13 @@ class PreprocessConfig:
     """Ray Data preprocessing into Parquet shards."""
 
     rows_per_file: int = 256
+    """Rows per Parquet file (the last file of a chunk may hold fewer)."""
+    chunk_rows: int = 2048
+    """Images processed per resumable chunk; a finished chunk is never redone."""
+    batch_size: int = 16
+    """Images per Ray Data task batch."""
     val_fraction: float = 0.0
+    """Fraction of images put in the ``val`` split (deterministic by image id); 0: all in ``split``."""
     image_format: Literal["png", "jpeg", "raw"] = "raw"
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import ray
 
@@ -65,10 +65,10 @@ def dataset_from_items(items: list[dict]) -> "ray.data.Dataset":
     return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
 
 
-def map_batches(ds: "ray.data.Dataset", fn: Callable, *, batch_size: int, num_cpus: float = 1,
-                fn_kwargs: dict | None = None) -> "ray.data.Dataset":
-    """Stateless batch transform in Ray tasks (pandas batches in, pandas batches out)."""
-    return ds.map_batches(fn, batch_size=batch_size, batch_format="pandas", num_cpus=num_cpus,
+def map_batches(ds: "ray.data.Dataset", fn: Callable, *, batch_size: int | None, num_cpus: float = 1,
+                fn_kwargs: dict | None = None, batch_format: str = "pandas") -> "ray.data.Dataset":
+    """Stateless batch transform in Ray tasks (``batch_size=None``: whole blocks)."""
+    return ds.map_batches(fn, batch_size=batch_size, batch_format=batch_format, num_cpus=num_cpus,
                           fn_kwargs=fn_kwargs or {})
 
 
@@ -82,7 +82,7 @@ def write_parquet(ds: "ray.data.Dataset", path: str, *, filesystem=None, rows_pe
             super().__init__(file_format="parquet")
 
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"{filename_prefix}-{task_index:05d}.parquet"
+            return f"{filename_prefix}-{write_uuid}-{task_index:05d}.parquet"
 
     ds.write_parquet(path, filesystem=filesystem, filename_provider=_Names(),
                      min_rows_per_file=rows_per_file, max_rows_per_file=rows_per_file)
@@ -93,14 +93,3 @@ def read_parquet(paths: str | list[str], *, filesystem=None, columns: list[str] 
 
     return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns)
 
-
-def take_all(ds: "ray.data.Dataset") -> list[dict]:
-    return ds.take_all()
-
-
-def materialize(ds):
-    return ds.materialize()
-
-
-def iterate(rows: Iterable) -> Iterable:
-    return rows

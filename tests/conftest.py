@@ -33,8 +33,11 @@ def coco_val_examples(shared_data) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
-    """One local Ray for the whole session (start-up costs ~10 s); shut down at the end."""
+def ray_session(tmp_path_factory, s3_server):
+    """One local Ray for the whole session (start-up costs ~10 s); shut down at the end.
+
+    Starts after the S3 server so that Ray's workers inherit its endpoint and credentials.
+    """
     import ray
 
     from pipelines.ray_compat import init_ray
@@ -44,3 +47,63 @@ def ray_session(tmp_path_factory):
     yield ray
     if started:
         ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto_server) on a free 127.0.0.1 port, stopped by its PID.
+
+    Sets ``AWS_ENDPOINT_URL`` and dummy credentials for this process (inherited by local Ray
+    workers started afterwards) and yields the endpoint URL.
+    """
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    port = free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    try:
+        wait_http(endpoint + "/", timeout=30)
+        yield endpoint
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

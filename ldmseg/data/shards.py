@@ -1,0 +1,176 @@
+"""The latent-ready Parquet shard format (schema version 1): row encoding and decoding.
+
+One row per image, written by ``ldmseg preprocess`` and read by training, without Ray:
+
+============== ========= =================================================================
+column         type      meaning
+============== ========= =================================================================
+image_id       int64     COCO image id
+split          string    ``train``, ``val``, ... (one folder per split)
+file_name      string    source image file name
+segments_file  string    source panoptic PNG file name
+height, width  int32     original image size in pixels
+resolution     int32     training resolution R (rows hold R×R arrays)
+scaled_height  int32     size of the resized image inside the R×R canvas (pad mode);
+scaled_width   int32     ``restore_size`` uses it to go back to the original size
+resize_mode    string    ``pad`` or ``squash``
+image          binary    image at R×R: raw RGB bytes (R·R·3 uint8, row-major) or PNG/JPEG
+image_format   string    ``raw``, ``png`` or ``jpeg``
+slot_map       binary    remapped id map (slot per pixel, 0 = void/padding) as 8/16-bit PNG
+valid          binary    valid-pixel mask (1 = inside the image) as 1-bit PNG
+num_segments   int32     non-void segments after cleaning
+segments       string    JSON list: {slot, id, category_id, iscrowd, area, bbox} per segment
+n_small        int32     segments < min_segment_area turned void
+n_crowd        int32     crowd segments turned void
+n_merged       int32     segments merged into void because there were more than S−1
+checksum       string    sha256 of the decoded source image and id map
+============== ========= =================================================================
+
+Slots are remapped deterministically per image id (``eval_generator``); training re-permutes
+them per sample (:func:`decode_row` with a generator).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from ldmseg.config import Config
+from ldmseg.data import encoding
+
+SCHEMA_VERSION = 1
+
+SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("split", pa.string()),
+    ("file_name", pa.string()),
+    ("segments_file", pa.string()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("resolution", pa.int32()),
+    ("scaled_height", pa.int32()),
+    ("scaled_width", pa.int32()),
+    ("resize_mode", pa.string()),
+    ("image", pa.binary()),
+    ("image_format", pa.string()),
+    ("slot_map", pa.binary()),
+    ("valid", pa.binary()),
+    ("num_segments", pa.int32()),
+    ("segments", pa.string()),
+    ("n_small", pa.int32()),
+    ("n_crowd", pa.int32()),
+    ("n_merged", pa.int32()),
+    ("checksum", pa.string()),
+])
+
+ERROR_SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("file_name", pa.string()),
+    ("segments_file", pa.string()),
+    ("split", pa.string()),
+    ("reason", pa.string()),
+])
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _unpng(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img)
+
+
+def encode_image(image: np.ndarray, fmt: str) -> bytes:
+    """(R, R, 3) uint8 → bytes in ``fmt`` (``raw``, ``png`` or ``jpeg``)."""
+    if fmt == "raw":
+        return np.ascontiguousarray(image, dtype=np.uint8).tobytes()
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG" if fmt == "png" else "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, fmt: str, resolution: int) -> np.ndarray:
+    """Inverse of :func:`encode_image` → (R, R, 3) uint8."""
+    if fmt == "raw":
+        return np.frombuffer(data, dtype=np.uint8).reshape(resolution, resolution, 3)
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def checksum(image: np.ndarray, id_map: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(image).tobytes())
+    h.update(np.ascontiguousarray(id_map, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+class SkipImage(ValueError):
+    """The image is valid but unusable for training (e.g. no non-crowd segment)."""
+
+
+def encode_sample(image: np.ndarray, id_map: np.ndarray, segments_info: list[dict], *, image_id: int,
+                  cfg: Config, split: str = "train", file_name: str = "", segments_file: str = "",
+                  seed: int = 0) -> dict[str, Any]:
+    """One decoded COCO panoptic sample → one shard row (a dict matching :data:`SCHEMA`).
+
+    ``image`` is (H, W, 3) uint8, ``id_map`` (H, W) int64 COCO segment ids. Cleans (small and
+    crowd → void), remaps ids into slots deterministically per ``image_id``, resizes/pads to
+    ``cfg.data.resolution``. Raises :class:`SkipImage` if no non-crowd segment is left.
+    """
+    h, w = id_map.shape
+    digest = checksum(image, id_map)
+    clean = encoding.clean_segments(id_map, segments_info, min_area=cfg.data.min_segment_area)
+    if not clean.has_segments:
+        raise SkipImage("no non-crowd segment of at least "
+                        f"{cfg.data.min_segment_area} px (nothing to train on)")
+    remap = encoding.remap_ids(clean.id_map, cfg.data.num_slots, encoding.eval_generator(image_id, seed))
+    image_r, slots_r, valid, info = encoding.resize_pad(image, remap.slot_map, cfg.data.resolution,
+                                                        cfg.data.resize_mode)
+    by_id = {int(s["id"]): s for s in clean.segments_info}
+    segments = []
+    for slot, orig in sorted(remap.slots.items()):
+        s = by_id.get(int(orig), {})
+        segments.append({"slot": int(slot), "id": int(orig), "category_id": int(s.get("category_id", 0)),
+                         "iscrowd": int(s.get("iscrowd", 0)), "area": int(s.get("area", 0)),
+                         "bbox": [int(v) for v in s.get("bbox", [0, 0, 0, 0])]})
+    slot_dtype = np.uint8 if cfg.data.num_slots <= 256 else np.uint16
+    return {
+        "image_id": int(image_id), "split": split, "file_name": file_name, "segments_file": segments_file,
+        "height": int(h), "width": int(w), "resolution": int(cfg.data.resolution),
+        "scaled_height": int(info.scaled_h), "scaled_width": int(info.scaled_w),
+        "resize_mode": cfg.data.resize_mode,
+        "image": encode_image(image_r, cfg.preprocess.image_format),
+        "image_format": cfg.preprocess.image_format,
+        "slot_map": _png(slots_r.astype(slot_dtype)),
+        "valid": _png(valid.astype(bool)),
+        "num_segments": len(segments), "segments": json.dumps(segments),
+        "n_small": int(clean.n_small), "n_crowd": int(clean.n_crowd), "n_merged": int(remap.n_merged),
+        "checksum": digest,
+    }
+
+
+def decode_row(row: dict[str, Any], num_slots: int, generator: np.random.Generator | None = None
+               ) -> dict[str, np.ndarray]:
+    """One shard row → training arrays.
+
+    Returns ``image`` (3, R, R) float32 in [-1, 1], ``slot_map`` (R, R) int64 in [0, S),
+    ``valid`` (R, R) bool. With ``generator``, the slots are re-permuted at random (training:
+    id values must carry no meaning); without, the stored deterministic slots are returned.
+    """
+    res = int(row["resolution"])
+    image = decode_image(row["image"], row["image_format"], res)
+    slot_map = _unpng(row["slot_map"]).astype(np.int64)
+    valid = _unpng(row["valid"]).astype(bool)
+    if generator is not None:
+        slot_map = encoding.remap_ids(slot_map, num_slots, generator).slot_map
+    image_f = image.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    return {"image": image_f, "slot_map": slot_map, "valid": valid}

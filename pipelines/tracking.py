@@ -1,0 +1,154 @@
+"""MLflow tracking that never stops training.
+
+The embedded default is a sqlite store (``sqlite:///RUN_DIR/mlflow.db``) with artifacts under
+``RUN_DIR/mlartifacts``; ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` select any tracking
+server instead. If the server cannot be reached, training goes on and says so once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def resolve_tracking_uri(configured: str | None, run_dir: str | Path) -> str:
+    """``MLFLOW_TRACKING_URI`` > the config's ``tracking.tracking_uri`` > sqlite in ``run_dir``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri:
+        return uri
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{run_dir / 'mlflow.db'}"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """One MLflow run, addressed by id so that a Ray worker can log into the driver's run.
+
+    Every call is guarded: the first failure prints one warning, later calls are skipped.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str | None = None, *, artifact_root: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.artifact_root = artifact_root
+        self.disabled = False
+        self._client = None
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _call(self, what: str, fn, *args, **kwargs):
+        if self.disabled:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # unreachable server, bad URI, ...: warn once, go on
+            self.disabled = True
+            print(f"[mlflow] tracking at {self.tracking_uri} failed during {what} ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200]}); training goes on without tracking",
+                  file=sys.stderr, flush=True)
+            return None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    # -- runs ---------------------------------------------------------------------------------
+    def start(self, experiment: str, run_name: str, params: dict | None = None,
+              tags: dict | None = None) -> str | None:
+        """Create (or reuse, by run name) a run in ``experiment``; returns its id."""
+
+        def _start():
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                exp_id = self.client.create_experiment(experiment, artifact_location=self.artifact_root)
+            else:
+                exp_id = exp.experiment_id
+            found = self.client.search_runs([exp_id], filter_string=f"tags.mlflow.runName = '{run_name}'",
+                                            max_results=1)
+            if found:
+                run_id = found[0].info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+            else:
+                run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
+                if params:
+                    flat = _flatten(params)
+                    from mlflow.entities import Param
+
+                    items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+                    for i in range(0, len(items), 100):
+                        self.client.log_batch(run_id, params=items[i:i + 100])
+            return run_id
+
+        self.run_id = self._call("start", _start)
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.run_id:
+            return
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float))]
+        self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.run_id:
+            fn = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+            self._call("log_artifact", fn, self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.run_id:
+            for k, v in tags.items():
+                self._call("set_tag", self.client.set_tag, self.run_id, k, str(v))
+
+    def register(self, model_dir: str | Path, name: str, alias: str = "latest") -> str | None:
+        """Log ``model_dir`` as the run's ``model`` artifact and register it as ``name@alias``."""
+        if not self.run_id:
+            return None
+
+        def _register():
+            self.client.log_artifacts(self.run_id, str(model_dir), "model")
+            try:
+                self.client.get_registered_model(name)
+            except Exception:
+                self.client.create_registered_model(name)
+            source = f"runs:/{self.run_id}/model"
+            mv = self.client.create_model_version(name, source, run_id=self.run_id)
+            self.client.set_registered_model_alias(name, alias, mv.version)
+            return mv.version
+
+        return self._call("register", _register)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id:
+            self._call("finish", self.client.set_terminated, self.run_id, status)
+
+
+def download_model(uri: str, dst: str | Path, tracking_uri: str | None = None) -> Path:
+    """``models:/name@alias`` (or ``runs:/...``) → a local checkpoint folder under ``dst``."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+    return Path(path)

@@ -1,0 +1,296 @@
+"""Ray Train stages: ``ldmseg train ae`` (mask autoencoder) and ``ldmseg train ldm`` (diffusion).
+
+Each stage is a ``TorchTrainer`` over the Parquet shards of ``ldmseg preprocess``: DDP (gloo on
+CPU, nccl on GPU), ``get_dataset_shard`` per worker, metrics reported every
+``report_every`` steps, checkpoints (safetensors model folders) every ``checkpoint_every`` steps,
+``FailureConfig(max_failures)``. The run is named ``<stage>-<config hash>`` so re-running the same
+command resumes from its last checkpoint. The training step itself is ``ldmseg.diffusion.training``:
+one code path for plain Python and Ray. Tracking goes to MLflow (see ``pipelines/tracking.py``).
+
+Examples::
+
+    ldmseg train ae  --data runs/shards --config conf/tiny.yaml --run-dir runs/tiny
+    ldmseg train ldm --data runs/shards --config conf/tiny.yaml --run-dir runs/tiny \\
+        --ae runs/tiny/models/ae          # or models:/ldmseg-ae@latest
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ldmseg.config import Config, config_hash, from_dict, load_config, to_dict
+
+STAGES = ("ae", "ldm")
+REGISTERED = {"ae": "ldmseg-ae", "ldm": "ldmseg-ldm"}
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _log(msg: str) -> None:
+    print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def stage_sections(stage: str) -> list[str]:
+    """Config sections a stage's result depends on (its run name hashes these)."""
+    common = ["data", "mask_ae"]
+    return common + ["train_ae"] if stage == "ae" else common + ["image_encoder", "denoiser", "diffusion", "train_ldm"]
+
+
+def run_name(stage: str, cfg: Config, extra: str = "") -> str:
+    return f"{stage}-{config_hash(cfg, stage_sections(stage))}{extra}"
+
+
+@dataclass
+class StageResult:
+    stage: str
+    run_name: str
+    model_dir: str
+    metrics: dict[str, Any]
+    mlflow_run_id: str | None
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------
+# Worker side
+# ------------------------------------------------------------------------------------------
+
+
+def _batches(shard, batch_size: int, num_slots: int, seed: int, device) -> Iterator[dict]:
+    """Endless training batches from a Ray Data shard (epoch after epoch), slots re-permuted."""
+    import numpy as np
+
+    from ldmseg.data.parquet_dataset import columns_to_rows, decode_rows
+
+    rng = np.random.default_rng(seed)
+    while True:
+        for cols in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                       local_shuffle_buffer_size=4 * batch_size):
+            batch = decode_rows(columns_to_rows(cols), num_slots, rng)
+            yield {k: v.to(device) for k, v in batch.items()}
+
+
+def _build_stage(stage: str, cfg: Config, ae_model: str | None, device):
+    """→ (trainable module, step function factory inputs, components dict to save, latent scales)."""
+    from ldmseg.checkpoint import load_model
+    from ldmseg.diffusion.training import LDMComponents
+    from ldmseg.models.denoiser import build_denoiser
+    from ldmseg.models.image_encoder import ImageEncoder
+    from ldmseg.models.mask_autoencoder import MaskAutoencoder
+
+    if stage == "ae":
+        ae = MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots).to(device)
+        return ae, None
+    loaded = load_model(ae_model, device=str(device))
+    mask_ae = loaded.components["mask_autoencoder"].eval().requires_grad_(False)
+    image_encoder = ImageEncoder.from_config(cfg.image_encoder).to(device)
+    latent_size = cfg.data.resolution // mask_ae.downsample_factor
+    denoiser = build_denoiser(cfg.denoiser, mask_ae.latent_channels, image_encoder.out_channels, latent_size).to(device)
+    comps = LDMComponents(denoiser=denoiser, mask_ae=mask_ae, image_encoder=image_encoder,
+                          latent_scale=float(loaded.latent_scale))
+    return denoiser, comps
+
+
+def train_worker(config: dict) -> None:
+    """The per-worker training function (Ray Train calls it on every worker)."""
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ldmseg.checkpoint import save_model
+    from ldmseg.diffusion import training
+    from pipelines.tracking import Tracker
+
+    cfg = from_dict(config["cfg"])
+    stage = config["stage"]
+    tcfg = cfg.train_ae if stage == "ae" else cfg.train_ldm
+    torch.set_num_threads(max(1, tcfg.cpus_per_worker))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(tcfg.seed + rank)
+
+    model, comps = _build_stage(stage, cfg, config.get("ae_model"), device)
+    optimizer, lr_scheduler = training.make_optimizer([p for p in model.parameters() if p.requires_grad], tcfg)
+    start_step = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / TRAINER_STATE, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if lr_scheduler is not None and state.get("lr_scheduler"):
+                lr_scheduler.load_state_dict(state["lr_scheduler"])
+            start_step = int(state["step"])
+        if rank == 0:
+            _log(f"resuming {stage} from step {start_step}")
+    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
+    if comps is not None:
+        comps.denoiser = ddp_model
+    per_worker = max(1, tcfg.batch_size // world)
+    batches = _batches(ray.train.get_dataset_shard("train"), per_worker, cfg.data.num_slots,
+                       tcfg.seed * 1000 + rank + start_step, device)
+    generator = torch.Generator(device="cpu").manual_seed(tcfg.seed * 7919 + rank + start_step)
+    tracker = Tracker(config["tracking_uri"], config.get("mlflow_run_id")) if rank == 0 else None
+    latent_scale = {"value": None}
+
+    if stage == "ae":
+        def step_fn(batch):
+            return training.ae_train_step(ddp_model, batch, optimizer, cfg, generator=generator,
+                                          lr_scheduler=lr_scheduler)
+    else:
+        def step_fn(batch):
+            return training.ldm_train_step(comps, batch, optimizer, cfg, generator=generator,
+                                           lr_scheduler=lr_scheduler)
+
+    t_start = time.time()
+    last = {"t": time.time(), "step": start_step}
+
+    def components() -> dict:
+        return {"mask_autoencoder": model} if stage == "ae" else {"denoiser": model}
+
+    def save_checkpoint(step: int, metrics: dict, final: bool) -> None:
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            scale = comps.latent_scale if comps is not None else latent_scale["value"]
+            if stage == "ae" and final:
+                scale = training.measure_latent_scale(model, (next(batches) for _ in range(8)), cfg.data.num_slots)
+            save_model(tmp, cfg, components(), latent_scale=scale if scale is not None else 1.0,
+                       extra={"stage": stage, "step": step, "final": final})
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+                        "step": step}, Path(tmp) / TRAINER_STATE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def on_report(step: int, metrics: dict) -> None:
+        now = time.time()
+        metrics = dict(metrics)
+        metrics["step"] = step
+        metrics["steps_per_s"] = (step - last["step"]) / max(now - last["t"], 1e-9)
+        metrics["samples_per_s"] = metrics["steps_per_s"] * tcfg.batch_size
+        last.update(t=now, step=step)
+        if tracker is not None:
+            tracker.log_metrics(metrics, step)
+            _log(f"{stage} step {step}/{tcfg.iterations} " + " ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k != "step" and isinstance(v, float)))
+        is_ckpt = step % tcfg.checkpoint_every == 0 or step >= tcfg.iterations
+        if is_ckpt:
+            save_checkpoint(step, metrics, final=step >= tcfg.iterations)
+        else:
+            ray.train.report(metrics)
+
+    budget = tcfg.time_budget_s
+    final_step = training.train_loop(step_fn, batches, tcfg.iterations, start_step=start_step,
+                                     on_report=on_report, report_every=tcfg.report_every,
+                                     time_budget_s=budget)
+    if final_step % tcfg.report_every != 0 and final_step % tcfg.checkpoint_every != 0 or final_step < tcfg.iterations:
+        # the loop stopped between reports (time budget): make the last state the final checkpoint
+        save_checkpoint(final_step, {"step": final_step, "stopped_early": float(final_step < tcfg.iterations)},
+                        final=True)
+    if rank == 0:
+        _log(f"{stage} finished at step {final_step} in {time.time() - t_start:.0f} s")
+
+
+# ------------------------------------------------------------------------------------------
+# Driver side
+# ------------------------------------------------------------------------------------------
+
+
+def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_model: str | None = None,
+              storage_path: str | None = None, tracking_uri: str | None = None, address: str | None = None,
+              name_suffix: str = "") -> StageResult:
+    """Run one stage to completion (resuming if a run of the same name exists); returns the model."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ldmseg.data.manifest import list_split_files, open_fs
+    from ldmseg.data.parquet_dataset import TRAIN_COLUMNS
+    from pipelines import ray_compat
+    from pipelines.tracking import Tracker, download_model, resolve_tracking_uri
+
+    if stage not in STAGES:
+        raise SystemExit(f"ldmseg train: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    t0 = time.time()
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ray_compat.init_ray(address)
+    tcfg = cfg.train_ae if stage == "ae" else cfg.train_ldm
+    name = run_name(stage, cfg, name_suffix)
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri, run_dir)
+    tracker = Tracker(uri, artifact_root=None if "://" in uri and not uri.startswith("sqlite")
+                      else (run_dir / "mlartifacts").as_uri())
+    if stage == "ldm":
+        if not ae_model:
+            raise SystemExit("ldmseg train ldm: pass --ae MODEL (a checkpoint folder or models:/ldmseg-ae@latest)")
+        if ae_model.startswith(("models:/", "runs:/")):
+            ae_model = str(download_model(ae_model, run_dir / "downloads" / "ae", uri))
+    run_id = tracker.start(cfg.tracking.experiment, name, params=to_dict(cfg),
+                           tags={"ldmseg.stage": stage, "ldmseg.data": data})
+
+    fs, root = open_fs(data)
+    files = list_split_files(fs, root, "train")
+    proto = "" if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
+    dataset = ray_compat.read_parquet([proto + f for f in files], columns=TRAIN_COLUMNS)
+    storage = storage_path or str(run_dir / "ray_results")
+    _log(f"stage {stage}: run {name}, {len(files)} shard files, {tcfg.num_workers} worker(s), "
+         f"storage {storage}, MLflow {uri}")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": to_dict(cfg), "stage": stage, "ae_model": ae_model,
+                           "tracking_uri": uri, "mlflow_run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                               resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(tcfg.cpus_per_worker)}}),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {stage} finished without a checkpoint (see {storage}/{name})")
+    model_dir = run_dir / "models" / stage
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(d, model_dir, ignore=shutil.ignore_patterns(TRAINER_STATE))
+    metrics = dict(result.metrics or {})
+    tracker.register(model_dir, REGISTERED[stage], alias="latest")
+    tracker.finish()
+    dt = time.time() - t0
+    _log(f"stage {stage} done in {dt:.0f} s: model in {model_dir}")
+    return StageResult(stage, name, str(model_dir), metrics, run_id, dt)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("stage", choices=STAGES, help="ae: mask autoencoder; ldm: latent diffusion model")
+    parser.add_argument("--data", required=True, help="preprocessed output (ldmseg preprocess), local or s3://")
+    parser.add_argument("--config", default=None, help="YAML config (e.g. conf/tiny.yaml)")
+    parser.add_argument("--run-dir", default="runs/train", help="where models, the MLflow store and results go")
+    parser.add_argument("--ae", default=None, help="ldm stage: trained AE folder or models:/ldmseg-ae@latest")
+    parser.add_argument("--storage", default=None, help="Ray Train storage (local or s3://); default RUN_DIR/ray_results")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI "
+                                                             "or sqlite in RUN_DIR)")
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train_ae.iterations=500")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    res = run_train(args.stage, cfg, data=args.data, run_dir=args.run_dir, ae_model=args.ae,
+                    storage_path=args.storage, tracking_uri=args.tracking_uri, address=args.address)
+    print(json.dumps({"stage": res.stage, "run_name": res.run_name, "model": res.model_dir,
+                      "mlflow_run_id": res.mlflow_run_id, "seconds": round(res.seconds, 1),
+                      "metrics": {k: v for k, v in res.metrics.items() if isinstance(v, (int, float))}}))
+    return 0
