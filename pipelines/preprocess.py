@@ -213,11 +213,13 @@ def _write_table(fs, path: str, table: pa.Table) -> None:
 
 def _remove_partial(fs, root: str, prefix: str) -> None:
     """Delete files a killed run left for this chunk, so a redo never duplicates rows."""
+    fs.invalidate_cache()
     for path in fs.glob(posixpath.join(root, "*", f"{prefix}*")):
         fs.rm(path)
 
 
 def _finalise(fs, root: str, manifest: Manifest, n_inputs: int) -> Manifest:
+    fs.invalidate_cache()  # Ray workers wrote files this process's listing cache has not seen
     written: dict[str, int] = {}
     files: dict[str, list[str]] = {}
     quarantined = 0
