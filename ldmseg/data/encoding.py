@@ -51,9 +51,39 @@ class CleanResult:
 
 
 def _unique_counts(id_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sorted unique ids, inverse indices (flat) and pixel counts of an (H, W) id map."""
-    uniq, inverse, counts = np.unique(id_map.ravel(), return_inverse=True, return_counts=True)
+    """Sorted unique ids, inverse indices (flat) and pixel counts of an (H, W) id map.
+
+    Small ids (slot maps, ids below 2¹⁶) take a bincount path ~10x faster than ``np.unique``.
+    """
+    flat = id_map.ravel()
+    if flat.size and int(flat.max()) < 65536:
+        full = np.bincount(flat)
+        uniq = np.flatnonzero(full)
+        index = np.zeros(full.size, dtype=np.int64)
+        index[uniq] = np.arange(uniq.size)
+        return uniq, index[flat], full[uniq]
+    uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
     return uniq, inverse.ravel(), counts
+
+
+def compact_ids(id_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Relabel COCO ids (up to 2²⁴−1) densely: → ((H, W) int64 labels, (K,) int64 ids).
+
+    Void stays 0 and ``ids[label]`` is the original id (``ids[0] == 0``). Later steps on the
+    dense map (:func:`clean_segments`, :func:`remap_ids`) then take the fast bincount path.
+    """
+    id_map = _check_id_map(id_map)
+    try:
+        import pandas as pd
+
+        codes, uniq = pd.factorize(id_map.ravel())
+        uniq = np.asarray(uniq, dtype=np.int64)
+        codes = np.asarray(codes, dtype=np.int64)
+    except ImportError:  # pandas is optional: np.unique is ~3x slower
+        uniq, codes = np.unique(id_map.ravel(), return_inverse=True)
+    ids = np.concatenate([[0], np.sort(uniq[uniq != 0])])  # sorted: labels keep the ids' order
+    relabel = np.searchsorted(ids, uniq).astype(np.int64)
+    return relabel[codes].reshape(id_map.shape), ids
 
 
 def _check_id_map(id_map: Any, name: str = "id_map") -> np.ndarray:

@@ -128,18 +128,22 @@ def encode_sample(image: np.ndarray, id_map: np.ndarray, segments_info: list[dic
     """
     h, w = id_map.shape
     digest = checksum(image, id_map)
-    clean = encoding.clean_segments(id_map, segments_info, min_area=cfg.data.min_segment_area)
+    # work on dense labels (one hash pass) so cleaning and remapping take the fast path
+    dense, ids = encoding.compact_ids(id_map)
+    label_of = {int(v): i for i, v in enumerate(ids.tolist())}
+    dense_info = [{**s, "id": label_of[int(s["id"])]} for s in segments_info if int(s["id"]) in label_of]
+    clean = encoding.clean_segments(dense, dense_info, min_area=cfg.data.min_segment_area)
     if not clean.has_segments:
         raise SkipImage("no non-crowd segment of at least "
                         f"{cfg.data.min_segment_area} px (nothing to train on)")
     remap = encoding.remap_ids(clean.id_map, cfg.data.num_slots, encoding.eval_generator(image_id, seed))
     image_r, slots_r, valid, info = encoding.resize_pad(image, remap.slot_map, cfg.data.resolution,
                                                         cfg.data.resize_mode)
-    by_id = {int(s["id"]): s for s in clean.segments_info}
+    by_label = {int(s["id"]): s for s in clean.segments_info}
     segments = []
-    for slot, orig in sorted(remap.slots.items()):
-        s = by_id.get(int(orig), {})
-        segments.append({"slot": int(slot), "id": int(orig), "category_id": int(s.get("category_id", 0)),
+    for slot, label in sorted(remap.slots.items()):
+        s = by_label.get(int(label), {})
+        segments.append({"slot": int(slot), "id": int(ids[label]), "category_id": int(s.get("category_id", 0)),
                          "iscrowd": int(s.get("iscrowd", 0)), "area": int(s.get("area", 0)),
                          "bbox": [int(v) for v in s.get("bbox", [0, 0, 0, 0])]})
     slot_dtype = np.uint8 if cfg.data.num_slots <= 256 else np.uint16

@@ -1,0 +1,390 @@
+"""COCO panoptic reading and validation: defects are found with clear reasons, unusual data passes."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from helpers_coco import (
+    DEFAULT_CATEGORIES,
+    band_id_map,
+    entry,
+    image_bytes,
+    image_for,
+    segments_info_from,
+    truncated,
+    write_coco_folder,
+)
+from PIL import Image
+
+from ldmseg.data.coco import (
+    DataError,
+    PanopticRecord,
+    Problem,
+    load_coco_panoptic,
+    read_sample,
+    validate_record,
+)
+from ldmseg.data.ids import encode_panoptic_png
+
+
+def _only_record(tmp_path, e, **kwargs):
+    paths = write_coco_folder(tmp_path / "ds", [e], **kwargs)
+    coco = load_coco_panoptic(paths.root)
+    assert coco.problems == []
+    assert len(coco.records) == 1
+    return coco, coco.records[0]
+
+
+def _problems_of(tmp_path, e, **kwargs) -> list[str]:
+    coco, record = _only_record(tmp_path, e, **kwargs)
+    problems = validate_record(record, categories=coco.categories)
+    with pytest.raises(DataError) as info:
+        read_sample(record, categories=coco.categories)
+    # read_sample's reason carries every problem validate_record lists.
+    assert all(p in info.value.reason for p in problems)
+    assert isinstance(info.value, ValueError)
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# A valid folder
+# --------------------------------------------------------------------------------------------
+
+
+def test_valid_folder_reads_exact_pixels_and_ids(tmp_path):
+    ids = band_id_map(12, 16, [0, 5, 70000, 16777215])
+    image = image_for(ids)
+    paths = write_coco_folder(tmp_path / "ds", [entry(3, ids=[0, 5, 70000, 16777215], image_data=image_bytes(image, "PNG"))])
+    coco = load_coco_panoptic(paths.root)
+    (record,) = coco.records
+    assert (record.image_id, record.height, record.width) == (3, 12, 16)
+    assert record.file_name == "000000000003.jpg" and record.segments_file == "000000000003.png"
+    assert record.image_path.endswith("images/000000000003.jpg")
+    assert coco.categories[300]["isthing"] == 0 and coco.categories[7]["isthing"] == 1
+    sample = read_sample(record)
+    assert sample.image.dtype == np.uint8 and sample.image.shape == (12, 16, 3)
+    np.testing.assert_array_equal(sample.image, image)  # PNG-coded photo: lossless
+    assert sample.id_map.dtype == np.int64
+    np.testing.assert_array_equal(sample.id_map, ids)
+    assert [s["id"] for s in sample.segments_info] == [5, 70000, 16777215]
+    assert validate_record(record) == []
+
+
+def test_records_and_problems_serialise_to_plain_dicts(tmp_path):
+    paths = write_coco_folder(tmp_path / "ds", [entry(1), entry(2, in_annotations=False)])
+    coco = load_coco_panoptic(paths.root)
+    row = coco.records[0].to_dict()
+    assert json.loads(json.dumps(row)) == row
+    # Rows that went through Arrow come back with numpy values.
+    arrow_like = {**row, "image_id": np.int64(1), "segments_info": [
+        {**s, "id": np.int64(s["id"]), "bbox": np.asarray(s["bbox"])} for s in row["segments_info"]]}
+    back = PanopticRecord.from_dict(arrow_like)
+    assert back == coco.records[0]
+    assert type(back.segments_info[0]["bbox"]) is list and type(back.image_id) is int
+    (problem,) = coco.problems
+    assert problem.to_dict() == {"kind": "image_without_annotation", "image_id": 2,
+                                 "file_name": "000000000002.jpg", "reason": problem.reason}
+    assert isinstance(problem, Problem)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-image defects
+# --------------------------------------------------------------------------------------------
+
+
+def test_missing_image_and_png(tmp_path):
+    problems = _problems_of(tmp_path, entry(1, write_image=False, write_png=False))
+    assert len(problems) == 2
+    assert "image file" in problems[0] and "000000000001.jpg not found" in problems[0]
+    assert "panoptic PNG" in problems[1] and "000000000001.png not found" in problems[1]
+
+
+def test_zero_byte_files(tmp_path):
+    problems = _problems_of(tmp_path, entry(1, image_data=b"", png_data=b""))
+    assert [p.endswith("is empty (0 bytes)") for p in problems] == [True, True]
+    assert "000000000001.jpg" in problems[0] and "000000000001.png" in problems[1]
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.9])
+def test_truncated_jpeg_is_caught_by_a_full_decode(tmp_path, keep):
+    ids = band_id_map(48, 64, [1, 2, 3])
+    noisy = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    data = truncated(image_bytes(noisy), keep)
+    (problem,) = _problems_of(tmp_path, entry(1, height=48, width=64, ids=[1, 2, 3], image_data=data))
+    assert "000000000001.jpg cannot be decoded" in problem and "truncated" in problem
+    assert ids.shape == (48, 64)
+
+
+def test_truncated_png(tmp_path):
+    ids = np.arange(48 * 64, dtype=np.int64).reshape(48, 64) * 977 + 1
+    (problem,) = _problems_of(tmp_path, entry(1, height=48, width=64, ids=[1],
+                                              png_data=truncated(encode_panoptic_png(ids), 0.5)))
+    assert "panoptic PNG" in problem and "000000000001.png cannot be decoded" in problem and "truncated" in problem
+
+
+def test_files_that_are_not_images(tmp_path):
+    problems = _problems_of(tmp_path, entry(1, image_data=b"hello, not a jpeg", png_data=b"<html>404</html>"))
+    assert problems == [
+        f"image file {tmp_path / 'ds/images/000000000001.jpg'} is not an image PIL can read",
+        f"panoptic PNG {tmp_path / 'ds/panoptic/000000000001.png'} is not an image PIL can read",
+    ]
+
+
+def test_image_and_png_size_mismatch(tmp_path):
+    wide = np.zeros((12, 20, 3), dtype=np.uint8)
+    problems = _problems_of(tmp_path, entry(1, height=12, width=16, image=wide))
+    assert problems == [
+        "image is 20x12 but the JSON says 16x12 (width x height)",
+        "image is 20x12 but its panoptic PNG is 16x12 (width x height)",
+    ]
+
+
+def test_json_size_disagrees_with_both_files(tmp_path):
+    problems = _problems_of(tmp_path, entry(1, height=12, width=16, image_json={"height": 13}))
+    assert problems == [
+        "image is 16x12 but the JSON says 16x13 (width x height)",
+        "panoptic PNG is 16x12 but the JSON says 16x13 (width x height)",
+    ]
+
+
+def test_png_ids_missing_from_segments_info(tmp_path):
+    ids = band_id_map(12, 16, [0, 5, 70000, 123456])
+    info = [s for s in segments_info_from(ids) if s["id"] == 5]
+    (problem,) = _problems_of(tmp_path, entry(1, ids=[0, 5, 70000, 123456], segments_info=info))
+    assert problem == "panoptic PNG has ids not in segments_info: 70000, 123456"
+
+
+def test_segments_info_ids_missing_from_png(tmp_path):
+    info = segments_info_from(band_id_map(12, 16, [0, 5, 70000]))
+    info.append({"id": 999, "category_id": 1, "iscrowd": 0, "area": 4, "bbox": [0, 0, 2, 2]})
+    (problem,) = _problems_of(tmp_path, entry(1, segments_info=info))
+    assert problem == "segments_info ids absent from the panoptic PNG: 999"
+
+
+def test_bad_segments_info_entries(tmp_path):
+    info = segments_info_from(band_id_map(12, 16, [0, 5, 70000]))
+    info += [dict(info[0]), {"category_id": 1}, {"id": 2**24, "category_id": 1}]
+    info[1]["category_id"] = 42
+    problems = _problems_of(tmp_path, entry(1, segments_info=info))
+    assert problems == [
+        "segment 70000 has category_id 42, not in 'categories'",
+        "segments_info entry without an integer 'id': {'category_id': 1}",
+        "segments_info id 16777216 is outside [1, 16777215] (0 is void)",
+        "segments_info lists ids more than once: 5",
+    ]
+
+
+def test_many_problems_are_listed_briefly(tmp_path):
+    ids = np.arange(1, 12 * 16 + 1, dtype=np.int64)
+    (problem,) = _problems_of(tmp_path, entry(1, id_map=ids.reshape(12, 16), segments_info=[]))
+    assert problem == "panoptic PNG has ids not in segments_info: 1, 2, 3, 4, 5, 6, 7, 8 and 184 more"
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset-level problems and fatal errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_dataset_level_problems(tmp_path):
+    entries = [
+        entry(1),
+        entry(2, file_name="a.jpg", segments_file="a.png"),
+        entry(2, file_name="b.jpg", segments_file="b.png", in_annotations=False),  # duplicate id
+        entry(3, in_images=False),  # annotation without an image
+        entry(4, in_annotations=False),  # image without annotation
+        entry(5),
+        entry(5, file_name="other.jpg", in_images=False),  # second annotation for image 5
+    ]
+    paths = write_coco_folder(tmp_path / "ds", entries, categories=[*DEFAULT_CATEGORIES, DEFAULT_CATEGORIES[1]])
+    doc = json.loads(paths.json_path.read_text())
+    doc["images"].append({"file_name": "no-id.jpg"})
+    paths.json_path.write_text(json.dumps(doc))
+
+    coco = load_coco_panoptic(paths.root)
+    assert [r.image_id for r in coco.records] == [1]
+    kinds = {(p.kind, p.image_id): p for p in coco.problems}
+    assert sorted(kinds, key=str) == [("annotation_without_image", 3), ("duplicate_annotation", 5),
+                                      ("duplicate_category_id", None), ("duplicate_image_id", 2),
+                                      ("image_without_annotation", 4), ("malformed_entry", None)]
+    assert kinds[("duplicate_category_id", None)].reason == "category id 7 is listed more than once"
+    assert len(coco.categories) == 3
+    assert kinds[("duplicate_image_id", 2)].reason == (
+        "image id 2 is listed 2 times in 'images' (a.jpg, b.jpg); all its entries are skipped")
+    assert kinds[("annotation_without_image", 3)].reason == (
+        "annotation 000000000003.png refers to image id 3, which is not in 'images'")
+    assert kinds[("annotation_without_image", 3)].file_name == "000000000003.png"
+    assert kinds[("image_without_annotation", 4)].reason == "image 000000000004.jpg (id 4) has no annotation"
+    assert "no-id.jpg" in kinds[("malformed_entry", None)].reason
+
+
+def test_missing_folder_json_and_invalid_json_raise(tmp_path):
+    with pytest.raises(DataError, match="dataset folder .*nowhere does not exist"):
+        load_coco_panoptic(tmp_path / "nowhere")
+    paths = write_coco_folder(tmp_path / "ds", [entry(1)])
+    paths.json_path.unlink()
+    with pytest.raises(DataError, match=r"annotation file .*panoptic.json does not exist"):
+        load_coco_panoptic(paths.root)
+    paths.json_path.write_text('{"images": [')
+    with pytest.raises(DataError, match=r"annotation file .*panoptic.json is not valid JSON"):
+        load_coco_panoptic(paths.root)
+    paths.json_path.write_text('{"images": [], "categories": []}')
+    with pytest.raises(DataError, match=r"panoptic.json has no 'annotations' list"):
+        load_coco_panoptic(paths.root)
+    paths.json_path.write_text('{"images": [], "annotations": [], "categories": []}')
+    (paths.root / "images").rename(paths.root / "photos")
+    with pytest.raises(DataError, match=r"images folder .*ds/images does not exist"):
+        load_coco_panoptic(paths.root)
+    with pytest.raises(DataError, match="no dataset folder given and no masks, json_path"):
+        load_coco_panoptic(images=paths.root / "photos")
+
+
+# --------------------------------------------------------------------------------------------
+# Legal but unusual data
+# --------------------------------------------------------------------------------------------
+
+
+def test_legal_unusual_data_passes(tmp_path):
+    huge_ids = [16777215, 1, 65536, 256]
+    many = (np.arange(10 * 20, dtype=np.int64).reshape(10, 20) * 83_000 + 7) % 16777215 + 1  # 200 segments
+    one_pixel = np.zeros((9, 9), dtype=np.int64)
+    one_pixel[4, 4], one_pixel[0, 8] = 11, 12
+    categories = [*DEFAULT_CATEGORIES, {"id": 70000, "name": "odd", "isthing": 0, "note": "extra key"}]
+    entries = [
+        entry(2**33 + 5, ids=huge_ids),  # image id above 2**31, segment id 2**24 - 1
+        entry(7, ids=[0], segments_info=[]),  # no segment at all
+        entry(8, id_map=many),
+        entry(9, id_map=one_pixel),
+        entry(10, file_name="holiday photo.jpeg", segments_file="masks/xyz-10.png",
+              image_json={"flickr_url": "http://example.invalid/x", "date_captured": "2013"},
+              annotation_json={"extra": [1, 2]}),
+        entry(11, segments_info=[{**s, "category_id": 70000, "unknown_key": True}
+                                 for s in segments_info_from(band_id_map(12, 16, [0, 5, 70000]))]),
+    ]
+    paths = write_coco_folder(tmp_path / "ds", entries, categories=categories,
+                              json_extra={"info": {"year": 2017}, "licenses": [], "something_else": 1})
+    coco = load_coco_panoptic(paths.root)
+    assert coco.problems == []
+    assert [r.image_id for r in coco.records] == [2**33 + 5, 7, 8, 9, 10, 11]
+    for record in coco.records:
+        assert validate_record(record, categories=coco.categories) == [], record.image_id
+    samples = {r.image_id: read_sample(r) for r in coco.records}
+    assert samples[2**33 + 5].id_map.max() == 16777215
+    assert samples[7].id_map.max() == 0 and samples[7].segments_info == []
+    assert len(np.unique(samples[8].id_map)) == 200
+    assert int((samples[9].id_map == 11).sum()) == 1
+    assert samples[10].image.shape == (12, 16, 3)
+
+
+def test_image_modes_become_rgb(tmp_path):
+    ids = [1, 2, 3, 4]
+    rgb = image_for(band_id_map(16, 16, ids))
+    entries = [
+        entry(1, height=16, width=16, ids=ids, image_data=image_bytes(rgb, mode="L")),
+        entry(2, height=16, width=16, ids=ids, image_data=image_bytes(rgb, mode="CMYK")),
+        entry(3, height=16, width=16, ids=ids, file_name="p.png", image_data=image_bytes(rgb, "PNG", mode="P")),
+        entry(4, height=16, width=16, ids=ids, file_name="a.png", image_data=image_bytes(rgb, "PNG", mode="RGBA")),
+    ]
+    coco = load_coco_panoptic(write_coco_folder(tmp_path / "ds", entries).root)
+    gray, cmyk, palette, rgba = (read_sample(r).image for r in coco.records)
+    for image in (gray, cmyk, palette, rgba):
+        assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    assert np.abs(cmyk.astype(int) - rgb).mean() < 12  # JPEG-lossy but the same colours
+    np.testing.assert_array_equal(palette, rgb)  # 4 colours fit a 16-colour palette exactly
+    np.testing.assert_array_equal(rgba, rgb)
+
+
+def test_exif_orientation_is_not_applied(tmp_path):
+    ids = [1, 2]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° CW to display"
+    data = image_bytes(image_for(band_id_map(12, 16, ids)), exif=exif.tobytes())
+    assert Image.open(io.BytesIO(data)).getexif()[0x0112] == 6
+    coco = load_coco_panoptic(write_coco_folder(tmp_path / "ds", [entry(1, ids=ids, image_data=data)]).root)
+    assert read_sample(coco.records[0]).image.shape == (12, 16, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts and the real COCO samples
+# --------------------------------------------------------------------------------------------
+
+
+def test_coco_own_layout_with_explicit_paths(tmp_path):
+    paths = write_coco_folder(tmp_path / "coco", [entry(1), entry(2)], layout="coco")
+    assert paths.json_path.name == "panoptic_val2017.json" and paths.images.name == "val2017"
+    coco = load_coco_panoptic(**paths.kwargs())
+    assert [r.image_id for r in coco.records] == [1, 2] and coco.problems == []
+    assert coco.records[1].panoptic_path == str(tmp_path / "coco/annotations/panoptic_val2017/000000000002.png")
+    assert read_sample(coco.records[1]).id_map.shape == (12, 16)
+    # A root plus one override: the other two parts keep the folder's names.
+    paths2 = write_coco_folder(tmp_path / "ds", [entry(1)])
+    (paths2.root / "panoptic.json").rename(tmp_path / "elsewhere.json")
+    coco2 = load_coco_panoptic(paths2.root, json_path=tmp_path / "elsewhere.json")
+    assert validate_record(coco2.records[0]) == []
+
+
+def test_real_coco_panoptic_sample_validates_clean(coco_sample):
+    coco = load_coco_panoptic(coco_sample)
+    assert coco.problems == []
+    assert len(coco.categories) == 133
+    assert sum(c["isthing"] for c in coco.categories.values()) == 80
+    by_id = {r.image_id: r for r in coco.records}
+    assert sorted(by_id) == [142238, 439180]
+    for record in coco.records:
+        assert validate_record(record, categories=coco.categories) == []
+    s1, s2 = read_sample(by_id[142238]), read_sample(by_id[439180])
+    assert s1.image.shape == (427, 640, 3) and s1.id_map.shape == (427, 640)
+    assert s2.image.shape == (360, 640, 3)
+    assert len(np.unique(s1.id_map[s1.id_map > 0])) == 18 and len(np.unique(s2.id_map[s2.id_map > 0])) == 32
+    crowd = sum(s["iscrowd"] for r in coco.records for s in r.segments_info)
+    assert crowd == 3
+
+
+def test_real_coco_val_examples_validate_clean(coco_val_examples):
+    coco = load_coco_panoptic(coco_val_examples)
+    assert coco.problems == [] and len(coco.records) == 12
+    assert [c["name"] for c in coco.categories.values()] == ["object"]
+    for record in coco.records:
+        assert validate_record(record, categories=coco.categories) == [], record.file_name
+        sample = read_sample(record)
+        assert min(sample.image.shape[:2]) >= 227 and max(sample.image.shape[:2]) <= 640
+        assert 3 <= len(sample.segments_info) <= 29
+
+
+# --------------------------------------------------------------------------------------------
+# fsspec URLs (a local S3 stand-in on the loopback interface)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def test_read_from_s3_url(tmp_path, s3_endpoint):
+    import fsspec
+
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = fsspec.filesystem("s3", **options)
+    fs.mkdir("coco-test-bucket")
+    paths = write_coco_folder(tmp_path / "ds", [entry(1), entry(2, write_png=False)])
+    fs.put(str(paths.root), "coco-test-bucket/ds", recursive=True)
+
+    coco = load_coco_panoptic("s3://coco-test-bucket/ds", storage_options=options)
+    assert coco.problems == [] and [r.image_id for r in coco.records] == [1, 2]
+    assert coco.records[0].image_path == "s3://coco-test-bucket/ds/images/000000000001.jpg"
+    sample = read_sample(coco.records[0], storage_options=options)
+    np.testing.assert_array_equal(sample.id_map, band_id_map(12, 16, [0, 5, 70000]))
+    assert validate_record(coco.records[1], fs=fs) == [
+        "panoptic PNG s3://coco-test-bucket/ds/panoptic/000000000002.png not found"]
+    with pytest.raises(DataError, match="annotation file s3://coco-test-bucket/ds/nope.json does not exist"):
+        load_coco_panoptic(images="s3://coco-test-bucket/ds/images", masks="s3://coco-test-bucket/ds/panoptic",
+                           json_path="s3://coco-test-bucket/ds/nope.json", storage_options=options)
