@@ -81,13 +81,10 @@ def _empty_row() -> dict[str, Any]:
     return out
 
 
-def _select(batch: pa.Table, split: str | None) -> pa.Table:
-    """Keep the good rows of ``split`` (without the ``error`` column), or the errors (``None``)."""
+def _select(batch: pa.Table, split: str) -> pa.Table:
+    """Keep the good rows of ``split`` (without the ``error`` column)."""
     import pyarrow.compute as pc
 
-    if split is None:
-        mask = pc.is_valid(batch["error"])
-        return batch.filter(mask).select(["image_id", "file_name", "segments_file", "split", "error"])
     mask = pc.and_(pc.is_null(batch["error"]), pc.equal(batch["split"], split))
     return batch.filter(mask).drop_columns(["error"])
 
@@ -165,20 +162,19 @@ def run_preprocess(cfg: Config, *, output: str, source: str | None = None, image
         ds = ray_compat.dataset_from_items(items)
         ds = ray_compat.map_batches(ds, process_batch, batch_size=cfg.preprocess.batch_size,
                                     fn_kwargs={"cfg_dict": cfg_dict}, batch_format="pandas")
-        ds = ds.materialize()
-        counts: dict[str, int] = {}
-        for s in sorted({it["split"] for it in items}):
-            part = ray_compat.map_batches(ds, _select, batch_size=None, fn_kwargs={"split": s},
-                                          batch_format="pyarrow").materialize()
-            n = part.count()
-            if n:
-                ray_compat.write_parquet(part, posixpath.join(root, s), filesystem=_arrow_fs(fs),
-                                         rows_per_file=cfg.preprocess.rows_per_file, filename_prefix=prefix)
-            counts[s] = n
-        errors = ray_compat.map_batches(ds, _select, batch_size=None, fn_kwargs={"split": None},
-                                        batch_format="pyarrow").take_all()
+        ds = ds.materialize()  # the heavy map runs once; the light passes below reuse its blocks
+        light = ds.select_columns(["image_id", "file_name", "segments_file", "split", "error"]).take_all()
         err_rows = [{"image_id": e["image_id"], "file_name": e["file_name"], "segments_file": e["segments_file"],
-                     "split": e["split"], "reason": e["error"]} for e in errors]
+                     "split": e["split"], "reason": e["error"]} for e in light if e["error"] is not None]
+        counts: dict[str, int] = {}
+        for e in light:
+            if e["error"] is None:
+                counts[e["split"]] = counts.get(e["split"], 0) + 1
+        for s, n in sorted(counts.items()):
+            part = ray_compat.map_batches(ds, _select, batch_size=None, fn_kwargs={"split": s},
+                                          batch_format="pyarrow")
+            ray_compat.write_parquet(part, posixpath.join(root, s), filesystem=_arrow_fs(fs),
+                                     rows_per_file=cfg.preprocess.rows_per_file, filename_prefix=prefix)
         _write_table(fs, posixpath.join(root, ERRORS, f"{prefix}.parquet"),
                      pa.Table.from_pylist(err_rows, schema=shards.ERROR_SCHEMA))
         write_json(fs, marker, {"chunk": k, "images": len(chunk), "written": counts, "quarantined": len(err_rows)})

@@ -361,6 +361,16 @@ def _decode_png(data: bytes, path: str, problems: list[str]) -> np.ndarray | Non
     return None
 
 
+def _unique_ids(id_map: np.ndarray) -> np.ndarray:
+    """Distinct ids of a map; pandas' hash table is ~3x faster than sorting with ``np.unique``."""
+    try:
+        import pandas as pd
+
+        return np.asarray(pd.unique(id_map.ravel()))
+    except ImportError:
+        return np.unique(id_map)
+
+
 def _listed(ids) -> str:
     ids = sorted(ids)
     text = ", ".join(str(i) for i in ids[:_MAX_LISTED])
@@ -409,7 +419,7 @@ def _check(record: PanopticRecord, fs, categories, storage_options) -> tuple[Sam
         problems.append(f"image is {size(image)} but its panoptic PNG is {size(id_map)} (width x height)")
 
     if id_map is not None:
-        png_ids = set(np.unique(id_map).tolist()) - {0}
+        png_ids = set(_unique_ids(id_map).tolist()) - {0}
         unlisted = png_ids - info_ids
         if unlisted:
             problems.append(f"panoptic PNG has ids not in segments_info: {_listed(unlisted)}")
