@@ -163,6 +163,7 @@ def run_preprocess(cfg: Config, *, output: str, source: str | None = None, image
         ds = ray_compat.map_batches(ds, process_batch, batch_size=cfg.preprocess.batch_size,
                                     fn_kwargs={"cfg_dict": cfg_dict}, batch_format="pandas")
         ds = ds.materialize()  # the heavy map runs once; the light passes below reuse its blocks
+        t_map = time.time() - tc
         light = ds.select_columns(["image_id", "file_name", "segments_file", "split", "error"]).take_all()
         err_rows = [{"image_id": e["image_id"], "file_name": e["file_name"], "segments_file": e["segments_file"],
                      "split": e["split"], "reason": e["error"]} for e in light if e["error"] is not None]
@@ -181,7 +182,7 @@ def run_preprocess(cfg: Config, *, output: str, source: str | None = None, image
         done_images += len(chunk)
         rate = len(chunk) / max(time.time() - tc, 1e-9)
         _log(f"chunk {k + 1}/{len(chunks)}: {sum(counts.values())} written, {len(err_rows)} quarantined "
-             f"({rate:.1f} images/s; {done_images}/{len(records)} images done)")
+             f"({rate:.1f} images/s, {t_map:.1f} s decoding; {done_images}/{len(records)} images done)")
 
     manifest = _finalise(fs, root, manifest, n_inputs=len(records) + len(problems))
     dt = time.time() - t0

@@ -16,7 +16,8 @@ from ldmseg.data.manifest import list_split_files, open_fs
 from ldmseg.data.shards import decode_row
 
 # Columns a training step needs (the rest is provenance).
-TRAIN_COLUMNS = ["image_id", "resolution", "image", "image_format", "slot_map", "valid"]
+TRAIN_COLUMNS = ["image_id", "resolution", "image", "image_format", "slot_map", "valid", "resize_mode",
+                 "scaled_height", "scaled_width"]
 
 
 def decode_rows(rows: Iterable[dict[str, Any]], num_slots: int,

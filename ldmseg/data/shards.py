@@ -170,11 +170,17 @@ def decode_row(row: dict[str, Any], num_slots: int, generator: np.random.Generat
     ``valid`` (R, R) bool. With ``generator``, the slots are re-permuted at random (training:
     id values must carry no meaning); without, the stored deterministic slots are returned.
     """
+    import torch
+
     res = int(row["resolution"])
     image = decode_image(row["image"], row["image_format"], res)
-    slot_map = _unpng(row["slot_map"]).astype(np.int64)
-    valid = _unpng(row["valid"]).astype(bool)
+    slot_map = _unpng(row["slot_map"])
+    if row.get("resize_mode", "pad") == "pad" and row.get("scaled_height"):
+        valid = np.zeros((res, res), dtype=bool)  # the valid region is the top-left rectangle
+        valid[: int(row["scaled_height"]), : int(row["scaled_width"])] = True
+    else:
+        valid = _unpng(row["valid"]).astype(bool)
     if generator is not None:
-        slot_map = encoding.remap_ids(slot_map, num_slots, generator).slot_map
-    image_f = image.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
-    return {"image": image_f, "slot_map": slot_map, "valid": valid}
+        slot_map = encoding.repermute_slots(slot_map, num_slots, generator)
+    image_f = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return {"image": image_f.numpy(), "slot_map": slot_map.astype(np.int64), "valid": valid}
