@@ -192,6 +192,10 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    """CPUs Ray reserves for each training worker."""
+    torch_threads: Optional[int] = None
+    """torch threads per worker (``None``: ``cpus_per_worker``). On a small machine, reserving one
+    CPU but using two threads leaves a CPU free for Ray Data's read tasks."""
     report_every: int = 50
     checkpoint_every: int = 500
     num_to_keep: int = 2

@@ -112,7 +112,7 @@ def train_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     stage = config["stage"]
     tcfg = cfg.train_ae if stage == "ae" else cfg.train_ldm
-    torch.set_num_threads(max(1, tcfg.cpus_per_worker))
+    torch.set_num_threads(max(1, tcfg.torch_threads or tcfg.cpus_per_worker))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -254,7 +254,7 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
             name=name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(tcfg.cpus_per_worker)}}),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(tcfg.torch_threads or tcfg.cpus_per_worker)}}),
         datasets={"train": dataset},
     )
     result = trainer.fit()
