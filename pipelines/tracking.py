@@ -121,7 +121,7 @@ class Tracker:
             for k, v in tags.items():
                 self._call("set_tag", self.client.set_tag, self.run_id, k, str(v))
 
-    def register(self, model_dir: str | Path, name: str, alias: str = "latest") -> str | None:
+    def register(self, model_dir: str | Path, name: str, alias: str = "current") -> str | None:
         """Log ``model_dir`` as the run's ``model`` artifact and register it as ``name@alias``."""
         if not self.run_id:
             return None

@@ -11,7 +11,7 @@ Examples::
 
     ldmseg train ae  --data runs/shards --config conf/tiny.yaml --run-dir runs/tiny
     ldmseg train ldm --data runs/shards --config conf/tiny.yaml --run-dir runs/tiny \\
-        --ae runs/tiny/models/ae          # or models:/ldmseg-ae@latest
+        --ae runs/tiny/models/ae          # or models:/ldmseg-ae@current
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ldmseg.config import Config, config_hash, from_dict, load_config, to_dict
 STAGES = ("ae", "ldm")
 REGISTERED = {"ae": "ldmseg-ae", "ldm": "ldmseg-ldm"}
 TRAINER_STATE = "trainer_state.pt"
+MODEL_ALIAS = "current"  # MLflow reserves "latest"; models:/NAME/latest also resolves to the newest version
 
 
 def _log(msg: str) -> None:
@@ -231,7 +232,7 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
                       else (run_dir / "mlartifacts").as_uri())
     if stage == "ldm":
         if not ae_model:
-            raise SystemExit("ldmseg train ldm: pass --ae MODEL (a checkpoint folder or models:/ldmseg-ae@latest)")
+            raise SystemExit("ldmseg train ldm: pass --ae MODEL (a checkpoint folder or models:/ldmseg-ae@current)")
         if ae_model.startswith(("models:/", "runs:/")):
             ae_model = str(download_model(ae_model, run_dir / "downloads" / "ae", uri))
     run_id = tracker.start(cfg.tracking.experiment, name, params=to_dict(cfg),
@@ -266,7 +267,7 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
     with result.checkpoint.as_directory() as d:
         shutil.copytree(d, model_dir, ignore=shutil.ignore_patterns(TRAINER_STATE))
     metrics = dict(result.metrics or {})
-    tracker.register(model_dir, REGISTERED[stage], alias="latest")
+    tracker.register(model_dir, REGISTERED[stage], alias=MODEL_ALIAS)
     tracker.finish()
     dt = time.time() - t0
     _log(f"stage {stage} done in {dt:.0f} s: model in {model_dir}")
@@ -278,7 +279,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="preprocessed output (ldmseg preprocess), local or s3://")
     parser.add_argument("--config", default=None, help="YAML config (e.g. conf/tiny.yaml)")
     parser.add_argument("--run-dir", default="runs/train", help="where models, the MLflow store and results go")
-    parser.add_argument("--ae", default=None, help="ldm stage: trained AE folder or models:/ldmseg-ae@latest")
+    parser.add_argument("--ae", default=None, help="ldm stage: trained AE folder or models:/ldmseg-ae@current")
     parser.add_argument("--storage", default=None, help="Ray Train storage (local or s3://); default RUN_DIR/ray_results")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI "
                                                              "or sqlite in RUN_DIR)")

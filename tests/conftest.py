@@ -107,3 +107,31 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on a free 127.0.0.1 port (sqlite store), stopped by its PID."""
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    exe = str(Path(sys.executable).with_name("mlflow"))
+    proc = subprocess.Popen(
+        [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(uri + "/health", timeout=120)
+        yield uri
+    finally:
+        # the server runs gunicorn/uvicorn children in its own session: signal that group only
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
