@@ -177,6 +177,7 @@ def train_worker(config: dict) -> None:
         now = time.time()
         metrics = dict(metrics)
         metrics["step"] = step
+        metrics["resumed_from"] = start_step
         metrics["steps_per_s"] = (step - last["step"]) / max(now - last["t"], 1e-9)
         metrics["samples_per_s"] = metrics["steps_per_s"] * tcfg.batch_size
         last.update(t=now, step=step)

@@ -1,0 +1,150 @@
+"""Ray Train stages: DDP runs report metrics and checkpoints; resume; worker failure; S3; MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from ldmseg.config import load_config
+from ldmseg.data.synthetic import write_scenes
+
+pytestmark = pytest.mark.ray
+
+TINY = [
+    "data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "mask_ae.num_points=256",
+    "image_encoder.kind=pixel_unshuffle", "denoiser.block_out_channels=[16,32]", "denoiser.layers_per_block=1",
+    "denoiser.attention_levels=[false,false]", "denoiser.image_stem_channels=8", "sampling.steps=2",
+    "train_ae.batch_size=8", "train_ldm.batch_size=8", "train_ae.warmup=2", "train_ldm.warmup=2",
+    "preprocess.rows_per_file=16",
+]
+
+
+def cfg_with(*overrides):
+    return load_config(REPO / "conf/tiny.yaml", [*TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def shards(ray_session, tmp_path_factory):
+    from pipelines.preprocess import run_preprocess
+
+    root = tmp_path_factory.mktemp("train_data")
+    write_scenes(root / "scenes", num_images=32, size=32, seed=11, max_things=4)
+    run_preprocess(cfg_with(), output=str(root / "shards"), source=str(root / "scenes"))
+    return str(root / "shards")
+
+
+@pytest.fixture(scope="module")
+def trained_ae(shards, tmp_path_factory):
+    from pipelines.train import run_train
+
+    run_dir = tmp_path_factory.mktemp("ae_run")
+    res = run_train("ae", cfg_with("train_ae.iterations=6", "train_ae.report_every=3",
+                                   "train_ae.checkpoint_every=3"), data=shards, run_dir=run_dir)
+    return res
+
+
+def read_model_json(model_dir) -> dict:
+    return json.loads((Path(model_dir) / "model.json").read_text())
+
+
+def test_two_worker_ae_and_ldm_report_metrics_and_checkpoints(shards, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train import run_train
+
+    cfg = cfg_with("train_ae.iterations=4", "train_ae.report_every=2", "train_ae.checkpoint_every=2",
+                   "train_ae.num_workers=2", "train_ldm.iterations=4", "train_ldm.report_every=2",
+                   "train_ldm.checkpoint_every=2", "train_ldm.num_workers=2")
+    ae = run_train("ae", cfg, data=shards, run_dir=tmp_path)
+    assert ae.metrics["step"] == 4 and ae.metrics["loss"] > 0
+    meta = read_model_json(ae.model_dir)
+    assert meta["latent_scale"] > 0 and (Path(ae.model_dir) / "mask_autoencoder.safetensors").exists()
+    ldm = run_train("ldm", cfg, data=shards, run_dir=tmp_path, ae_model=ae.model_dir)
+    assert ldm.metrics["step"] == 4 and ldm.metrics["loss"] > 0
+    assert read_model_json(ldm.model_dir)["latent_scale"] == pytest.approx(meta["latent_scale"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = client.get_metric_history(ldm.mlflow_run_id, "loss")
+    assert [m.step for m in history] == [2, 4]
+    assert client.get_model_version_by_alias("ldmseg-ldm", "current").run_id == ldm.mlflow_run_id
+
+
+def test_killed_run_resumes_from_its_checkpoint(shards, ray_session, tmp_path):
+    from pipelines.train import run_name, run_train
+
+    overrides = ["train_ae.iterations=400", "train_ae.report_every=5", "train_ae.checkpoint_every=5"]
+    cfg = cfg_with(*overrides)
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "ldmseg.cli", "train", "ae", "--data", shards, "--config", str(REPO / "conf/tiny.yaml"),
+           "--run-dir", str(tmp_path), "--address", address, *TINY, *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    storage = tmp_path / "ray_results" / run_name("ae", cfg)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(storage.glob("checkpoint_*"))) < 2:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(storage.glob("checkpoint_*")), "no checkpoint before the kill"
+    # the re-run of the same command resumes: its first report continues the step counter
+    res = run_train("ae", cfg, data=shards, run_dir=tmp_path)
+    assert res.metrics["step"] == 400
+    assert res.metrics.get("resumed_from", 0) >= 5
+
+
+def test_worker_failure_is_recovered(shards, ray_session, tmp_path):
+    from ray.util.state import list_actors
+
+    from pipelines.train import run_train
+
+    cfg = cfg_with("train_ae.iterations=300", "train_ae.report_every=5", "train_ae.checkpoint_every=5",
+                   "train_ae.max_failures=1")
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 200
+        while time.time() < deadline and not killed:
+            ckpts = list((tmp_path / "ray_results").glob("*/checkpoint_*"))
+            if ckpts:
+                for a in list_actors(filters=[("state", "=", "ALIVE")]):
+                    if "TrainWorker" in a.class_name and a.pid:
+                        os.kill(a.pid, signal.SIGKILL)
+                        killed["pid"] = a.pid
+                        return
+            time.sleep(0.3)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    res = run_train("ae", cfg, data=shards, run_dir=tmp_path)
+    th.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert res.metrics["step"] == 300 and res.metrics.get("resumed_from", 0) >= 5
+
+
+def test_checkpoints_and_artifacts_on_s3_and_a_real_mlflow_server(trained_ae, shards, tmp_path, s3_server,
+                                                                   mlflow_server):
+    import s3fs
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train import run_train
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs.mkdir("ldmseg-train")
+    cfg = cfg_with("train_ldm.iterations=4", "train_ldm.report_every=2", "train_ldm.checkpoint_every=2")
+    res = run_train("ldm", cfg, data=shards, run_dir=tmp_path, ae_model=trained_ae.model_dir,
+                    storage_path="s3://ldmseg-train/ray", tracking_uri=mlflow_server)
+    fs.invalidate_cache()
+    assert fs.glob("ldmseg-train/ray/*/checkpoint_*/model.json")
+    client = MlflowClient(mlflow_server)
+    mv = client.get_model_version_by_alias("ldmseg-ldm", "current")
+    assert mv.run_id == res.mlflow_run_id
+    names = {f.path for f in client.list_artifacts(res.mlflow_run_id, "model")}
+    assert "model/model.json" in names
