@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ldmseg.data import coco
+from ldmseg.segmenter import to_coco_prediction
 
 
 def predict_dataset(segmenter, dataset: coco.CocoPanoptic, out_dir: str | Path, *, sampler: str | None = None,
@@ -42,7 +43,7 @@ def predict_dataset(segmenter, dataset: coco.CocoPanoptic, out_dir: str | Path, 
         results = segmenter.segment(images, sampler=sampler, steps=steps, seed=seed, **thresholds)
         for rec, res in zip(chunk, results):
             png_name = Path(rec.segments_file).with_suffix(".png").name
-            png, ann = segmenter.to_coco_prediction(res, rec.image_id, rec.file_name, png_name)
+            png, ann = to_coco_prediction(res, rec.image_id, png_name)
             (out / "panoptic" / png_name).write_bytes(png)
             annotations.append(ann)
         done += len(chunk)

@@ -184,3 +184,48 @@ def decode_row(row: dict[str, Any], num_slots: int, generator: np.random.Generat
         slot_map = encoding.repermute_slots(slot_map, num_slots, generator)
     image_f = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
     return {"image": image_f.numpy(), "slot_map": slot_map.astype(np.int64), "valid": valid}
+
+
+def write_coco_from_rows(rows: list[dict[str, Any]], out: str) -> None:
+    """Shard rows → a COCO panoptic folder at the training resolution (ground truth for PQ).
+
+    Each image is the valid (unpadded) region of the stored R×R image; its panoptic PNG holds the
+    slot ids (slot k → segment id k); ``segments_info`` keeps category, iscrowd (0 after
+    cleaning) and the area/bbox measured on the stored map. Categories are taken from the rows;
+    unknown category ids become one class-agnostic ``object`` category.
+    """
+    from pathlib import Path
+
+    from ldmseg.data.ids import encode_panoptic_png
+
+    root = Path(out)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "panoptic").mkdir(parents=True, exist_ok=True)
+    images, annotations, cats = [], [], set()
+    for row in rows:
+        res = int(row["resolution"])
+        h, w = int(row["scaled_height"]), int(row["scaled_width"])
+        image = decode_image(row["image"], row["image_format"], res)[:h, :w]
+        slots = _unpng(row["slot_map"]).astype(np.int64)[:h, :w]
+        image_id = int(row["image_id"])
+        name = f"{image_id:012d}"
+        Image.fromarray(np.ascontiguousarray(image)).save(root / "images" / f"{name}.png")
+        (root / "panoptic" / f"{name}.png").write_bytes(encode_panoptic_png(slots))
+        info = []
+        for seg in json.loads(row["segments"]):
+            mask = slots == seg["slot"]
+            area = int(mask.sum())
+            if area == 0:
+                continue
+            ys, xs = np.nonzero(mask)
+            cat = int(seg.get("category_id", 1)) or 1
+            cats.add(cat)
+            info.append({"id": int(seg["slot"]), "category_id": cat, "iscrowd": 0, "area": area,
+                         "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                  int(ys.max() - ys.min() + 1)]})
+        images.append({"id": image_id, "file_name": f"{name}.png", "height": h, "width": w})
+        annotations.append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": info})
+    categories = [{"id": c, "name": f"category-{c}", "isthing": 1} for c in sorted(cats)] or \
+        [{"id": 1, "name": "object", "isthing": 1}]
+    (root / "panoptic.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                    "categories": categories}))

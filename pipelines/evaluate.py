@@ -1,0 +1,127 @@
+"""Segment a dataset with a trained model and report PQ (one JSON object on stdout).
+
+``--model`` is a checkpoint folder or ``models:/NAME@ALIAS``; ``--data`` is a COCO panoptic
+folder or the Parquet output of ``ldmseg preprocess`` (then PQ is measured at the training
+resolution, on the stored ground truth). Predictions (COCO panoptic PNGs + JSON) and per-image
+statistics are written to ``--output``; PQ/SQ/RQ (class-agnostic, and class-aware when the
+ground truth has categories) go to stdout and MLflow. Progress goes to stderr.
+
+Example::
+
+    ldmseg evaluate --model runs/quickstart/models/ldm --data runs/quickstart/scenes/eval \\
+        --sampler dpmsolver++ --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def resolve_model(uri: str, workdir: Path, tracking_uri: str | None = None) -> str:
+    """A checkpoint folder path for ``uri`` (downloading ``models:/``/``runs:/`` URIs)."""
+    if uri.startswith(("models:/", "runs:/")):
+        from pipelines.tracking import download_model
+
+        return str(download_model(uri, workdir / "model", tracking_uri))
+    if not Path(uri).is_dir() and "://" not in uri:
+        raise SystemExit(f"ldmseg: model {uri} is not a folder; pass a checkpoint folder "
+                         "(e.g. runs/quickstart/models/ldm) or models:/ldmseg-ldm@current")
+    return uri
+
+
+def resolve_gt(data: str, workdir: Path) -> str:
+    """A COCO panoptic folder for ``data`` (exporting Parquet shards' ``val`` or ``train`` split)."""
+    from ldmseg.data.manifest import open_fs, read_manifest
+
+    fs, root = open_fs(data)
+    manifest = read_manifest(fs, root)
+    if manifest is None:
+        return data
+    import pyarrow.parquet as pq
+
+    from ldmseg.data.shards import write_coco_from_rows
+
+    split = "val" if "val" in manifest.written else "train"
+    rows = []
+    for f in manifest.files[split]:
+        with fs.open(f"{root}/{f}", "rb") as fh:
+            rows.extend(pq.read_table(fh).to_pylist())
+    out = workdir / f"gt-{split}"
+    write_coco_from_rows(rows, str(out))
+    print(f"[evaluate] {len(rows)} images of split {split!r} exported from {data}", file=sys.stderr)
+    return str(out)
+
+
+def evaluate(model: str, data: str, output: str, *, sampler: str | None, steps: int | None, seed: int,
+             batch_size: int | None = None, max_images: int | None = None, thresholds: dict | None = None,
+             tracking_uri: str | None = None, log_mlflow: bool = True) -> dict[str, Any]:
+    from ldmseg.data import coco
+    from ldmseg.evaluation import predict_dataset
+    from ldmseg.metrics.pq import evaluate_folders
+    from ldmseg.segmenter import Segmenter
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ldmseg-eval-", dir=out))
+    model_dir = resolve_model(model, work, tracking_uri)
+    gt = resolve_gt(data, work)
+    dataset = coco.load_coco_panoptic(gt)
+    if max_images:
+        dataset.records = dataset.records[:max_images]
+    segmenter = Segmenter.from_pretrained(model_dir)
+    stats = predict_dataset(segmenter, dataset, out / "predictions", sampler=sampler, steps=steps, seed=seed,
+                            batch_size=batch_size or segmenter.cfg.sampling.batch_size, **(thresholds or {}))
+    agnostic = evaluate_folders(gt, str(out / "predictions"), class_agnostic=True, missing="void",
+                                image_ids=[r.image_id for r in dataset.records])
+    result: dict[str, Any] = {
+        "model": model, "data": data, "sampler": sampler or segmenter.cfg.sampling.sampler,
+        "steps": steps or segmenter.cfg.sampling.steps, "seed": seed,
+        "pq": agnostic["All"]["pq"], "sq": agnostic["All"]["sq"], "rq": agnostic["All"]["rq"],
+        "class_agnostic": agnostic, "n_images": agnostic["n_images"],
+        "seconds_per_image": stats["seconds_per_image"], "skipped": stats["skipped"],
+        "predictions": str(out / "predictions"),
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    if log_mlflow:
+        from pipelines.tracking import Tracker, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(tracking_uri, out)
+        t = Tracker(uri)
+        if t.start("ldmseg-evaluate", f"evaluate-{Path(out).name}",
+                   params={"model": model, "data": data, "sampler": result["sampler"], "steps": result["steps"],
+                           "seed": seed, **(thresholds or {})}):
+            t.log_metrics({k: result[k] for k in ("pq", "sq", "rq", "seconds_per_image")}, step=0)
+            t.log_artifact(out / "metrics.json")
+            t.finish()
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder or models:/ldmseg-ldm@current")
+    parser.add_argument("--data", required=True, help="COCO panoptic folder or Parquet shards (ldmseg preprocess)")
+    parser.add_argument("--output", default="runs/evaluate", help="predictions and metrics.json (default: %(default)s)")
+    parser.add_argument("--sampler", default=None, help="sampler name (default: the model's config)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's config)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
+    parser.add_argument("--mask-th", type=float, default=None)
+    parser.add_argument("--count-th", type=float, default=None, help="minimum segment area, fraction of the image")
+    parser.add_argument("--overlap-th", type=float, default=None)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or sqlite in OUTPUT)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+
+def run(args: argparse.Namespace) -> int:
+    thresholds = {k: v for k, v in (("mask_th", args.mask_th), ("count_th", args.count_th),
+                                    ("overlap_th", args.overlap_th)) if v is not None}
+    res = evaluate(args.model, args.data, args.output, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                   batch_size=args.batch_size, max_images=args.max_images, thresholds=thresholds,
+                   tracking_uri=args.tracking_uri, log_mlflow=not args.no_mlflow)
+    print(json.dumps(res))
+    return 0
