@@ -91,5 +91,6 @@ def write_parquet(ds: "ray.data.Dataset", path: str, *, filesystem=None, rows_pe
 def read_parquet(paths: str | list[str], *, filesystem=None, columns: list[str] | None = None):
     import ray.data
 
-    return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns)
+    ds = ray.data.read_parquet(paths, filesystem=filesystem)
+    return ds.select_columns(columns) if columns else ds
 

@@ -32,6 +32,7 @@ from ldmseg.config import Config, config_hash, from_dict, load_config, to_dict
 STAGES = ("ae", "ldm")
 REGISTERED = {"ae": "ldmseg-ae", "ldm": "ldmseg-ldm"}
 TRAINER_STATE = "trainer_state.pt"
+MATERIALIZE_BELOW_BYTES = 2 << 30
 MODEL_ALIAS = "current"  # MLflow reserves "latest"; models:/NAME/latest also resolves to the newest version
 
 
@@ -89,7 +90,7 @@ def _build_stage(stage: str, cfg: Config, ae_model: str | None, device):
     if stage == "ae":
         ae = MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots).to(device)
         return ae, None
-    loaded = load_model(ae_model, device=str(device))
+    loaded = load_model(ae_model, device=device)
     mask_ae = loaded.components["mask_autoencoder"].eval().requires_grad_(False)
     image_encoder = ImageEncoder.from_config(cfg.image_encoder).to(device)
     latent_size = cfg.data.resolution // mask_ae.downsample_factor
@@ -100,8 +101,11 @@ def _build_stage(stage: str, cfg: Config, ae_model: str | None, device):
 
 
 def train_worker(config: dict) -> None:
-    """The per-worker training function (Ray Train calls it on every worker)."""
-    import numpy as np
+    """The per-worker training function (Ray Train calls it on every worker).
+
+    Every worker runs the same ``train_loop`` and calls ``ray.train.report`` at the same steps;
+    rank 0 attaches the checkpoints and logs to MLflow.
+    """
     import ray.train
     import ray.train.torch
     import torch
@@ -117,31 +121,33 @@ def train_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(tcfg.seed + rank)
+    torch.manual_seed(tcfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
 
     model, comps = _build_stage(stage, cfg, config.get("ae_model"), device)
-    optimizer, lr_scheduler = training.make_optimizer([p for p in model.parameters() if p.requires_grad], tcfg)
+    optimizer, lr_scheduler = training.make_optimizer(model.parameters(), tcfg)
+    ema = training.make_ema(model, tcfg.ema_decay) if stage == "ldm" else None
     start_step = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / TRAINER_STATE, map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if lr_scheduler is not None and state.get("lr_scheduler"):
-                lr_scheduler.load_state_dict(state["lr_scheduler"])
-            start_step = int(state["step"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        start_step = int(state["step"])
         if rank == 0:
             _log(f"resuming {stage} from step {start_step}")
-    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     if comps is not None:
         comps.denoiser = ddp_model
+        comps.ema = ema
     per_worker = max(1, tcfg.batch_size // world)
     batches = _batches(ray.train.get_dataset_shard("train"), per_worker, cfg.data.num_slots,
                        tcfg.seed * 1000 + rank + start_step, device)
-    generator = torch.Generator(device="cpu").manual_seed(tcfg.seed * 7919 + rank + start_step)
+    generator = torch.Generator(device=device).manual_seed(tcfg.seed * 7919 + rank + start_step)
     tracker = Tracker(config["tracking_uri"], config.get("mlflow_run_id")) if rank == 0 else None
-    latent_scale = {"value": None}
 
     if stage == "ae":
         def step_fn(batch):
@@ -153,52 +159,61 @@ def train_worker(config: dict) -> None:
                                            lr_scheduler=lr_scheduler)
 
     t_start = time.time()
-    last = {"t": time.time(), "step": start_step}
-
-    def components() -> dict:
-        return {"mask_autoencoder": model} if stage == "ae" else {"denoiser": model}
+    state = {"t": time.time(), "step": start_step, "last_ckpt": None}
 
     def save_checkpoint(step: int, metrics: dict, final: bool) -> None:
+        scale = comps.latent_scale if comps is not None else None
+        if stage == "ae":  # every rank draws the same number of batches (keeps the shards in step)
+            scale = training.measure_latent_scale(model, (next(batches) for _ in range(4)), cfg.data.num_slots)
+        metrics = {**metrics, "latent_scale": float(scale)}
+        state["last_ckpt"] = step
         if rank != 0:
             ray.train.report(metrics)
             return
+        if stage == "ae":
+            components = {"mask_autoencoder": model}
+        else:
+            denoiser = training.ema_copy(model, ema) if ema is not None else model
+            components = {"mask_autoencoder": comps.mask_ae, "image_encoder": comps.image_encoder,
+                          "denoiser": denoiser}
         with tempfile.TemporaryDirectory() as tmp:
-            scale = comps.latent_scale if comps is not None else latent_scale["value"]
-            if stage == "ae" and final:
-                scale = training.measure_latent_scale(model, (next(batches) for _ in range(8)), cfg.data.num_slots)
-            save_model(tmp, cfg, components(), latent_scale=scale if scale is not None else 1.0,
+            save_model(tmp, cfg, components, latent_scale=float(scale),
                        extra={"stage": stage, "step": step, "final": final})
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
-                        "step": step}, Path(tmp) / TRAINER_STATE)
+                        "lr_scheduler": lr_scheduler.state_dict(), "step": step,
+                        "ema": ema.state_dict() if ema is not None else None}, Path(tmp) / TRAINER_STATE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def on_report(step: int, metrics: dict) -> None:
         now = time.time()
-        metrics = dict(metrics)
+        metrics = {k: float(v) for k, v in metrics.items()}
         metrics["step"] = step
         metrics["resumed_from"] = start_step
-        metrics["steps_per_s"] = (step - last["step"]) / max(now - last["t"], 1e-9)
+        metrics["steps_per_s"] = (step - state["step"]) / max(now - state["t"], 1e-9)
         metrics["samples_per_s"] = metrics["steps_per_s"] * tcfg.batch_size
-        last.update(t=now, step=step)
+        state.update(t=now, step=step)
         if tracker is not None:
             tracker.log_metrics(metrics, step)
-            _log(f"{stage} step {step}/{tcfg.iterations} " + " ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if k != "step" and isinstance(v, float)))
-        is_ckpt = step % tcfg.checkpoint_every == 0 or step >= tcfg.iterations
-        if is_ckpt:
+            _log(f"{stage} step {step}/{tcfg.iterations}  loss {metrics.get('loss', float('nan')):.4f}  "
+                 f"{metrics['samples_per_s']:.1f} samples/s  lr {metrics.get('lr', 0):.2e}")
+        if step % tcfg.checkpoint_every == 0 or step >= tcfg.iterations:
             save_checkpoint(step, metrics, final=step >= tcfg.iterations)
         else:
             ray.train.report(metrics)
 
     budget = tcfg.time_budget_s
+    if budget is not None and world > 1:
+        # ranks would stop at different steps and wait on each other's gradients forever
+        budget = None
+        if rank == 0:
+            _log("time_budget_s applies to single-worker runs only; ignored with "
+                 f"{world} workers (set iterations instead)")
     final_step = training.train_loop(step_fn, batches, tcfg.iterations, start_step=start_step,
                                      on_report=on_report, report_every=tcfg.report_every,
                                      time_budget_s=budget)
-    if final_step % tcfg.report_every != 0 and final_step % tcfg.checkpoint_every != 0 or final_step < tcfg.iterations:
-        # the loop stopped between reports (time budget): make the last state the final checkpoint
-        save_checkpoint(final_step, {"step": final_step, "stopped_early": float(final_step < tcfg.iterations)},
-                        final=True)
+    if state["last_ckpt"] != final_step:  # stopped between checkpoints (time budget, or off-grid end)
+        save_checkpoint(final_step, {"step": final_step, "resumed_from": start_step,
+                                     "stopped_early": float(final_step < tcfg.iterations)}, final=True)
     if rank == 0:
         _log(f"{stage} finished at step {final_step} in {time.time() - t_start:.0f} s")
 
@@ -243,6 +258,11 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
     files = list_split_files(fs, root, "train")
     proto = "" if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
     dataset = ray_compat.read_parquet([proto + f for f in files], columns=TRAIN_COLUMNS)
+    total_bytes = sum(fs.size(f) for f in files)
+    if total_bytes <= MATERIALIZE_BELOW_BYTES:
+        # small data: read once before the workers take their CPUs (Ray Data then needs no CPU
+        # for reads while training, and every epoch comes from the object store)
+        dataset = dataset.materialize()
     storage = storage_path or str(run_dir / "ray_results")
     _log(f"stage {stage}: run {name}, {len(files)} shard files, {tcfg.num_workers} worker(s), "
          f"storage {storage}, MLflow {uri}")

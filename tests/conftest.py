@@ -43,7 +43,8 @@ def ray_session(tmp_path_factory, s3_server):
     from pipelines.ray_compat import init_ray
 
     started = not ray.is_initialized()
-    init_ray(num_cpus=2, temp_dir=str(tmp_path_factory.mktemp("ray")))
+    # 4 logical CPUs on 2 cores: two 1-CPU training workers leave room for Ray Data's tasks
+    init_ray(num_cpus=4, temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     if started:
         ray.shutdown()
