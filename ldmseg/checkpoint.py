@@ -1,0 +1,252 @@
+"""Model folders: ``model.json`` + one ``<component>.safetensors`` per component with weights.
+
+A trained model is a folder (local, or any fsspec URL such as ``s3://bucket/models/ldm``)::
+
+    model.json                    format, version, resolved config, latent scale, id slots,
+                                  components, training step, extra metadata
+    mask_autoencoder.safetensors  the mask autoencoder
+    denoiser.safetensors          the denoiser
+    image_encoder.safetensors     only for an image encoder built from config (random, frozen);
+                                  a pretrained encoder is stored as its source id, ``pixel_unshuffle``
+                                  has no parameters
+
+Loading reads JSON and safetensors only (nothing is unpickled) and rebuilds every module from the
+stored config (:func:`ldmseg.config.from_dict`) before loading its weights. Frozen pretrained
+weights are never bundled (the official code's 3.3 GB pickles).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+from torch import nn
+
+from ldmseg.config import Config, from_dict, to_dict
+
+FORMAT = "ldmseg-model"
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+COMPONENTS = ("mask_autoencoder", "image_encoder", "denoiser")
+"""Component names a model folder may hold."""
+
+
+@dataclass
+class LoadedModel:
+    """What :func:`load_model` returns: modules in eval mode on the requested device."""
+
+    cfg: Config
+    components: dict[str, nn.Module]
+    latent_scale: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while hasattr(module, "module") and isinstance(module.module, nn.Module):
+        module = module.module
+    return module
+
+
+def _is_remote(path: str | Path) -> bool:
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def _local(path: str | Path) -> Path:
+    s = str(path)
+    return Path(s[len("file://"):]) if s.startswith("file://") else Path(s)
+
+
+def _image_encoder_entry(cfg: Config, module: nn.Module) -> dict:
+    kind = getattr(module, "kind", cfg.image_encoder.kind)
+    entry = {"kind": kind, "out_channels": int(getattr(module, "out_channels", 0)),
+             "downsample_factor": int(getattr(module, "downsample_factor", 0))}
+    if kind == "pixel_unshuffle":
+        entry["weights"] = None
+    elif cfg.image_encoder.pretrained:
+        entry["weights"] = None
+        entry["source"] = cfg.image_encoder.pretrained
+        entry["subfolder"] = cfg.image_encoder.subfolder
+    else:
+        entry["weights"] = "image_encoder.safetensors"
+    return entry
+
+
+def save_model(
+    directory: str | Path,
+    cfg: Config,
+    components: dict[str, nn.Module],
+    *,
+    latent_scale: float,
+    extra: dict | None = None,
+) -> str:
+    """Write a model folder (created if missing; existing component files are overwritten).
+
+    Args:
+        directory: local folder or fsspec URL (``s3://...``; written via a temporary folder).
+        cfg: the resolved config the components were built from (stored with ``to_dict``).
+        components: name → module, names from :data:`COMPONENTS`; DDP wrappers are unwrapped.
+            A model that :class:`~ldmseg.segmenter.Segmenter` can use needs ``mask_autoencoder``
+            and ``denoiser`` (``image_encoder`` is rebuilt from the config when absent).
+        latent_scale: the factor applied to AE latents before diffusion (1 / std of training latents).
+        extra: JSON-able metadata (e.g. ``{"stage": "ldm", "step": 1000}``); ``step`` is also
+            stored at the top level as the training step.
+
+    Returns:
+        ``directory`` as a string.
+    """
+    unknown = sorted(set(components) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"unknown component {unknown[0]!r}; name components among {', '.join(COMPONENTS)}")
+    if not latent_scale or latent_scale <= 0:
+        raise ValueError(f"latent_scale must be > 0 (measure_latent_scale), got {latent_scale}")
+    if _is_remote(directory):
+        import fsspec
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(tmp, cfg, components, latent_scale=latent_scale, extra=extra)
+            fs, root = fsspec.core.url_to_fs(str(directory))
+            fs.makedirs(root, exist_ok=True)
+            for f in sorted(Path(tmp).iterdir()):
+                fs.put_file(str(f), f"{root.rstrip('/')}/{f.name}")
+        return str(directory)
+
+    out = _local(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, dict] = {}
+    for name, module in components.items():
+        module = _unwrap(module)
+        entry: dict[str, Any] = {"weights": f"{name}.safetensors"}
+        if name == "image_encoder":
+            entry = _image_encoder_entry(cfg, module)
+        elif name == "denoiser":
+            entry.update(latent_channels=int(module.latent_channels), image_channels=int(module.image_channels),
+                         sample_size=cfg.data.resolution // cfg.mask_ae.downsample_factor)
+        if entry["weights"]:
+            st_save_model(module, str(out / entry["weights"]), force_contiguous=True)
+        entry["parameters"] = sum(p.numel() for p in module.parameters())
+        entries[name] = entry
+    extra = dict(extra or {})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "latent_scale": float(latent_scale),
+        "num_slots": cfg.data.num_slots,
+        "step": extra.get("step"),
+        "components": entries,
+        "extra": extra,
+        "versions": {"torch": torch.__version__, "diffusers": _version("diffusers")},
+        "config": to_dict(cfg),
+    }
+    (out / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return str(directory)
+
+
+def _version(package: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:
+        return None
+
+
+def read_meta(directory: str | Path) -> dict:
+    """``model.json`` of a local model folder, checked for format and version."""
+    path = _local(directory) / MODEL_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {directory} is not a model folder written by save_model")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {meta['format_version']} is newer than this ldmseg "
+                         f"({FORMAT_VERSION}); upgrade ldmseg")
+    return meta
+
+
+def build_components(cfg: Config, *, load_pretrained: bool = True) -> dict[str, nn.Module]:
+    """Untrained ``mask_autoencoder``, ``image_encoder`` and ``denoiser`` of ``cfg`` (CPU, float32).
+
+    The denoiser is sized for latents (``mask_ae.latent_channels``, R/f, R/f) and the image
+    encoder's channels; ``load_pretrained`` is passed to the image encoder and denoiser builders.
+    """
+    from ldmseg.models.denoiser import build_denoiser
+    from ldmseg.models.image_encoder import ImageEncoder
+    from ldmseg.models.mask_autoencoder import MaskAutoencoder
+
+    mask_ae = MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots)
+    image_encoder = ImageEncoder.from_config(cfg.image_encoder, load_pretrained=load_pretrained)
+    if image_encoder.downsample_factor != mask_ae.downsample_factor:
+        raise ValueError(f"the image encoder downsamples by {image_encoder.downsample_factor} but the mask AE by "
+                         f"{mask_ae.downsample_factor}; match image_encoder (block_out_channels or "
+                         "downsample_factor) with mask_ae.widths")
+    denoiser = build_denoiser(cfg.denoiser, mask_ae.latent_channels, image_encoder.out_channels,
+                              cfg.data.resolution // mask_ae.downsample_factor, load_pretrained=load_pretrained)
+    return {"mask_autoencoder": mask_ae, "image_encoder": image_encoder, "denoiser": denoiser}
+
+
+def _build(name: str, entry: dict, cfg: Config) -> nn.Module:
+    """An untrained module of the right shape for component ``name`` (weights loaded afterwards)."""
+    if name == "mask_autoencoder":
+        from ldmseg.models.mask_autoencoder import MaskAutoencoder
+
+        return MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots)
+    if name == "image_encoder":
+        from ldmseg.models.image_encoder import ImageEncoder
+
+        # no stored weights: pixel_unshuffle (none needed) or pretrained (loaded from its source)
+        return ImageEncoder.from_config(cfg.image_encoder, load_pretrained=entry.get("weights") is None)
+    if name == "denoiser":
+        from ldmseg.models.denoiser import build_denoiser
+
+        args = (cfg.denoiser, int(entry["latent_channels"]), int(entry["image_channels"]), int(entry["sample_size"]))
+        try:
+            return build_denoiser(*args, load_pretrained=False)
+        except ValueError:
+            if not cfg.denoiser.pretrained:
+                raise
+            # a hub id without denoiser.sd_config: the shape comes with the pretrained weights
+            return build_denoiser(*args, load_pretrained=True)
+    raise ValueError(f"unknown component {name!r} in model.json; known: {', '.join(COMPONENTS)}")
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model folder written by :func:`save_model` (local or fsspec URL).
+
+    Every component listed in ``model.json`` is rebuilt from the stored config and its
+    safetensors weights are loaded strictly (a missing or unexpected tensor is an error).
+    Modules are returned in eval mode on ``device``.
+    """
+    if _is_remote(directory):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(directory))
+        with tempfile.TemporaryDirectory() as tmp:
+            for remote in fs.ls(root, detail=False):
+                fs.get_file(remote, str(Path(tmp) / Path(remote).name))
+            return load_model(tmp, device)
+
+    folder = _local(directory)
+    meta = read_meta(folder)
+    cfg = from_dict(meta["config"])
+    if int(meta["num_slots"]) != cfg.data.num_slots:
+        raise ValueError(f"{folder / MODEL_JSON}: num_slots {meta['num_slots']} disagrees with "
+                         f"data.num_slots {cfg.data.num_slots}")
+    components: dict[str, nn.Module] = {}
+    for name, entry in meta["components"].items():
+        module = _build(name, entry, cfg)
+        if entry.get("weights"):
+            path = folder / entry["weights"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} missing: model.json lists component {name!r} with weights")
+            st_load_model(module, str(path), strict=True)
+        components[name] = module.to(device).eval()
+    return LoadedModel(cfg=cfg, components=components, latent_scale=float(meta["latent_scale"]), meta=meta)
+

@@ -1,0 +1,315 @@
+"""Segment and inpaint images with a trained model: the user-facing API.
+
+    from ldmseg.segmenter import Segmenter
+    seg = Segmenter.from_pretrained("runs/quickstart/models/ldm")
+    results = seg.segment([image_a, image_b], sampler="dpmsolver++", steps=10)
+    results[0].id_map          # (H, W) int64 at the image's own size, 0 = void, segments 1..K
+
+Each image is resized (aspect kept) and padded to the training resolution, encoded by the frozen
+image encoder, its mask latent is sampled (:func:`~ldmseg.diffusion.sampling.sample_latents`),
+decoded to per-slot logits, taken back to the original size (padding cropped) and post-processed
+(:func:`~ldmseg.postprocess.postprocess`).
+
+Seeds: ``seed`` is an int (every image uses it, so an image's result never depends on its position
+in the list or the batch size) or one int per image; sample k of an image uses seed + k.
+
+Several samples per image (``num_samples > 1``): the returned map is the medoid sample, the one
+that agrees most with the others, where two maps agree at a pixel when the segments covering it
+match with IoU > 0.5 (or both maps are void there). ``uncertainty`` is, per pixel, the fraction of
+the other samples that disagree with the chosen one (0 = all agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldmseg.checkpoint import LoadedModel, load_model
+from ldmseg.config import Config, SamplingConfig
+from ldmseg.data.encoding import ResizeInfo, ids_to_bits, image_to_tensor, remap_ids, resize_pad, restore_size
+from ldmseg.data.ids import encode_panoptic_png
+from ldmseg.diffusion.sampling import decode_latents, sample_latents
+from ldmseg.postprocess import postprocess
+
+THRESHOLDS = ("mask_th", "count_th", "overlap_th")
+SAMPLING_OPTIONS = ("timestep_spacing", "eta", "self_condition")
+
+
+@dataclass
+class SegmentResult:
+    """One image's prediction at its original size.
+
+    ``id_map`` (H, W) int64, 0 = void; ``segments`` one dict per segment ``{"id", "area",
+    "score", ...}``; ``uncertainty`` (H, W) float32 in [0, 1] when several samples were drawn,
+    else None.
+    """
+
+    id_map: np.ndarray
+    segments: list[dict]
+    uncertainty: np.ndarray | None = None
+
+
+def segment_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(H, W) bool: where two id maps (0 = void, ids ≥ 0) agree.
+
+    A pixel agrees when both maps are void there, or when the two segments covering it overlap
+    with IoU > 0.5 (so each segment has at most one match).
+    """
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    ka, kb = int(a.max(initial=0)) + 1, int(b.max(initial=0)) + 1
+    inter = np.bincount((a * kb + b).ravel(), minlength=ka * kb).reshape(ka, kb)
+    union = inter.sum(1)[:, None] + inter.sum(0)[None, :] - inter
+    match = inter > 0.5 * np.maximum(union, 1)
+    match[0, :] = False
+    match[:, 0] = False
+    match[0, 0] = True
+    return match[a, b]
+
+
+def choose_medoid(maps: Sequence[np.ndarray]) -> tuple[int, np.ndarray]:
+    """Index of the map agreeing most with the others (ties: first) and its (H, W) float32 uncertainty."""
+    n = len(maps)
+    if n == 1:
+        return 0, np.zeros(maps[0].shape, dtype=np.float32)
+    agree = {}
+    scores = np.zeros(n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            agree[i, j] = agree[j, i] = segment_agreement(maps[i], maps[j])
+            m = agree[i, j].mean()
+            scores[i] += m
+            scores[j] += m
+    best = int(np.argmax(scores))
+    agreeing = sum(agree[best, j].astype(np.float32) for j in range(n) if j != best)
+    return best, (1.0 - agreeing / (n - 1)).astype(np.float32)
+
+
+def to_coco_prediction(result: SegmentResult, image_id: int, file_name: str) -> tuple[bytes, dict]:
+    """A COCO panoptic prediction: PNG bytes (id = R + 256·G + 256²·B) and its annotation dict.
+
+    Class-agnostic: every segment has ``category_id`` 1 and ``iscrowd`` 0; ``area`` in pixels and
+    ``bbox`` ``[x, y, width, height]`` are computed from the map.
+    """
+    ids = np.asarray(result.id_map, dtype=np.int64)
+    info = []
+    for sid in np.unique(ids):
+        if sid == 0:
+            continue
+        mask = ids == sid
+        rows = np.flatnonzero(mask.any(axis=1))
+        cols = np.flatnonzero(mask.any(axis=0))
+        info.append({"id": int(sid), "category_id": 1, "iscrowd": 0, "area": int(mask.sum()),
+                     "bbox": [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]})
+    return encode_panoptic_png(ids), {"image_id": image_id, "file_name": file_name, "segments_info": info}
+
+
+class Segmenter:
+    """A trained model ready to segment: mask AE, image encoder, denoiser, config, latent scale.
+
+    Attributes: ``cfg`` (:class:`~ldmseg.config.Config`), ``mask_ae``, ``image_encoder``,
+    ``denoiser``, ``latent_scale``, ``device``.
+    """
+
+    def __init__(self, cfg: Config, mask_ae, image_encoder, denoiser, latent_scale: float,
+                 device: str | torch.device = "cpu") -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.mask_ae = mask_ae.to(self.device).eval()
+        self.image_encoder = image_encoder.to(self.device).eval()
+        self.denoiser = denoiser.to(self.device).eval()
+        self.latent_scale = float(latent_scale)
+
+    @classmethod
+    def from_pretrained(cls, directory_or_loaded: str | LoadedModel, device: str | torch.device | None = None
+                        ) -> "Segmenter":
+        """From a model folder (local or fsspec URL) or a :class:`~ldmseg.checkpoint.LoadedModel`.
+
+        ``device=None`` picks CUDA when available, else CPU. The image encoder is rebuilt from the
+        config when the folder does not hold one.
+        """
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        loaded = directory_or_loaded
+        if not isinstance(loaded, LoadedModel):
+            loaded = load_model(directory_or_loaded, device=device)
+        missing = [n for n in ("mask_autoencoder", "denoiser") if n not in loaded.components]
+        if missing:
+            raise ValueError(f"the model holds no {' and no '.join(missing)}; segmenting needs a model saved "
+                             "with both mask_autoencoder and denoiser components (the LDM stage's output)")
+        image_encoder = loaded.components.get("image_encoder")
+        if image_encoder is None:
+            from ldmseg.models.image_encoder import ImageEncoder
+
+            image_encoder = ImageEncoder.from_config(loaded.cfg.image_encoder)
+        return cls(loaded.cfg, loaded.components["mask_autoencoder"], image_encoder,
+                   loaded.components["denoiser"], loaded.latent_scale, device)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _options(self, sampler: str | None, steps: int | None, options: dict[str, Any]
+                 ) -> tuple[SamplingConfig, dict[str, float]]:
+        """Sampling config and thresholds: the model's ``sampling`` config with ``options`` applied.
+
+        ``options`` may hold the thresholds (``mask_th``, ``count_th``, ``overlap_th``) and the
+        sampling fields ``timestep_spacing``, ``eta``, ``self_condition``; ``None`` values are ignored.
+        """
+        unknown = sorted(set(options) - set(THRESHOLDS) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown option {unknown[0]!r}; options are sampler, steps, seed, "
+                            f"{', '.join(THRESHOLDS + SAMPLING_OPTIONS)}")
+        changes = {k: v for k, v in {"sampler": sampler, "steps": steps, **options}.items()
+                   if v is not None and k not in THRESHOLDS}
+        sampling = dataclasses.replace(self.cfg.sampling, **changes)
+        thresholds = {k: float(options[k]) if options.get(k) is not None else float(getattr(sampling, k))
+                      for k in THRESHOLDS}
+        return sampling, thresholds
+
+    def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, ResizeInfo]:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"each image must be an (H, W, 3) uint8 RGB array, got shape {image.shape} "
+                             f"dtype {image.dtype}")
+        image_r, _, valid, info = resize_pad(image, None, self.cfg.data.resolution, self.cfg.data.resize_mode)
+        return image_r, valid, info
+
+    @torch.no_grad()
+    def _sample(self, images_r: list[np.ndarray], seeds: list[int], sampling: SamplingConfig,
+                known_latent: torch.Tensor | None = None, known_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, R, 3) uint8 images → scaled x̂₀ latents (B, C, h, w)."""
+        images = image_to_tensor(np.stack(images_r)).to(self.device)
+        image_latent = self.image_encoder.encode(images)
+        return sample_latents(self.denoiser, image_latent, diffusion_cfg=self.cfg.diffusion, sampling_cfg=sampling,
+                              seeds=seeds, latent_channels=self.mask_ae.latent_channels,
+                              known_latent=known_latent, known_mask=known_mask)
+
+    def _logits(self, x0: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
+        """One scaled latent (C, h, w) → logits (S, H, W) at the original image size."""
+        logits = decode_latents(self.mask_ae, x0[None], self.latent_scale)[0]
+        return restore_size(logits, info, kind="logits")
+
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def segment(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        seed: int | Sequence[int] = 0,
+        num_samples: int = 1,
+        batch_size: int | None = None,
+        **options: Any,
+    ) -> list[SegmentResult]:
+        """Segment (H, W, 3) uint8 RGB images of any sizes; one :class:`SegmentResult` per image.
+
+        ``sampler`` / ``steps`` default to the model's ``sampling`` config; ``options`` override
+        its thresholds (``mask_th``, ``count_th``, ``overlap_th``) and ``timestep_spacing``,
+        ``eta``, ``self_condition``; ``batch_size`` (default ``sampling.batch_size``) bounds the
+        samples drawn at once.
+        """
+        if isinstance(images, np.ndarray):
+            raise TypeError("images must be a list of (H, W, 3) uint8 arrays; wrap a single image: [image]")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        sampling, th = self._options(sampler, steps, options)
+        seeds = [int(seed)] * len(images) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+        if len(seeds) != len(images):
+            raise ValueError(f"pass one seed or one seed per image: got {len(seeds)} seeds for {len(images)} images")
+        prepared = [self._prepare(im) for im in images]
+        jobs = [(i, k) for i in range(len(images)) for k in range(num_samples)]
+        maps: dict[tuple[int, int], tuple[np.ndarray, list[dict]]] = {}
+        chunk = max(1, int(batch_size or sampling.batch_size))
+        for start in range(0, len(jobs), chunk):
+            part = jobs[start:start + chunk]
+            x0 = self._sample([prepared[i][0] for i, _ in part], [seeds[i] + k for i, k in part], sampling)
+            for (i, k), z in zip(part, x0):
+                maps[i, k] = postprocess(self._logits(z, prepared[i][2]), **th)
+        results = []
+        for i in range(len(images)):
+            if num_samples == 1:
+                id_map, segments = maps[i, 0]
+                results.append(SegmentResult(id_map, segments, None))
+                continue
+            best, uncertainty = choose_medoid([maps[i, k][0] for k in range(num_samples)])
+            id_map, segments = maps[i, best]
+            results.append(SegmentResult(id_map, segments, uncertainty))
+        return results
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        image: np.ndarray,
+        partial_id_map: np.ndarray,
+        known_mask_pixels: np.ndarray | None = None,
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        **options: Any,
+    ) -> SegmentResult:
+        """Complete a partial panoptic map (METHOD.md, "Inpainting"; zero-shot).
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+            partial_id_map: (H, W) int segment ids, 0 = void or unknown.
+            known_mask_pixels: (H, W) bool, True where the map is given (a known pixel with id 0
+                is known void); ``None``: known where ``partial_id_map > 0``.
+
+        The known segments get id slots by a permutation seeded with ``seed`` (beyond S − 1 known
+        segments, the smallest are encoded as void but still pasted back), the partial map is
+        encoded by the mask AE at the training resolution, latent cells whose pixels are all
+        known (padding counts as known void, as in training) are kept during sampling, and the
+        decoded, post-processed prediction fills the unknown pixels. Known pixels keep their
+        given ids; a predicted segment on a known segment's slot takes that segment's id; other
+        predicted segments get fresh ids above the largest known id.
+        """
+        image = np.asarray(image)
+        partial = np.asarray(partial_id_map)
+        if partial.shape != image.shape[:2] or not np.issubdtype(partial.dtype, np.integer):
+            raise ValueError(f"partial_id_map must be an integer (H, W) = {image.shape[:2]} map, got shape "
+                             f"{partial.shape} dtype {partial.dtype}")
+        partial = partial.astype(np.int64)
+        if partial.min(initial=0) < 0:
+            raise ValueError("partial_id_map ids must be >= 0 (0 = void or unknown)")
+        known_px = partial > 0 if known_mask_pixels is None else np.asarray(known_mask_pixels, dtype=bool)
+        if known_px.shape != partial.shape:
+            raise ValueError(f"known_mask_pixels must be (H, W) = {partial.shape}, got {known_px.shape}")
+        known_ids = np.where(known_px, partial, 0)
+        sampling, th = self._options(sampler, steps, options)
+        res, mode = self.cfg.data.resolution, self.cfg.data.resize_mode
+        f = self.mask_ae.downsample_factor
+
+        remap = remap_ids(known_ids, self.cfg.data.num_slots, np.random.default_rng(seed))
+        image_r, slots_r, valid, info = resize_pad(image, remap.slot_map, res, mode)
+        _, known_r, _, _ = resize_pad(None, known_px.astype(np.int64), res, mode)
+        known_r = (known_r > 0) | ~valid
+        bits = ids_to_bits(torch.from_numpy(slots_r)[None].to(self.device), self.mask_ae.num_bits)
+        known_latent = self.mask_ae.encode(bits) * self.latent_scale
+        known_cells = torch.from_numpy(known_r).to(self.device, torch.float32)[None, None]
+        known_mask = -F.max_pool2d(-known_cells, kernel_size=f, stride=f) > 0.5  # min-pool: all pixels known
+
+        x0 = self._sample([image_r], [int(seed)], sampling, known_latent, known_mask)
+        pred, segments = postprocess(self._logits(x0[0], info), **th)
+
+        next_id = int(known_ids.max(initial=0)) + 1
+        lut = np.zeros(len(segments) + 1, dtype=np.int64)
+        scores = {}
+        for seg in segments:
+            given = remap.slots.get(seg["slot"])
+            if given is None:
+                given, next_id = next_id, next_id + 1
+            lut[seg["id"]] = given
+            scores[given] = seg["score"]
+        id_map = np.where(known_px, known_ids, lut[pred])
+        ids, areas = np.unique(id_map, return_counts=True)
+        given_ids = set(np.unique(known_ids).tolist())
+        out = [{"id": int(i), "area": int(a), "score": float(scores.get(int(i), 1.0)), "known": int(i) in given_ids}
+               for i, a in zip(ids, areas) if i != 0]
+        return SegmentResult(id_map, out, None)

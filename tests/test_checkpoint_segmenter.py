@@ -1,0 +1,288 @@
+"""Post-processing, model folders (safetensors + JSON) and the Segmenter (segment, inpaint, COCO output)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from ldmseg.checkpoint import build_components, load_model, save_model
+from ldmseg.config import load_config
+from ldmseg.data.encoding import clean_segments, image_to_tensor, remap_ids, resize_pad
+from ldmseg.data.ids import rgb_to_id
+from ldmseg.data.synthetic import make_config, render_scene
+from ldmseg.diffusion import training
+from ldmseg.postprocess import postprocess
+from ldmseg.segmenter import Segmenter, choose_medoid, segment_agreement, to_coco_prediction
+
+TINY = [
+    "data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "mask_ae.num_points=256",
+    "image_encoder.block_out_channels=[8,16,16]", "denoiser.block_out_channels=[16,32]",
+    "denoiser.layers_per_block=1", "denoiser.attention_levels=[false,false]", "denoiser.image_stem_channels=8",
+    "train_ae.lr=3e-3", "train_ae.warmup=1", "sampling.steps=3", "sampling.count_th=0.01",
+]
+
+
+def tiny_cfg(*overrides):
+    return load_config(REPO / "conf/tiny.yaml", [*TINY, *overrides])
+
+
+def scenes(n: int, size: int = 32, seed: int = 3, **knobs):
+    return [render_scene(make_config(n, size=size, seed=seed, max_things=4, **knobs), i) for i in range(n)]
+
+
+def scene_batch(cfg, n: int) -> dict:
+    rng = np.random.default_rng(0)
+    images, slots, valids = [], [], []
+    for scene in scenes(n, cfg.data.resolution):
+        clean = clean_segments(scene.id_map, scene.segments_info, cfg.data.min_segment_area)
+        image_r, ids_r, valid, _ = resize_pad(scene.image, clean.id_map, cfg.data.resolution)
+        images.append(image_r)
+        slots.append(remap_ids(ids_r, cfg.data.num_slots, rng).slot_map)
+        valids.append(valid)
+    return {"image": image_to_tensor(np.stack(images)), "slot_map": torch.from_numpy(np.stack(slots)),
+            "valid": torch.from_numpy(np.stack(valids))}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model folder: mask AE trained for 80 steps (so decoded maps have segments), random denoiser."""
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    parts = build_components(cfg)
+    ae = parts["mask_autoencoder"]
+    batch = scene_batch(cfg, 8)
+    optimizer, sched = training.make_optimizer(ae.parameters(), cfg.train_ae)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        training.ae_train_step(ae, batch, optimizer, cfg, generator=g, lr_scheduler=sched)
+    ae.eval()
+    scale = training.measure_latent_scale(ae, [batch], cfg.data.num_slots)
+    folder = tmp_path_factory.mktemp("model") / "ldm"
+    save_model(folder, cfg, parts, latent_scale=scale, extra={"stage": "ldm", "step": 80})
+    return folder, cfg, parts, scale
+
+
+@pytest.fixture(scope="module")
+def segmenter(trained):
+    return Segmenter.from_pretrained(trained[0], device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Post-processing
+# --------------------------------------------------------------------------------------------
+
+
+def test_postprocess_thresholds_on_hand_made_logits():
+    s, h, w = 5, 10, 10
+    logits = torch.full((s, h, w), -8.0)
+    logits[0] = 0.0  # void slot
+    logits[1, :, :5] = 8.0  # left half: 50 px
+    logits[2, :5, 5:] = 6.0  # top right: 25 px, 23 after slot 3 takes two
+    logits[3, 0, 8:] = 9.0  # 2 px: below count_th (5 px)
+    logits[4, 5:, :] = 7.5  # a 50-px sigmoid mask, but slot 1 (8.0) owns its left half: argmax area 25
+    ids, segs = postprocess(logits, mask_th=0.5, count_th=0.05, overlap_th=0.6)
+    assert [(d["id"], d["slot"], d["area"]) for d in segs] == [(1, 1, 50), (2, 2, 23)]
+    assert (ids[:, :5] == 1).all() and (ids[1:5, 5:] == 2).all() and (ids[0, 5:8] == 2).all()
+    assert (ids[0, 8:] == 0).all()  # the 2-px segment was dropped
+    assert (ids[5:, 5:] == 0).all()  # the mostly hidden segment (25 / 50 < 0.6) was dropped
+    assert all(0.5 <= d["score"] <= 1.0 for d in segs)
+    # a lenient overlap threshold keeps slot 4; ids go by decreasing area
+    _, segs = postprocess(logits, mask_th=0.5, count_th=0.05, overlap_th=0.4)
+    assert [(d["id"], d["slot"], d["area"]) for d in segs] == [(1, 1, 50), (2, 4, 25), (3, 2, 23)]
+    # count_th is a fraction of the valid area
+    _, segs = postprocess(logits, mask_th=0.5, count_th=0.0, overlap_th=0.0)
+    assert [d["slot"] for d in segs] == [1, 4, 2, 3]
+
+
+def test_postprocess_mask_th_and_valid():
+    logits = torch.zeros(3, 4, 4)
+    logits[1, :2] = 3.0  # softmax ≈ 0.91
+    logits[2, 2:] = 0.5  # softmax ≈ 0.45 < 0.5 → void
+    ids, segs = postprocess(logits, mask_th=0.5, count_th=0.0, overlap_th=0.0)
+    assert (ids[:2] == 1).all() and (ids[2:] == 0).all() and len(segs) == 1
+    ids, segs = postprocess(logits, mask_th=0.4, count_th=0.0, overlap_th=0.0)
+    assert (ids[2:] == 2).all() and len(segs) == 2
+    valid = np.ones((4, 4), dtype=bool)
+    valid[0] = False
+    ids, segs = postprocess(logits.numpy(), mask_th=0.5, count_th=0.0, overlap_th=0.0, valid=valid)
+    assert (ids[0] == 0).all() and segs[0]["area"] == 4
+    with pytest.raises(ValueError, match="logits must be"):
+        postprocess(torch.zeros(4, 4), mask_th=0.5, count_th=0.0, overlap_th=0.5)
+
+
+def test_agreement_and_medoid():
+    a = np.zeros((6, 6), dtype=np.int64)
+    a[:, :3], a[:, 3:] = 1, 2
+    relabelled = np.where(a == 1, 7, 3)
+    assert segment_agreement(a, relabelled).all()
+    split = a.copy()
+    split[:2, :3] = 5  # one third of segment 1 becomes another segment
+    agree = segment_agreement(a, split)
+    assert agree[:, 3:].all() and agree[2:, :3].all() and not agree[:2, :3].any()
+    other = np.zeros_like(a)
+    other[:3], other[3:] = 1, 2  # horizontal halves: IoU 1/3 with every vertical half
+    assert not segment_agreement(a, other).any()
+    best, uncertainty = choose_medoid([other, a, relabelled, split])
+    assert best in (1, 2)  # a and its relabelling agree most with the rest
+    assert uncertainty.dtype == np.float32 and uncertainty[3:, 3:].max() == pytest.approx(1 / 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Model folders
+# --------------------------------------------------------------------------------------------
+
+
+def test_model_folder_is_json_and_safetensors(trained):
+    folder, cfg, parts, scale = trained
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "denoiser.safetensors", "image_encoder.safetensors", "mask_autoencoder.safetensors", "model.json"]
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["format_version"] == 1 and meta["num_slots"] == 8 and meta["step"] == 80
+    assert meta["latent_scale"] == pytest.approx(scale) and meta["config"]["data"]["resolution"] == 32
+    assert set(meta["components"]) == {"mask_autoencoder", "image_encoder", "denoiser"}
+
+
+def test_round_trip_is_bit_identical(trained, segmenter):
+    folder, cfg, parts, scale = trained
+    loaded = load_model(folder)
+    for name, module in parts.items():
+        ref = module.state_dict()
+        got = loaded.components[name].state_dict()
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert loaded.cfg == cfg and loaded.latent_scale == pytest.approx(scale)
+    original = Segmenter(cfg, parts["mask_autoencoder"], parts["image_encoder"], parts["denoiser"], scale)
+    images = [s.image for s in scenes(2, size=40, seed=9)]
+    a = original.segment(images, seed=5)
+    b = segmenter.segment(images, seed=5)
+    for ra, rb in zip(a, b):
+        assert torch.equal(torch.from_numpy(ra.id_map), torch.from_numpy(rb.id_map)) and ra.segments == rb.segments
+    prep = [segmenter._prepare(im)[0] for im in images]
+    assert torch.equal(original._sample(prep, [5, 5], cfg.sampling), segmenter._sample(prep, [5, 5], cfg.sampling))
+
+
+def test_pretrained_image_encoder_is_stored_by_source(trained, tmp_path):
+    folder, cfg, parts, scale = trained
+    parts["image_encoder"].save(tmp_path / "vae")
+    cfg2 = tiny_cfg(f"image_encoder.pretrained={tmp_path / 'vae'}")
+    save_model(tmp_path / "m", cfg2, parts, latent_scale=scale)
+    assert not (tmp_path / "m" / "image_encoder.safetensors").exists()
+    entry = json.loads((tmp_path / "m" / "model.json").read_text())["components"]["image_encoder"]
+    assert entry["source"] == str(tmp_path / "vae") and entry["weights"] is None
+    loaded = load_model(tmp_path / "m")
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(loaded.components["image_encoder"].encode(image), parts["image_encoder"].encode(image))
+
+
+def test_fsspec_url_round_trip(trained):
+    folder, cfg, parts, scale = trained
+    url = "memory://ldmseg-test/models/ldm"
+    save_model(url, cfg, parts, latent_scale=scale)
+    loaded = load_model(url)
+    ref = parts["denoiser"].state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in loaded.components["denoiser"].state_dict().items())
+
+
+def test_loading_errors_name_the_problem(trained, tmp_path):
+    folder, cfg, parts, scale = trained
+    save_model(tmp_path / "m", cfg, {"mask_autoencoder": parts["mask_autoencoder"]}, latent_scale=scale)
+    with pytest.raises(ValueError, match="needs a model saved with both"):
+        Segmenter.from_pretrained(tmp_path / "m", device="cpu")
+    (tmp_path / "m" / "mask_autoencoder.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="mask_autoencoder"):
+        load_model(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        load_model(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="unknown component"):
+        save_model(tmp_path / "x", cfg, {"unet": parts["denoiser"]}, latent_scale=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Segmenter
+# --------------------------------------------------------------------------------------------
+
+
+def check_result(result, shape):
+    assert result.id_map.shape == shape and result.id_map.dtype == np.int64
+    ids, counts = np.unique(result.id_map, return_counts=True)
+    areas = dict(zip(ids.tolist(), counts.tolist()))
+    assert {d["id"]: d["area"] for d in result.segments} == {k: v for k, v in areas.items() if k != 0}
+
+
+def test_segment_any_size_and_batch_independent(segmenter):
+    images = [s.image for s in scenes(1, size=40, seed=1)] + [s.image for s in scenes(2, size=24, seed=2, height=36)]
+    together = segmenter.segment(images, seed=3, batch_size=2)
+    for im, res in zip(images, together):
+        check_result(res, im.shape[:2])
+        assert res.uncertainty is None
+    assert sum(len(r.segments) for r in together) > 0
+    alone = segmenter.segment([images[2]], seed=3)[0]
+    assert np.array_equal(alone.id_map, together[2].id_map)
+    twice = segmenter.segment([images[2], images[2]], seed=[3, 4])
+    assert np.array_equal(twice[0].id_map, alone.id_map)
+    nothing = segmenter.segment([images[0]], seed=3, count_th=1.0)[0]
+    assert nothing.segments == [] and (nothing.id_map == 0).all()
+    with pytest.raises(TypeError, match="thresholds|options are"):
+        segmenter.segment([images[0]], mask_threshold=0.3)
+    with pytest.raises(TypeError, match="wrap a single image"):
+        segmenter.segment(images[0])
+
+
+def test_several_samples_give_the_medoid_and_uncertainty(segmenter):
+    image = scenes(1, size=32, seed=4)[0].image
+    res = segmenter.segment([image], seed=10, num_samples=3, sampler="ddpm")[0]
+    single = [segmenter.segment([image], seed=10 + k, sampler="ddpm")[0].id_map for k in range(3)]
+    assert any(np.array_equal(res.id_map, m) for m in single)
+    assert res.uncertainty.shape == (32, 32) and res.uncertainty.dtype == np.float32
+    assert set(np.unique(res.uncertainty).tolist()) <= {0.0, 0.5, 1.0}
+
+
+def test_inpainting_everything_known_returns_the_map(segmenter):
+    from ldmseg.metrics.pq import pq_image_stats
+
+    scene = scenes(1, size=40, seed=6)[0]
+    partial = clean_segments(scene.id_map, scene.segments_info, 10).id_map
+    res = segmenter.inpaint(scene.image, partial, np.ones(partial.shape, dtype=bool), seed=1)
+    assert np.array_equal(res.id_map, partial)
+    segs = [{"id": d["id"], "category_id": 1, "iscrowd": 0, "area": d["area"]} for d in res.segments]
+    stats = pq_image_stats(partial, segs, res.id_map, segs, class_agnostic=True).per_category.values()
+    tp, fp, fn, iou = (sum(getattr(st, k) for st in stats) for k in ("tp", "fp", "fn", "iou"))
+    assert tp == len(segs) > 0 and fp == fn == 0 and iou / (tp + 0.5 * fp + 0.5 * fn) == pytest.approx(1.0)
+
+
+def test_inpainting_keeps_known_ids_and_adds_fresh_ones(segmenter):
+    scene = scenes(1, size=32, seed=7)[0]
+    truth = clean_segments(scene.id_map, scene.segments_info, 10).id_map
+    known = np.zeros(truth.shape, dtype=bool)
+    known[:16] = True
+    partial = np.where(known, truth, 0)
+    res = segmenter.inpaint(scene.image, partial, known, seed=2, count_th=0.0, mask_th=0.0, overlap_th=0.0)
+    again = segmenter.inpaint(scene.image, partial, known, seed=2, count_th=0.0, mask_th=0.0, overlap_th=0.0)
+    assert np.array_equal(res.id_map, again.id_map)
+    assert np.array_equal(res.id_map[known], partial[known])
+    known_ids = set(np.unique(partial[known]).tolist()) - {0}
+    new_ids = set(np.unique(res.id_map[~known]).tolist()) - known_ids - {0}
+    assert all(i > max(known_ids) for i in new_ids)
+    assert np.isin(res.id_map[~known], list(known_ids)).any()  # predictions on a known slot keep its id
+    flags = {d["id"]: d["known"] for d in res.segments}
+    assert all(flags[i] for i in known_ids) and not any(flags[i] for i in new_ids)
+
+
+def test_to_coco_prediction_round_trips(segmenter):
+    image = scenes(1, size=40, seed=8)[0].image
+    res = segmenter.segment([image], seed=0, count_th=0.0)[0]
+    png, ann = to_coco_prediction(res, 42, "x.png")
+    decoded = rgb_to_id(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+    assert np.array_equal(decoded, res.id_map)
+    assert ann["image_id"] == 42 and ann["file_name"] == "x.png"
+    assert len(ann["segments_info"]) == len(res.segments) > 0
+    for info in ann["segments_info"]:
+        mask = res.id_map == info["id"]
+        ys, xs = np.nonzero(mask)
+        assert info["area"] == mask.sum() and info["category_id"] == 1 and info["iscrowd"] == 0
+        assert info["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]

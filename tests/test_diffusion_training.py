@@ -1,0 +1,276 @@
+"""Training steps, losses, optimiser schedule, EMA and the training loop on tiny CPU models."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from ldmseg.checkpoint import build_components
+from ldmseg.config import load_config
+from ldmseg.data.encoding import clean_segments, ids_to_bits, image_to_tensor, remap_ids, resize_pad
+from ldmseg.data.synthetic import make_config, render_scene
+from ldmseg.diffusion import training
+from ldmseg.diffusion.noise import make_train_scheduler, min_snr_weights, predict_x0, prediction_target
+
+TINY = [
+    "data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "mask_ae.num_points=256",
+    "image_encoder.kind=pixel_unshuffle", "denoiser.block_out_channels=[16,32]", "denoiser.layers_per_block=1",
+    "denoiser.attention_levels=[false,false]", "denoiser.image_stem_channels=8",
+    "train_ae.lr=3e-3", "train_ae.warmup=1", "train_ldm.lr=2e-3", "train_ldm.warmup=1",
+]
+
+
+def tiny_cfg(*overrides):
+    return load_config(REPO / "conf/tiny.yaml", [*TINY, *overrides])
+
+
+def scene_batch(cfg, n: int, seed: int = 3) -> dict:
+    """A training batch of ``n`` synthetic scenes at the config's resolution."""
+    synth = make_config(n, size=cfg.data.resolution, seed=seed, max_things=4)
+    rng = np.random.default_rng(seed)
+    images, slots, valids = [], [], []
+    for i in range(n):
+        scene = render_scene(synth, i)
+        clean = clean_segments(scene.id_map, scene.segments_info, cfg.data.min_segment_area)
+        image_r, ids_r, valid, _ = resize_pad(scene.image, clean.id_map, cfg.data.resolution)
+        images.append(image_r)
+        slots.append(remap_ids(ids_r, cfg.data.num_slots, rng).slot_map)
+        valids.append(valid)
+    return {"image": image_to_tensor(np.stack(images)), "slot_map": torch.from_numpy(np.stack(slots)),
+            "valid": torch.from_numpy(np.stack(valids))}
+
+
+def ldm_components(cfg, batch, seed: int = 0) -> training.LDMComponents:
+    torch.manual_seed(seed)
+    parts = build_components(cfg)
+    mask_ae = parts["mask_autoencoder"].eval().requires_grad_(False)
+    scale = training.measure_latent_scale(mask_ae, [batch], cfg.data.num_slots)
+    return training.LDMComponents(parts["denoiser"], mask_ae, parts["image_encoder"], scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Noise process
+# --------------------------------------------------------------------------------------------
+
+
+def test_min_snr_weights_follow_the_formula_per_prediction_type():
+    cfg = tiny_cfg()
+    sched = make_train_scheduler(cfg.diffusion)
+    t = torch.tensor([0, 10, 100, 300, 999])
+    a = sched.alphas_cumprod[t].double()
+    snr = a / (1 - a)
+    clipped = snr.clamp(max=5.0)
+    expected = {"epsilon": clipped / snr, "sample": clipped, "v_prediction": clipped / (snr + 1)}
+    for kind, want in expected.items():
+        got = min_snr_weights(sched, t, 5.0, kind)
+        assert torch.allclose(got.double(), want, rtol=1e-5), kind
+    eps = min_snr_weights(sched, t, 5.0, "epsilon")
+    assert eps[0] < 0.01 and eps[-1] == pytest.approx(1.0)  # low noise is down-weighted
+    assert torch.equal(min_snr_weights(sched, t, None, "epsilon"), torch.ones(5))
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+def test_predict_x0_inverts_the_target(kind):
+    cfg = tiny_cfg(f"diffusion.prediction_type={kind}")
+    sched = make_train_scheduler(cfg.diffusion)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 700, 999])
+    x_t = sched.add_noise(x0, noise, t)
+    target = prediction_target(kind, x0, noise, t, sched.alphas_cumprod)
+    if kind == "v_prediction":
+        assert torch.allclose(target, sched.get_velocity(x0, noise, t), atol=1e-5)
+    assert torch.allclose(predict_x0(kind, target, x_t, t, sched.alphas_cumprod), x0, atol=2e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss masking
+# --------------------------------------------------------------------------------------------
+
+
+def test_latent_weights_are_zero_only_on_all_void_cells():
+    slot_map = torch.zeros(1, 8, 8, dtype=torch.int64)
+    valid = torch.ones(1, 8, 8, dtype=torch.bool)
+    slot_map[0, 0, 0] = 3  # one segment pixel in cell (0, 0)
+    slot_map[0, 4:8, 4:8] = 5  # a whole cell (1, 1)
+    slot_map[0, 0, 7] = 2  # a segment pixel on padding in cell (0, 1)
+    valid[0, :, 6:] = False
+    w = training.latent_weights(slot_map, valid, 4)
+    assert w.shape == (1, 1, 2, 2)
+    assert w[0, 0].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_masked_mse_ignores_targets_on_void_cells():
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    weights = (torch.rand(2, 1, 4, 4, generator=g) > 0.4).float()
+    snr_w = torch.tensor([0.5, 1.0])
+    loss = training.masked_mse(pred, target, weights, snr_w)
+    changed = target + 100.0 * (1 - weights)  # only void cells change
+    assert training.masked_mse(pred, changed, weights, snr_w) == loss
+    assert training.masked_mse(pred, target + 0.1 * weights, weights, snr_w) != loss
+    ones = torch.ones(2, 1, 4, 4)
+    assert torch.allclose(training.masked_mse(pred, target, ones, torch.ones(2)),
+                          torch.nn.functional.mse_loss(pred, target))
+
+
+def test_all_void_batch_gives_zero_loss():
+    cfg = tiny_cfg()
+    batch = scene_batch(cfg, 2)
+    comps = ldm_components(cfg, batch)
+    void = dict(batch, slot_map=torch.zeros_like(batch["slot_map"]))
+    loss, parts = training.ldm_loss(comps, void, cfg, generator=torch.Generator().manual_seed(0))
+    assert loss.item() == 0.0 and parts["void_cell_fraction"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Training steps
+# --------------------------------------------------------------------------------------------
+
+
+def eval_loss(comps, batch, cfg) -> float:
+    """The loss on fixed timesteps and noise (same generator seed every time)."""
+    with torch.no_grad():
+        losses = [training.ldm_loss(comps, batch, cfg, generator=torch.Generator().manual_seed(s))[0].item()
+                  for s in range(4)]
+    return float(np.mean(losses))
+
+
+def test_ldm_loss_falls_on_a_fixed_batch():
+    cfg = tiny_cfg("diffusion.self_condition_prob=0.5")
+    batch = scene_batch(cfg, 8)
+    comps = ldm_components(cfg, batch)
+    optimizer, lr_sched = training.make_optimizer(comps.denoiser.parameters(), cfg.train_ldm)
+    g = torch.Generator().manual_seed(0)
+    start = eval_loss(comps, batch, cfg)
+    fractions = []
+    for _ in range(60):
+        out = training.ldm_train_step(comps, batch, optimizer, cfg, generator=g, lr_scheduler=lr_sched)
+        fractions.append(out["self_condition_fraction"])
+        assert math.isfinite(out["loss"]) and out["grad_norm"] > 0
+    end = eval_loss(comps, batch, cfg)
+    assert end < 0.7 * start, (start, end)
+    assert 0.3 < np.mean(fractions) < 0.7  # self-conditioning on about half of the samples
+
+
+@pytest.mark.parametrize("prob", [0.0, 1.0])
+def test_self_conditioning_probability_extremes(prob):
+    cfg = tiny_cfg(f"diffusion.self_condition_prob={prob}")
+    batch = scene_batch(cfg, 4)
+    comps = ldm_components(cfg, batch)
+    optimizer, _ = training.make_optimizer(comps.denoiser.parameters(), cfg.train_ldm)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        out = training.ldm_train_step(comps, batch, optimizer, cfg, generator=g)
+        assert out["self_condition_fraction"] == prob and math.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("kind", ["sample", "v_prediction"])
+def test_other_prediction_types_and_aux_loss_train(kind):
+    cfg = tiny_cfg(f"diffusion.prediction_type={kind}", "diffusion.ae_aux_weight=0.1")
+    batch = scene_batch(cfg, 4)
+    comps = ldm_components(cfg, batch)
+    optimizer, _ = training.make_optimizer(comps.denoiser.parameters(), cfg.train_ldm)
+    before = [p.detach().clone() for p in comps.denoiser.parameters()]
+    out = training.ldm_train_step(comps, batch, optimizer, cfg, generator=torch.Generator().manual_seed(0))
+    assert out["aux_ce"] > 0 and out["loss"] > out["mse"]
+    assert any(not torch.equal(b, p) for b, p in zip(before, comps.denoiser.parameters()))
+    assert all(p.grad is None for p in comps.mask_ae.parameters())  # the AE stays frozen
+
+
+def test_mixed_precision_bf16_on_cpu_and_fp16_fallback():
+    batch = None
+    for mode in ("bf16", "fp16"):
+        cfg = tiny_cfg(f"train_ldm.mixed_precision={mode}")
+        batch = batch if batch is not None else scene_batch(cfg, 2)
+        comps = ldm_components(cfg, batch)
+        optimizer, _ = training.make_optimizer(comps.denoiser.parameters(), cfg.train_ldm)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            training._warned.clear()
+            out = training.ldm_train_step(comps, batch, optimizer, cfg, generator=torch.Generator().manual_seed(0))
+        assert math.isfinite(out["loss"])
+        fell_back = any("fp16 needs a CUDA device" in str(w.message) for w in caught)
+        assert fell_back == (mode == "fp16")
+
+
+def test_ema_tracks_the_denoiser():
+    cfg = tiny_cfg()
+    batch = scene_batch(cfg, 2)
+    comps = ldm_components(cfg, batch)
+    comps.ema = training.make_ema(comps.denoiser, 0.9)
+    start = [p.detach().clone() for p in comps.denoiser.parameters()]
+    optimizer, _ = training.make_optimizer(comps.denoiser.parameters(), cfg.train_ldm)
+    for _ in range(3):
+        training.ldm_train_step(comps, batch, optimizer, cfg, generator=torch.Generator().manual_seed(0))
+    averaged = training.ema_copy(comps.denoiser, comps.ema)
+    for p0, p, pe in zip(start, comps.denoiser.parameters(), averaged.parameters()):
+        if not torch.equal(p0, p):  # the EMA lies strictly between the start and the current weights
+            assert not torch.equal(pe, p) and not torch.equal(pe, p0)
+    assert training.make_ema(comps.denoiser, None) is None
+
+
+def test_ae_train_step_learns_and_latent_scale_normalises():
+    cfg = tiny_cfg("mask_ae.latent_noise=0.1")
+    batch = scene_batch(cfg, 8)
+    torch.manual_seed(0)
+    ae = build_components(cfg)["mask_autoencoder"]
+    optimizer, lr_sched = training.make_optimizer(ae.parameters(), cfg.train_ae)
+    g = torch.Generator().manual_seed(0)
+    losses = [training.ae_train_step(ae, batch, optimizer, cfg, generator=g, lr_scheduler=lr_sched)["loss"]
+              for _ in range(40)]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    scale = training.measure_latent_scale(ae, [batch, batch], cfg.data.num_slots)
+    with torch.no_grad():
+        z = ae.encode(ids_to_bits(batch["slot_map"], 3))
+    assert float((z * scale).std(unbiased=False)) == pytest.approx(1.0, rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser and loop
+# --------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    cfg = tiny_cfg("train_ldm.warmup=4", "train_ldm.iterations=20", "train_ldm.lr=1.0")
+    w = torch.nn.Parameter(torch.zeros(1))
+    for schedule in ("constant", "cosine"):
+        cfg.train_ldm.lr_schedule = schedule
+        opt, sched = training.make_optimizer([w], cfg.train_ldm)
+        lrs = []
+        for _ in range(20):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+        if schedule == "constant":
+            assert lrs[4:] == pytest.approx([1.0] * 16)
+        else:
+            assert lrs[4] == pytest.approx(1.0) and all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+            assert lrs[-1] < 0.02
+
+
+def test_train_loop_cycles_reports_means_and_checkpoints():
+    seen, reports, ckpts = [], [], []
+
+    def step_fn(batch):
+        seen.append(batch)
+        return {"loss": float(batch), "tag": "x"}
+
+    last = training.train_loop(step_fn, [1, 2, 3], 7, start_step=0, report_every=2,
+                               on_report=lambda s, m: reports.append((s, m)), checkpoint_every=3,
+                               on_checkpoint=lambda s, m: ckpts.append((s, m["loss"])))
+    assert last == 7 and seen == [1, 2, 3, 1, 2, 3, 1]
+    assert reports == [(2, {"loss": 1.5}), (4, {"loss": 2.0}), (6, {"loss": 2.5})]
+    assert ckpts == [(3, 3.0), (6, 3.0), (7, 1.0)]
+    # resuming: start_step counts towards iterations
+    assert training.train_loop(step_fn, [5], 9, start_step=7) == 9
+    # a time budget of 0 stops before the first step
+    assert training.train_loop(step_fn, [5], 100, start_step=4, time_budget_s=0.0) == 4
+    with pytest.raises(ValueError, match="re-iterable"):
+        training.train_loop(step_fn, iter([1, 2]), 5)
