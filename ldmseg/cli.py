@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"ldmseg {name}", description=(module.__doc__ or help_).strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    try:  # options may come between positionals (``train ae --data X key=value``)
+        args = parser.parse_intermixed_args(argv[1:])
+    except TypeError:  # commands with sub-commands (``tune sampling``) cannot intermix
+        args = parser.parse_args(argv[1:])
     return int(module.run(args) or 0)
 
 

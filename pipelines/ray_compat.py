@@ -34,7 +34,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, temp_di
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {
         "runtime_env": {"env_vars": dict(WORKER_ENV)},
-        "log_to_driver": not quiet,
+        "log_to_driver": True,
         "configure_logging": True,
         "logging_level": logging.WARNING if quiet else logging.INFO,
     }

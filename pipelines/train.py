@@ -127,7 +127,10 @@ def train_worker(config: dict) -> None:
     optimizer, lr_scheduler = training.make_optimizer(model.parameters(), tcfg)
     ema = training.make_ema(model, tcfg.ema_decay) if stage == "ldm" else None
     start_step = 0
+    # Ray's own checkpoint (a restarted worker group) first, else one an earlier, killed driver left
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_from"):
+        ckpt = ray.train.Checkpoint(config["resume_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / TRAINER_STATE, map_location=device, weights_only=True)
@@ -223,6 +226,31 @@ def train_worker(config: dict) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def latest_checkpoint(storage: str, name: str):
+    """The newest complete checkpoint of run ``name`` under ``storage`` (local or s3://), or None.
+
+    Ray Train resumes a run from its own snapshot, but a driver killed mid-run never writes
+    one; the checkpoint folders (named by time) are there all the same, so we look for them.
+    """
+    import ray.train
+
+    from ldmseg.data.manifest import open_fs
+
+    fs, root = open_fs(f"{storage.rstrip('/')}/{name}")
+    fs.invalidate_cache()
+    if not fs.isdir(root):
+        return None
+    dirs = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").split("/")[-1].startswith("checkpoint_"))
+    for d in reversed(dirs):
+        if fs.exists(f"{d}/{TRAINER_STATE}") and fs.exists(f"{d}/model.json"):
+            path = d if "://" in d or not storage.startswith("s3://") else d
+            if storage.startswith("s3://") and not path.startswith("s3://"):
+                path = "s3://" + path
+            return ray.train.Checkpoint(path)
+    return None
+
+
+
 def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_model: str | None = None,
               storage_path: str | None = None, tracking_uri: str | None = None, address: str | None = None,
               name_suffix: str = "") -> StageResult:
@@ -264,12 +292,16 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
         # for reads while training, and every epoch comes from the object store)
         dataset = dataset.materialize()
     storage = storage_path or str(run_dir / "ray_results")
+    resume = latest_checkpoint(storage, name)
+    if resume is not None:
+        _log(f"found checkpoint {resume.path} of an earlier run of {name}: resuming from it")
     _log(f"stage {stage}: run {name}, {len(files)} shard files, {tcfg.num_workers} worker(s), "
          f"storage {storage}, MLflow {uri}")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "stage": stage, "ae_model": ae_model,
-                           "tracking_uri": uri, "mlflow_run_id": run_id},
+                           "tracking_uri": uri, "mlflow_run_id": run_id,
+                           "resume_from": resume.path if resume is not None else None},
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(

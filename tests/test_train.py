@@ -100,9 +100,36 @@ def test_killed_run_resumes_from_its_checkpoint(shards, ray_session, tmp_path):
     assert res.metrics.get("resumed_from", 0) >= 5
 
 
-def test_worker_failure_is_recovered(shards, ray_session, tmp_path):
-    from ray.util.state import list_actors
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
 
+
+def our_train_workers() -> list[int]:
+    """PIDs of Ray Train worker processes started by this test session's Ray (its raylet's descendants)."""
+    import ray._private.worker as ray_worker
+
+    raylets = {p.process.pid for p in ray_worker._global_node.all_processes.get("raylet", [])}
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            if "RayTrainWorker" not in cmd:
+                continue
+            pid = ancestor = int(entry)
+            while ancestor > 1 and ancestor not in raylets:
+                ancestor = _parent(ancestor)
+            if ancestor in raylets:
+                found.append(pid)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return found
+
+
+def test_worker_failure_is_recovered(shards, ray_session, tmp_path):
     from pipelines.train import run_train
 
     cfg = cfg_with("train_ae.iterations=300", "train_ae.report_every=5", "train_ae.checkpoint_every=5",
@@ -112,13 +139,12 @@ def test_worker_failure_is_recovered(shards, ray_session, tmp_path):
     def killer():
         deadline = time.time() + 200
         while time.time() < deadline and not killed:
-            ckpts = list((tmp_path / "ray_results").glob("*/checkpoint_*"))
-            if ckpts:
-                for a in list_actors(filters=[("state", "=", "ALIVE")]):
-                    if "TrainWorker" in a.class_name and a.pid:
-                        os.kill(a.pid, signal.SIGKILL)
-                        killed["pid"] = a.pid
-                        return
+            # the controller writes its snapshot once it has registered a checkpoint
+            if list((tmp_path / "ray_results").glob("*/checkpoint_manager_snapshot.json")):
+                for pid in our_train_workers():
+                    os.kill(pid, signal.SIGKILL)
+                    killed["pid"] = pid
+                    return
             time.sleep(0.3)
 
     th = threading.Thread(target=killer, daemon=True)
