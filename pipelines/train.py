@@ -37,7 +37,7 @@ MODEL_ALIAS = "current"  # MLflow reserves "latest"; models:/NAME/latest also re
 
 
 def _log(msg: str) -> None:
-    print(f"[train] {msg}", file=sys.stderr, flush=True)
+    print(f"[train] {msg}", flush=True)
 
 
 def stage_sections(stage: str) -> list[str]:
@@ -308,6 +308,7 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
             name=name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress lines only
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(tcfg.torch_threads or tcfg.cpus_per_worker)}}),
         datasets={"train": dataset},
     )

@@ -133,6 +133,23 @@ def test_mask_ae_overfits_synthetic_masks():
             ious.append(((gt & pr).sum() / (gt | pr).sum()).item())
     assert len(ious) > 30 and min(ious) >= 0.9
 
+    # reconstruction PQ through the real post-processing and evaluator (issue target: >= 0.95)
+    from ldmseg.metrics.pq import pq_image_stats
+    from ldmseg.postprocess import postprocess
+
+    with torch.no_grad():
+        logits = ae(bits)
+    stats = []
+    for b in range(8):
+        gt = torch.where(valid[b], slot_map[b], 0).numpy()
+        gt_segments = [{"id": int(s), "category_id": 1, "iscrowd": 0, "area": int((gt == s).sum())}
+                       for s in np.unique(gt) if s != 0]
+        pred, segs = postprocess(logits[b], mask_th=0.5, count_th=0.0, overlap_th=0.5, valid=valid[b])
+        pred_segments = [{**s, "category_id": 1} for s in segs]
+        stats.append(pq_image_stats(gt, gt_segments, np.asarray(pred), pred_segments, class_agnostic=True))
+    result = sum(stats).summary({1: {"id": 1, "isthing": 1}})
+    assert result["pq"] >= 0.95, result
+
 
 # --------------------------------------------------------------------------------------------
 # Loss

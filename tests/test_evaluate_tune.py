@@ -1,0 +1,92 @@
+"""ldmseg evaluate and the Ray Tune sampling sweep, on a tiny untrained model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from ldmseg.checkpoint import build_components, save_model
+from ldmseg.config import load_config
+from ldmseg.data.synthetic import write_scenes
+
+TINY = ["data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "image_encoder.kind=pixel_unshuffle",
+        "denoiser.block_out_channels=[16,32]", "denoiser.layers_per_block=1",
+        "denoiser.attention_levels=[false,false]", "denoiser.image_stem_channels=8", "sampling.steps=2",
+        "sampling.count_th=0.0", "preprocess.rows_per_file=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> tuple[str, str, object]:
+    import torch
+
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "conf/tiny.yaml", TINY)
+    root = tmp_path_factory.mktemp("tiny_model")
+    save_model(root / "model", cfg, build_components(cfg), latent_scale=1.0)
+    write_scenes(root / "scenes", num_images=6, size=32, seed=21, max_things=3)
+    return str(root / "model"), str(root / "scenes"), cfg
+
+
+def test_evaluate_writes_predictions_metrics_and_mlflow(tiny_model, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from ldmseg.cli import main
+    from ldmseg.metrics.pq import evaluate_folders
+
+    model, scenes, _ = tiny_model
+    code = main(["evaluate", "--model", model, "--data", scenes, "--steps", "2", "--output", str(tmp_path / "ev")])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n_images"] == 6 and out["steps"] == 2 and 0.0 <= out["pq"] <= 1.0
+    assert len(list((tmp_path / "ev" / "predictions" / "panoptic").glob("*.png"))) == 6
+    # the reported PQ is the evaluator's on the written predictions
+    again = evaluate_folders(scenes, str(tmp_path / "ev" / "predictions"), class_agnostic=True)
+    assert again["All"]["pq"] == pytest.approx(out["pq"])
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'ev').resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ldmseg-evaluate")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].data.metrics["pq"] == pytest.approx(out["pq"])
+
+
+def test_evaluate_on_parquet_shards(tiny_model, tmp_path, ray_session):
+    from pipelines.evaluate import evaluate
+    from pipelines.preprocess import run_preprocess
+
+    model, scenes, cfg = tiny_model
+    run_preprocess(cfg, output=str(tmp_path / "shards"), source=scenes)
+    res = evaluate(model, str(tmp_path / "shards"), str(tmp_path / "ev"), sampler="ddim", steps=1, seed=0,
+                   log_mlflow=False)
+    assert res["n_images"] == 6 and 0.0 <= res["pq"] <= 1.0
+
+
+def test_sampling_sweep_records_trials_summary_and_survives_a_failing_trial(tiny_model, tmp_path, ray_session):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tune import load_sampling_config, run_sampling_sweep
+
+    model, scenes, _ = tiny_model
+    best_path = tmp_path / "best.yaml"
+    # steps=0 is invalid: those two trials raise, the other four must still run
+    res = run_sampling_sweep(model, scenes, str(tmp_path / "sweep"), samplers=["ddim", "euler"], steps=[0, 1, 2],
+                             max_concurrent=2, name="sweep-test", save_best=str(best_path))
+    assert len(res["trials"]) == 4 and len(res["failed"]) == 2
+    assert {t["steps"] for t in res["trials"]} == {1, 2} and {f["steps"] for f in res["failed"]} == {0}
+    assert (tmp_path / "sweep" / "pareto.png").stat().st_size > 1000
+    best = load_sampling_config(str(best_path))
+    assert best["sampler"] == res["best"]["sampler"] and best["steps"] == res["best"]["steps"]
+    assert res["best"]["pq"] == max(t["pq"] for t in res["trials"])
+
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'sweep').resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ldmseg-tune")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`ldmseg.sweep` = 'sweep-test'")
+    kinds = sorted(r.data.tags["ldmseg.kind"] for r in runs)
+    assert kinds == ["sampling-summary"] + ["sampling-trial"] * 6
+    statuses = sorted(r.info.status for r in runs if r.data.tags["ldmseg.kind"] == "sampling-trial")
+    assert statuses == ["FAILED"] * 2 + ["FINISHED"] * 4
+    summary = next(r for r in runs if r.data.tags["ldmseg.kind"] == "sampling-summary")
+    assert "pareto.png" in {a.path for a in client.list_artifacts(summary.info.run_id)}
+    assert yaml.safe_load(best_path.read_text().split("\n", 1)[1])["sampling"]["sampler"] in ("ddim", "euler")
