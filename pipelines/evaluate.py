@@ -88,10 +88,10 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None, steps: 
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     if log_mlflow:
-        from pipelines.tracking import Tracker, resolve_tracking_uri
+        from pipelines.tracking import Tracker, local_artifact_root, resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri, out)
-        t = Tracker(uri)
+        t = Tracker(uri, artifact_root=local_artifact_root(uri, out))
         if t.start("ldmseg-evaluate", f"evaluate-{Path(out).name}",
                    params={"model": model, "data": data, "sampler": result["sampler"], "steps": result["steps"],
                            "seed": seed, **(thresholds or {})}):

@@ -25,6 +25,14 @@ def resolve_tracking_uri(configured: str | None, run_dir: str | Path) -> str:
     return f"sqlite:///{run_dir / 'mlflow.db'}"
 
 
+def local_artifact_root(tracking_uri: str, run_dir: str | Path) -> str | None:
+    """Artifact location for a new experiment: ``RUN_DIR/mlartifacts`` for a local sqlite store
+    (MLflow's default would be ``./mlruns`` in the current directory), the server's own otherwise."""
+    if tracking_uri.startswith("sqlite:") or "://" not in tracking_uri:
+        return (Path(run_dir).resolve() / "mlartifacts").as_uri()
+    return None
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -78,7 +86,13 @@ class Tracker:
         def _start():
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
-                exp_id = self.client.create_experiment(experiment, artifact_location=self.artifact_root)
+                try:
+                    exp_id = self.client.create_experiment(experiment, artifact_location=self.artifact_root)
+                except Exception:  # a concurrent trial created it first
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+                    exp_id = exp.experiment_id
             else:
                 exp_id = exp.experiment_id
             found = self.client.search_runs([exp_id], filter_string=f"tags.mlflow.runName = '{run_name}'",
@@ -99,6 +113,15 @@ class Tracker:
 
         self.run_id = self._call("start", _start)
         return self.run_id
+
+    def ensure_experiment(self, experiment: str) -> None:
+        """Create ``experiment`` now (before concurrent trials would race to create it)."""
+
+        def _ensure():
+            if self.client.get_experiment_by_name(experiment) is None:
+                self.client.create_experiment(experiment, artifact_location=self.artifact_root)
+
+        self._call("create experiment", _ensure)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.run_id:

@@ -261,7 +261,7 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
     from ldmseg.data.manifest import list_split_files, open_fs
     from ldmseg.data.parquet_dataset import TRAIN_COLUMNS
     from pipelines import ray_compat
-    from pipelines.tracking import Tracker, download_model, resolve_tracking_uri
+    from pipelines.tracking import Tracker, download_model, local_artifact_root, resolve_tracking_uri
 
     if stage not in STAGES:
         raise SystemExit(f"ldmseg train: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
@@ -272,8 +272,7 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
     tcfg = cfg.train_ae if stage == "ae" else cfg.train_ldm
     name = run_name(stage, cfg, name_suffix)
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri, run_dir)
-    tracker = Tracker(uri, artifact_root=None if "://" in uri and not uri.startswith("sqlite")
-                      else (run_dir / "mlartifacts").as_uri())
+    tracker = Tracker(uri, artifact_root=local_artifact_root(uri, run_dir))
     if stage == "ldm":
         if not ae_model:
             raise SystemExit("ldmseg train ldm: pass --ae MODEL (a checkpoint folder or models:/ldmseg-ae@current)")

@@ -110,7 +110,7 @@ def sampling_trial(config: dict[str, Any]) -> None:
     params = {k: config[k] for k in SAMPLING_KEYS if k in config}
     ctx = ray.tune.get_context()
     out = Path(ctx.get_trial_dir()) / "predictions"
-    tracker = Tracker(config["tracking_uri"])
+    tracker = Tracker(config["tracking_uri"], artifact_root=config.get("artifact_root"))
     tracker.start(config["experiment"], f"{config['sweep_id']}-{ctx.get_trial_id()}", params=params,
                   tags={"ldmseg.sweep": config["sweep_id"], "ldmseg.kind": "sampling-trial"})
     try:
@@ -183,7 +183,7 @@ def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str
     from ldmseg.diffusion.sampling import SAMPLERS
     from pipelines import ray_compat
     from pipelines.evaluate import resolve_gt, resolve_model
-    from pipelines.tracking import Tracker, resolve_tracking_uri
+    from pipelines.tracking import Tracker, local_artifact_root, resolve_tracking_uri
 
     for s in samplers:
         if s not in SAMPLERS:
@@ -196,7 +196,7 @@ def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str
     uri = resolve_tracking_uri(tracking_uri, out)
     sweep_id = name or f"sampling-{time.strftime('%Y%m%d-%H%M%S')}"
     space: dict[str, Any] = {"model_dir": str(Path(model_dir).resolve()), "gt": str(Path(gt).resolve()),
-                             "tracking_uri": uri, "experiment": "ldmseg-tune", "sweep_id": sweep_id,
+                             "tracking_uri": uri, "artifact_root": local_artifact_root(uri, out), "experiment": "ldmseg-tune", "sweep_id": sweep_id,
                              "max_images": max_images, "seed": seed}
     extra = space_extra or {}
     search_alg = None
@@ -216,6 +216,7 @@ def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str
     else:
         raise SystemExit(f"ldmseg tune: --search must be grid or optuna, got {search!r}")
 
+    Tracker(uri, artifact_root=space["artifact_root"]).ensure_experiment(space["experiment"])
     storage = str(out / "ray_tune")
     trainable = tune.with_resources(sampling_trial, {"cpu": 1})
     exp_path = Path(storage) / sweep_id
@@ -256,7 +257,7 @@ def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(f"# best sampling configuration of sweep {sweep_id} (PQ {best['pq']:.4f}, "
                               f"{best['seconds_per_image']:.3f} s/image)\n" + yaml.safe_dump(best_cfg, sort_keys=False))
-    summary = Tracker(uri)
+    summary = Tracker(uri, artifact_root=local_artifact_root(uri, out))
     if summary.start("ldmseg-tune", f"{sweep_id}-summary", params={"model": model, "data": data, "search": search},
                      tags={"ldmseg.sweep": sweep_id, "ldmseg.kind": "sampling-summary"}):
         if best:
