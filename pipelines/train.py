@@ -130,7 +130,7 @@ def train_worker(config: dict) -> None:
     # Ray's own checkpoint (a restarted worker group) first, else one an earlier, killed driver left
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("resume_from"):
-        ckpt = ray.train.Checkpoint(config["resume_from"])
+        ckpt = ray.train.Checkpoint(config["resume_from"], filesystem=_storage_filesystem(config["storage_url"]))
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / TRAINER_STATE, map_location=device, weights_only=True)
@@ -226,7 +226,18 @@ def train_worker(config: dict) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def latest_checkpoint(storage: str, name: str):
+def _storage_filesystem(storage: str):
+    """The pyarrow filesystem the run's storage is accessed with (``None``: local)."""
+    if "://" not in storage:
+        return None
+    import pyarrow.fs as pafs
+
+    from ldmseg.data.manifest import open_fs
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(open_fs(storage)[0]))
+
+
+def latest_checkpoint(storage: str, name: str, storage_fs=None):
     """The newest complete checkpoint of run ``name`` under ``storage`` (local or s3://), or None.
 
     Ray Train resumes a run from its own snapshot, but a driver killed mid-run never writes
@@ -243,10 +254,7 @@ def latest_checkpoint(storage: str, name: str):
     dirs = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").split("/")[-1].startswith("checkpoint_"))
     for d in reversed(dirs):
         if fs.exists(f"{d}/{TRAINER_STATE}") and fs.exists(f"{d}/model.json"):
-            path = d if "://" in d or not storage.startswith("s3://") else d
-            if storage.startswith("s3://") and not path.startswith("s3://"):
-                path = "s3://" + path
-            return ray.train.Checkpoint(path)
+            return ray.train.Checkpoint(d, filesystem=storage_fs)
     return None
 
 
@@ -291,7 +299,17 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
         # for reads while training, and every epoch comes from the object store)
         dataset = dataset.materialize()
     storage = storage_path or str(run_dir / "ray_results")
-    resume = latest_checkpoint(storage, name)
+    storage_fs = None
+    if "://" in storage:
+        # remote storage through fsspec (s3fs writes small files with one PUT; pyarrow's own S3
+        # client uses multipart uploads that some S3-compatible servers reject)
+        import pyarrow.fs as pafs
+
+        from ldmseg.data.manifest import open_fs as _open_fs
+
+        remote_fs, remote_root = _open_fs(storage)
+        storage_fs = pafs.PyFileSystem(pafs.FSSpecHandler(remote_fs))
+    resume = latest_checkpoint(storage, name, storage_fs)
     if resume is not None:
         _log(f"found checkpoint {resume.path} of an earlier run of {name}: resuming from it")
     _log(f"stage {stage}: run {name}, {len(files)} shard files, {tcfg.num_workers} worker(s), "
@@ -300,11 +318,13 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "stage": stage, "ae_model": ae_model,
                            "tracking_uri": uri, "mlflow_run_id": run_id,
-                           "resume_from": resume.path if resume is not None else None},
+                           "resume_from": resume.path if resume is not None else None,
+                           "storage_url": storage},
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=remote_root if storage_fs is not None else storage,
+            storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress lines only
