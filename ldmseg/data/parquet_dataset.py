@@ -99,9 +99,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 return
 
     def _decode(self, row: dict[str, Any], rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
-        s = decode_row(row, self.num_slots, rng)
-        return {"image": torch.from_numpy(s["image"]), "slot_map": torch.from_numpy(s["slot_map"]),
-                "valid": torch.from_numpy(s["valid"]), "image_id": torch.tensor(int(row["image_id"]))}
+        return {k: v[0] for k, v in decode_rows([row], self.num_slots, rng).items()}
 
 
 def iterate_batches(dataset: Iterable[dict[str, torch.Tensor]], batch_size: int,
