@@ -202,6 +202,14 @@ class TrainConfig:
     max_failures: int = 0
     time_budget_s: Optional[float] = None
     """Stop after this many seconds of training (checked between steps); ``None``: no limit."""
+    validate_every: int = 0
+    """Validate (PQ on a fixed small batch, overlay panel; see ``ldmseg.validation``) every this
+    many steps; 0: once, after the final step."""
+    validate_images: int = 8
+    """Images in the validation batch (from the ``val`` split if there is one, else ``train``);
+    0 turns validation off."""
+    validate_steps: int = 10
+    """Sampling steps of the LDM stage's validation (the config's sampler and thresholds)."""
 
 
 @dataclass

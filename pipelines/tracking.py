@@ -139,6 +139,11 @@ class Tracker:
             fn = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
             self._call("log_artifact", fn, self.run_id, str(path), artifact_path)
 
+    def log_image(self, image, artifact_file: str) -> None:
+        """Log an (H, W, 3) uint8 array as a PNG artifact at ``artifact_file`` (e.g. ``validation/x.png``)."""
+        if self.run_id:
+            self._call("log_image", self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.run_id:
             for k, v in tags.items():

@@ -17,6 +17,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -79,6 +80,14 @@ def _batches(shard, batch_size: int, num_slots: int, seed: int, device) -> Itera
             yield {k: v.to(device) for k, v in batch.items()}
 
 
+def _validation_batch(data: str, split: str, n: int, num_slots: int, device) -> dict:
+    """The first ``n`` rows of ``split`` (stored slots, no re-permutation) as one batch on ``device``."""
+    from ldmseg.data.parquet_dataset import ShardDataset, iterate_batches
+
+    batch = next(iterate_batches(ShardDataset(data, split, num_slots, train=False), n, drop_last=False))
+    return {k: batch[k].to(device) for k in ("image", "slot_map", "valid")}
+
+
 def _build_stage(stage: str, cfg: Config, ae_model: str | None, device):
     """→ (trainable module, step function factory inputs, components dict to save, latent scales)."""
     from ldmseg.checkpoint import load_model
@@ -124,6 +133,12 @@ def train_worker(config: dict) -> None:
     torch.manual_seed(tcfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
 
     model, comps = _build_stage(stage, cfg, config.get("ae_model"), device)
+    if world > 1 and tcfg.time_budget_s:
+        # ranks would stop at different steps (and decay the lr on different clocks)
+        tcfg = dataclasses.replace(tcfg, time_budget_s=None)
+        if rank == 0:
+            _log(f"time_budget_s applies to single-worker runs only; ignored with {world} workers "
+                 "(set iterations instead)")
     optimizer, lr_scheduler = training.make_optimizer(model.parameters(), tcfg)
     ema = training.make_ema(model, tcfg.ema_decay) if stage == "ldm" else None
     start_step = 0
@@ -161,10 +176,40 @@ def train_worker(config: dict) -> None:
             return training.ldm_train_step(comps, batch, optimizer, cfg, generator=generator,
                                            lr_scheduler=lr_scheduler)
 
+    val_batch = None
+    if rank == 0 and tcfg.validate_images > 0 and config.get("val_data"):
+        val_batch = _validation_batch(config["val_data"], config["val_split"], tcfg.validate_images,
+                                      cfg.data.num_slots, device)
+
+    def validate(step: int) -> dict:
+        """Rank 0: PQ on the fixed validation batch, logged with an overlay panel (MLflow)."""
+        if val_batch is None or state.get("validated") == step:
+            return {}
+        from ldmseg import validation
+
+        t = time.time()
+        if stage == "ae":
+            metrics, panel = validation.validate_ae(model, val_batch, cfg)
+        else:
+            judged = training.ema_copy(model, ema) if ema is not None else model
+            metrics, panel = validation.validate_ldm(comps.mask_ae, comps.image_encoder, judged, comps.latent_scale,
+                                                     val_batch, cfg, steps=tcfg.validate_steps)
+        metrics["val_seconds"] = time.time() - t
+        state["validated"] = step
+        if tracker is not None:
+            tracker.log_metrics(metrics, step)
+            tracker.log_image(panel, f"validation/{stage}_step_{step:06d}.png")
+        key = "val_recon_pq" if stage == "ae" else "val_pq"
+        _log(f"{stage} step {step}: validation {key} {metrics[key]:.3f} on {len(val_batch['image'])} images "
+             f"({metrics['val_seconds']:.1f} s)")
+        return metrics
+
     t_start = time.time()
     state = {"t": time.time(), "step": start_step, "last_ckpt": None}
 
     def save_checkpoint(step: int, metrics: dict, final: bool) -> None:
+        if final:
+            metrics = {**metrics, **validate(step)}
         scale = comps.latent_scale if comps is not None else None
         if stage == "ae":  # every rank draws the same number of batches (keeps the shards in step)
             scale = training.measure_latent_scale(model, (next(batches) for _ in range(4)), cfg.data.num_slots)
@@ -199,18 +244,14 @@ def train_worker(config: dict) -> None:
             tracker.log_metrics(metrics, step)
             _log(f"{stage} step {step}/{tcfg.iterations}  loss {metrics.get('loss', float('nan')):.4f}  "
                  f"{metrics['samples_per_s']:.1f} samples/s  lr {metrics.get('lr', 0):.2e}")
+        if tcfg.validate_every and step % tcfg.validate_every == 0 and step < tcfg.iterations:
+            metrics.update(validate(step))
         if step % tcfg.checkpoint_every == 0 or step >= tcfg.iterations:
             save_checkpoint(step, metrics, final=step >= tcfg.iterations)
         else:
             ray.train.report(metrics)
 
     budget = tcfg.time_budget_s
-    if budget is not None and world > 1:
-        # ranks would stop at different steps and wait on each other's gradients forever
-        budget = None
-        if rank == 0:
-            _log("time_budget_s applies to single-worker runs only; ignored with "
-                 f"{world} workers (set iterations instead)")
     final_step = training.train_loop(step_fn, batches, tcfg.iterations, start_step=start_step,
                                      on_report=on_report, report_every=tcfg.report_every,
                                      time_budget_s=budget)
@@ -291,6 +332,10 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
 
     fs, root = open_fs(data)
     files = list_split_files(fs, root, "train")
+    try:
+        val_split = "val" if list_split_files(fs, root, "val") else "train"
+    except FileNotFoundError:
+        val_split = "train"
     proto = "" if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
     dataset = ray_compat.read_parquet([proto + f for f in files], columns=TRAIN_COLUMNS)
     total_bytes = sum(fs.size(f) for f in files)
@@ -319,7 +364,7 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
         train_loop_config={"cfg": to_dict(cfg), "stage": stage, "ae_model": ae_model,
                            "tracking_uri": uri, "mlflow_run_id": run_id,
                            "resume_from": resume.path if resume is not None else None,
-                           "storage_url": storage},
+                           "storage_url": storage, "val_data": data, "val_split": val_split},
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -328,7 +373,9 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress lines only
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(tcfg.torch_threads or tcfg.cpus_per_worker)}}),
+            worker_runtime_env={"env_vars": {
+                "OMP_NUM_THREADS": str(tcfg.torch_threads or tcfg.cpus_per_worker),
+                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),  # else every progress line reaches the driver twice
         datasets={"train": dataset},
     )
     result = trainer.fit()

@@ -286,3 +286,61 @@ def test_to_coco_prediction_round_trips(segmenter):
         ys, xs = np.nonzero(mask)
         assert info["area"] == mask.sum() and info["category_id"] == 1 and info["iscrowd"] == 0
         assert info["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+
+
+# --------------------------------------------------------------------------------------------
+# Periodic validation (ldmseg.validation)
+# --------------------------------------------------------------------------------------------
+
+
+def test_colorize_and_overlay_panel():
+    from ldmseg.validation import colorize, overlay_panel
+
+    ids = np.arange(65).reshape(5, 13)
+    rgb = colorize(ids)
+    assert rgb.dtype == np.uint8 and rgb.shape == (5, 13, 3)
+    assert (rgb[0, 0] == 0).all()  # void is black
+    colours = {tuple(c) for c in rgb.reshape(-1, 3)[1:]}
+    assert len(colours) == 64  # 64 ids, 64 colours
+    image = np.full((32, 32, 3), 7, np.uint8)
+    panel = overlay_panel([image, image], [ids[:1, :1].repeat(32, 0).repeat(32, 1)] * 2,
+                          [np.ones((32, 32), int)] * 2, min_size=128, gap=2)
+    assert panel.shape == (2 * 130 - 2, 3 * 130 - 2, 3)
+    assert (panel[:128, :128] == 7).all() and (panel[:128, 128:130] == 255).all()
+    assert (panel[:128, 130:258] == 0).all()  # the all-void GT tile
+    assert (panel[:128, 260:] == colorize(np.array([[1]]))[0, 0]).all()
+
+
+def test_validate_ae_scores_reconstructions(trained):
+    from ldmseg.models.mask_autoencoder import MaskAutoencoder
+    from ldmseg.validation import validate_ae
+
+    _, cfg, parts, _ = trained
+    batch = scene_batch(cfg, 8)  # the batch the AE was trained on
+    good, panel = validate_ae(parts["mask_autoencoder"], batch, cfg)
+    torch.manual_seed(5)
+    bad, _ = validate_ae(MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots), batch, cfg)
+    assert set(good) == {"val_recon_pq", "val_recon_sq", "val_recon_rq", "val_recon_fp_per_image"}
+    assert good["val_recon_pq"] > 0.6 > bad["val_recon_pq"]
+    assert panel.shape == (8 * 130 - 2, 3 * 130 - 2, 3) and panel.dtype == np.uint8
+
+
+def test_validate_ldm_perfect_and_sampled(trained):
+    from ldmseg import validation
+
+    _, cfg, parts, scale = trained
+    batch = scene_batch(cfg, 4)
+    # the scoring itself: the ground truth as prediction scores PQ 1 with no false positives
+    truth = [np.where(v, s, 0) for s, v in zip(batch["slot_map"].numpy(), batch["valid"].numpy())]
+    segs = [[{"id": int(i)} for i in np.unique(t) if i] for t in truth]
+    metrics, _, _ = validation._score(batch, truth, segs, "val")
+    assert metrics["val_pq"] == pytest.approx(1.0) and metrics["val_fp_per_image"] == 0
+    parts["denoiser"].train()
+    args = (parts["mask_autoencoder"], parts["image_encoder"], parts["denoiser"], scale, batch, cfg)
+    first, panel = validation.validate_ldm(*args, steps=2, seed=3)
+    again, _ = validation.validate_ldm(*args, steps=2, seed=3)
+    assert first == again  # seeded
+    assert all(0.0 <= first[k] <= 1.0 for k in ("val_pq", "val_sq", "val_rq"))
+    assert panel.shape == (4 * 130 - 2, 3 * 130 - 2, 3)
+    assert parts["denoiser"].training  # the caller's mode is restored
+    parts["denoiser"].eval()

@@ -255,6 +255,19 @@ def test_lr_schedule_warmup_then_constant_or_cosine():
             assert lrs[-1] < 0.02
 
 
+def test_cosine_follows_the_time_budget_when_it_ends_the_run_first():
+    cfg = tiny_cfg("train_ldm.warmup=4", "train_ldm.iterations=1000", "train_ldm.lr_schedule=cosine",
+                   "train_ldm.time_budget_s=100")
+    tc = cfg.train_ldm
+    assert training.lr_factor(10, tc) == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 996)))
+    assert training.lr_factor(10, tc, elapsed_s=50.0) == pytest.approx(0.5)  # half the budget: half-way
+    assert training.lr_factor(10, tc, elapsed_s=250.0) == pytest.approx(0.0)
+    assert training.lr_factor(2, tc, elapsed_s=90.0) == pytest.approx(0.75)  # warm-up is by steps
+    assert training.lr_factor(900, tc, elapsed_s=1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 896 / 996)))
+    tc.time_budget_s = None
+    assert training.lr_factor(10, tc, elapsed_s=50.0) == training.lr_factor(10, tc)
+
+
 def test_train_loop_cycles_reports_means_and_checkpoints():
     seen, reports, ckpts = [], [], []
 
@@ -266,7 +279,9 @@ def test_train_loop_cycles_reports_means_and_checkpoints():
                                on_report=lambda s, m: reports.append((s, m)), checkpoint_every=3,
                                on_checkpoint=lambda s, m: ckpts.append((s, m["loss"])))
     assert last == 7 and seen == [1, 2, 3, 1, 2, 3, 1]
-    assert reports == [(2, {"loss": 1.5}), (4, {"loss": 2.0}), (6, {"loss": 2.5})]
+    assert [(s, m["loss"]) for s, m in reports] == [(2, 1.5), (4, 2.0), (6, 2.5)]
+    assert all(set(m) == {"loss", "data_seconds", "step_seconds"} and m["data_seconds"] >= 0
+               and m["step_seconds"] >= 0 for _, m in reports)
     assert ckpts == [(3, 3.0), (6, 3.0), (7, 1.0)]
     # resuming: start_step counts towards iterations
     assert training.train_loop(step_fn, [5], 9, start_step=7) == 9

@@ -55,9 +55,15 @@ class LDMComponents:
 # --------------------------------------------------------------------------------------------
 
 
-def lr_factor(step: int, train_cfg: TrainConfig) -> float:
+def lr_factor(step: int, train_cfg: TrainConfig, elapsed_s: float | None = None) -> float:
     """LR multiplier after ``step`` optimiser steps: linear warm-up over ``warmup`` steps, then 1
-    (``constant``) or a cosine decay to 0 at ``iterations`` (``cosine``)."""
+    (``constant``) or a cosine decay to 0 (``cosine``).
+
+    The cosine's progress is ``(step − warmup) / (iterations − warmup)``; when the stage has a
+    ``time_budget_s`` and ``elapsed_s`` (seconds since training started) is given, progress is
+    the larger of that and ``elapsed_s / time_budget_s``, so the decay ends when the run ends,
+    whichever limit stops it.
+    """
     warmup = max(0, int(train_cfg.warmup))
     if step < warmup:
         return (step + 1) / warmup
@@ -65,20 +71,28 @@ def lr_factor(step: int, train_cfg: TrainConfig) -> float:
         return 1.0
     if train_cfg.lr_schedule == "cosine":
         span = max(1, int(train_cfg.iterations) - warmup)
-        progress = min(1.0, (step - warmup) / span)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        progress = (step - warmup) / span
+        if elapsed_s is not None and train_cfg.time_budget_s:
+            progress = max(progress, elapsed_s / float(train_cfg.time_budget_s))
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {train_cfg.lr_schedule!r}")
 
 
 def make_optimizer(
     params: Iterable[torch.nn.Parameter], train_cfg: TrainConfig
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW(``lr``, ``weight_decay``) and a ``LambdaLR`` of :func:`lr_factor`; step both once per iteration."""
+    """AdamW(``lr``, ``weight_decay``) and a ``LambdaLR`` of :func:`lr_factor`; step both once per iteration.
+
+    With a ``time_budget_s``, the schedule's clock starts here (call this just before training).
+    """
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: pass the parameters of the model being trained")
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train_cfg))
+    t0 = time.monotonic()
+    timed = bool(train_cfg.time_budget_s)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, train_cfg, time.monotonic() - t0 if timed else None))
     return optimizer, scheduler
 
 
@@ -430,6 +444,8 @@ def train_loop(
     After every ``report_every``-th step, ``on_report(step, metrics)`` gets the mean of each
     float metric over the steps since the previous report; after every ``checkpoint_every``-th
     step and after the final step, ``on_checkpoint(step, metrics)`` gets the last step's metrics.
+    Besides ``step_fn``'s metrics these hold ``data_seconds`` (waiting for the batch) and
+    ``step_seconds`` (inside ``step_fn``).
     ``batches`` is cycled when it runs out (it must then be re-iterable, e.g. a list or a
     DataLoader); ``time_budget_s`` stops the loop between steps once exceeded. Nothing is
     printed or logged here: the callbacks do that (Ray Train passes ones that call
@@ -448,6 +464,7 @@ def train_loop(
     while step < iterations:
         if time_budget_s is not None and time.monotonic() - t0 >= time_budget_s:
             break
+        t_data = time.perf_counter()
         try:
             batch = next(iterator)
         except StopIteration:
@@ -457,7 +474,10 @@ def train_loop(
             except StopIteration:
                 raise ValueError("batches ran out and yields nothing when iterated again; pass a re-iterable "
                                  "(a list or DataLoader) or an endless generator") from None
+        data_seconds = time.perf_counter() - t_data
+        t_step = time.perf_counter()
         metrics = step_fn(batch)
+        metrics = {**metrics, "data_seconds": data_seconds, "step_seconds": time.perf_counter() - t_step}
         step += 1
         count += 1
         for k, v in metrics.items():

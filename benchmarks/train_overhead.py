@@ -1,0 +1,141 @@
+"""Ray Train overhead: steps/s of one Ray Train worker vs the plain training loop, same model and data.
+
+Both sides run the same step function (``ldmseg.diffusion.training``) with the same batch size
+and torch threads on the same preprocessed shards:
+
+  - plain: ``ShardDataset`` + ``iterate_batches`` + ``train_loop`` in this process;
+  - Ray:   ``ldmseg train <stage>`` (``TorchTrainer``, 1 worker, Ray Data shard), steps/s taken
+           from the metrics the worker reports (so Ray start-up, dataset materialisation and
+           worker start are excluded; they are printed separately as start-up seconds).
+
+    OMP_NUM_THREADS=1 python benchmarks/train_overhead.py [--stage ldm] [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def plain_steps_per_s(stage: str, cfg, shards: str, ae_dir: str | None, steps: int, warmup: int
+                      ) -> tuple[float, float, float]:
+    """Steps/s of ``train_loop`` in this process, measured after ``warmup`` steps, and the mean
+    seconds per step waiting for data and inside the step function."""
+    import torch
+
+    from ldmseg.data.parquet_dataset import ShardDataset, iterate_batches
+    from ldmseg.diffusion import training
+    from pipelines.train import _build_stage
+
+    tcfg = cfg.train_ae if stage == "ae" else cfg.train_ldm
+    torch.set_num_threads(tcfg.torch_threads or tcfg.cpus_per_worker)
+    torch.manual_seed(tcfg.seed)
+    model, comps = _build_stage(stage, cfg, ae_dir, torch.device("cpu"))
+    optimizer, lr_scheduler = training.make_optimizer(model.parameters(), tcfg)
+    if comps is not None:
+        comps.ema = training.make_ema(model, tcfg.ema_decay)
+    generator = torch.Generator().manual_seed(0)
+    batches = iterate_batches(ShardDataset(shards, "train", cfg.data.num_slots, repeat=True), tcfg.batch_size)
+
+    if stage == "ae":
+        def step_fn(batch):
+            return training.ae_train_step(model, batch, optimizer, cfg, generator=generator, lr_scheduler=lr_scheduler)
+    else:
+        def step_fn(batch):
+            return training.ldm_train_step(comps, batch, optimizer, cfg, generator=generator, lr_scheduler=lr_scheduler)
+
+    training.train_loop(step_fn, batches, warmup)
+    means: dict[str, float] = {}
+    t0 = time.perf_counter()
+    training.train_loop(step_fn, batches, warmup + steps, start_step=warmup, report_every=steps,
+                        on_report=lambda step, m: means.update(m))
+    return steps / (time.perf_counter() - t0), means["data_seconds"], means["step_seconds"]
+
+
+def _uri(run_dir: Path) -> str:
+    from pipelines.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(None, run_dir)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(REPO / "conf" / "quickstart.yaml"))
+    parser.add_argument("--stage", choices=("ae", "ldm"), default="ldm")
+    parser.add_argument("--steps", type=int, default=200, help="measured steps per side (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=20, help="unmeasured first steps per side")
+    parser.add_argument("--images", type=int, default=512, help="synthetic training scenes")
+    args = parser.parse_args()
+
+    import torch
+
+    from ldmseg.checkpoint import save_model
+    from ldmseg.config import load_config
+    from ldmseg.data.synthetic import write_scenes
+    from ldmseg.models.mask_autoencoder import MaskAutoencoder
+    from pipelines import ray_compat
+    from pipelines.preprocess import run_preprocess
+    from pipelines.train import run_train
+
+    report = args.steps // 4
+    total = args.warmup + args.steps
+    cfg = load_config(args.config, [f"train_{args.stage}.iterations={total}", f"train_{args.stage}.time_budget_s=null",
+                                    f"train_{args.stage}.report_every={report}",
+                                    f"train_{args.stage}.checkpoint_every={total}", "train_ldm.warmup=10",
+                                    "train_ae.warmup=10"])
+    tcfg = cfg.train_ae if args.stage == "ae" else cfg.train_ldm
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_scenes(tmp / "scenes", num_images=args.images, size=cfg.data.resolution, seed=0,
+                     min_things=cfg.synth.min_things, max_things=cfg.synth.max_things)
+        ray_compat.init_ray(None)
+        run_preprocess(cfg, output=str(tmp / "shards"), source=str(tmp / "scenes"))
+        ae_dir = None
+        if args.stage == "ldm":  # an untrained AE is as costly to run as a trained one
+            ae_dir = str(tmp / "ae")
+            torch.manual_seed(0)
+            save_model(ae_dir, cfg, {"mask_autoencoder": MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots)},
+                       latent_scale=1.0)
+
+        print(f"[bench] plain loop: {args.stage}, batch {tcfg.batch_size}, {tcfg.torch_threads} threads, "
+              f"{args.steps} steps", file=sys.stderr, flush=True)
+        plain, plain_data, plain_step = plain_steps_per_s(args.stage, cfg, str(tmp / "shards"), ae_dir, args.steps, args.warmup)
+
+        print("[bench] Ray Train, 1 worker", file=sys.stderr, flush=True)
+        t0 = time.time()
+        res = run_train(args.stage, cfg, data=str(tmp / "shards"), run_dir=tmp / "run", ae_model=ae_dir)
+        wall = time.time() - t0
+        # the worker's reported steps/s per report interval; the first interval holds the warm-up
+        client = mlflow.tracking.MlflowClient(_uri(tmp / "run"))
+        hist = sorted(client.get_metric_history(res.mlflow_run_id, "steps_per_s"), key=lambda m: m.step)
+        rates = [m.value for m in hist if m.step > report]
+        ray_rate = len(rates) / sum(1.0 / r for r in rates)  # harmonic mean = steps / seconds
+        ray_means = {}
+        for name, key in (("data wait", "data_seconds"), ("step", "step_seconds")):
+            hist = sorted(client.get_metric_history(res.mlflow_run_id, key), key=lambda m: m.step)
+            ray_means[name] = [m.value for m in hist if m.step > report]
+        startup = wall - total / ray_rate
+
+    print(f"\nstage {args.stage}, config {Path(args.config).name}, batch {tcfg.batch_size}, "
+          f"torch threads {tcfg.torch_threads}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    print(f"plain loop:           {plain:.3f} steps/s")
+    print(f"Ray Train (1 worker): {ray_rate:.3f} steps/s")
+    print(f"ratio Ray/plain:      {ray_rate / plain:.2f}   (target >= 0.9)")
+    for name, vals in ray_means.items():
+        print(f"Ray worker mean {name} per step: {1000 * sum(vals) / len(vals):.1f} ms")
+    print(f"plain loop mean data wait per step: {1000 * plain_data:.1f} ms, step {1000 * plain_step:.1f} ms")
+    print(f"Ray stage wall {wall:.1f} s; start-up and shutdown (wall - steps / rate): {startup:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Cheap periodic validation during training: PQ on a fixed small batch and an overlay panel.
+
+- :func:`validate_ae`: reconstruction PQ of the mask autoencoder (encode → decode →
+  post-process) on the batch's slot maps.
+- :func:`validate_ldm`: PQ of sampled segmentations (few sampling steps) against the batch's
+  slot maps, through :class:`~ldmseg.segmenter.Segmenter` (the same path as evaluation).
+- :func:`overlay_panel`: image | ground truth | prediction, one row per sample, as uint8 RGB.
+
+A validation batch is a training batch (``image`` (B, 3, R, R) float32 in [−1, 1], ``slot_map``
+(B, R, R) int64, ``valid`` (B, R, R) bool) read without slot re-permutation; its slots are the
+ground-truth segment ids (0 = void), class-agnostic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldmseg.config import Config
+from ldmseg.data.encoding import ids_to_bits, tensor_to_image
+from ldmseg.diffusion.sampling import decode_latents, unwrap
+from ldmseg.metrics.pq import PQStat, pq_image_stats
+from ldmseg.postprocess import postprocess
+
+_GOLDEN = 0.6180339887498949
+
+
+def colorize(id_map: np.ndarray) -> np.ndarray:
+    """(H, W) integer ids → (H, W, 3) uint8 colours: 0 (void) black, other ids distinct hues."""
+    ids = np.asarray(id_map).astype(np.int64)
+    hue = (ids * _GOLDEN) % 1.0
+    h6 = hue * 6.0
+    sector = np.floor(h6).astype(np.int64) % 6
+    f = h6 - np.floor(h6)
+    v, s = 0.95, 0.75
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    rgb = np.zeros((*ids.shape, 3), np.float64)
+    for k, (r, g, b) in enumerate(table):
+        sel = sector == k
+        rgb[sel] = np.stack([np.broadcast_to(c, ids.shape)[sel] for c in (r, g, b)], axis=-1)
+    rgb[ids == 0] = 0.0
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def overlay_panel(images: list[np.ndarray], gts: list[np.ndarray], preds: list[np.ndarray],
+                  min_size: int = 128, gap: int = 2) -> np.ndarray:
+    """Rows of image | GT | prediction → (N·(s+gap)−gap, 3·(s+gap)−gap, 3) uint8 on white.
+
+    ``images``: (H, W, 3) uint8; ``gts`` / ``preds``: (H, W) id maps (0 = void, black). Tiles are
+    enlarged by an integer nearest-neighbour factor to at least ``min_size`` pixels.
+    """
+    if not (len(images) == len(gts) == len(preds)) or not images:
+        raise ValueError(f"overlay_panel needs equally many images, GT and predicted maps (>= 1), got "
+                         f"{len(images)}, {len(gts)}, {len(preds)}")
+    h, w = images[0].shape[:2]
+    k = max(1, -(-min_size // max(h, w)))
+    th, tw = h * k, w * k
+    out = np.full((len(images) * (th + gap) - gap, 3 * (tw + gap) - gap, 3), 255, np.uint8)
+    for row, tiles in enumerate(zip(images, map(colorize, gts), map(colorize, preds))):
+        for col, tile in enumerate(tiles):
+            big = np.repeat(np.repeat(np.asarray(tile, np.uint8), k, axis=0), k, axis=1)
+            y, x = row * (th + gap), col * (tw + gap)
+            out[y:y + th, x:x + tw] = big
+    return out
+
+
+def _gt(slot_map: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+    ids = np.where(valid, slot_map, 0).astype(np.uint32)
+    present, counts = np.unique(ids, return_counts=True)
+    return ids, [{"id": int(i), "category_id": 1, "iscrowd": 0, "area": int(c)} for i, c in zip(present, counts) if i]
+
+
+def _pred_segments(segments: list[dict]) -> list[dict]:
+    return [{"id": int(s["id"]), "category_id": 1} for s in segments]
+
+
+def _summary(stat: PQStat, prefix: str) -> dict[str, float]:
+    s = stat.summary({1: {"id": 1, "isthing": 1}})
+    return {f"{prefix}_pq": s["pq"], f"{prefix}_sq": s["sq"], f"{prefix}_rq": s["rq"]}
+
+
+def _score(batch: dict, pred_maps: list[np.ndarray], pred_segments: list[list[dict]], prefix: str
+           ) -> tuple[dict[str, float], list[np.ndarray], list[np.ndarray]]:
+    slot_maps = batch["slot_map"].cpu().numpy()
+    valids = batch["valid"].cpu().numpy()
+    stat, gts = PQStat(), []
+    for slot_map, valid, pred, segs in zip(slot_maps, valids, pred_maps, pred_segments):
+        gt_ids, gt_segs = _gt(slot_map, valid)
+        gts.append(gt_ids)
+        stat += pq_image_stats(gt_ids, gt_segs, pred.astype(np.uint32), _pred_segments(segs), class_agnostic=True)
+    metrics = _summary(stat, prefix)
+    c = stat.per_category.get(1)
+    metrics[f"{prefix}_fp_per_image"] = (c.fp if c else 0) / max(1, len(pred_maps))
+    images = [tensor_to_image(im) for im in batch["image"].cpu()]
+    return metrics, images, gts
+
+
+@torch.no_grad()
+def validate_ae(mask_ae: nn.Module, batch: dict, cfg: Config) -> tuple[dict[str, float], np.ndarray]:
+    """Reconstruction PQ of the mask AE on ``batch`` → (``{"val_recon_pq", ...}``, overlay panel)."""
+    module = unwrap(mask_ae)
+    was_training = module.training
+    module.eval()
+    valid = batch["valid"]
+    logits = module(ids_to_bits(torch.where(valid, batch["slot_map"], 0), module.num_bits))
+    module.train(was_training)
+    th = {k: getattr(cfg.sampling, k) for k in ("mask_th", "count_th", "overlap_th")}
+    maps, segs = zip(*(postprocess(lg, valid=v, **th) for lg, v in zip(logits, valid)))
+    metrics, images, gts = _score(batch, list(maps), list(segs), "val_recon")
+    return metrics, overlay_panel(images, gts, list(maps))
+
+
+@torch.no_grad()
+def validate_ldm(mask_ae: nn.Module, image_encoder: nn.Module, denoiser: nn.Module, latent_scale: float,
+                 batch: dict, cfg: Config, *, steps: int | None = None, seed: int = 0
+                 ) -> tuple[dict[str, float], np.ndarray]:
+    """PQ of sampled segmentations on ``batch`` (``steps`` sampling steps, default the config's)
+    → (``{"val_pq", "val_sq", "val_rq", "val_fp_per_image"}``, overlay panel).
+
+    ``denoiser`` should hold the weights to judge (e.g. the EMA copy); the modules are left in
+    the mode they were in.
+    """
+    from ldmseg.segmenter import Segmenter
+
+    modules = [unwrap(m) for m in (mask_ae, image_encoder, denoiser)]
+    modes = [m.training for m in modules]
+    device = next(modules[2].parameters()).device
+    segmenter = Segmenter(cfg, *modules, latent_scale, device=device)
+    images = [tensor_to_image(im) for im in batch["image"].cpu()]
+    results = segmenter.segment(images, steps=steps, seed=[seed + i for i in range(len(images))])
+    for m, mode in zip(modules, modes):
+        m.train(mode)
+    valid = batch["valid"].cpu().numpy()
+    maps = [np.where(v, r.id_map, 0) for r, v in zip(results, valid)]
+    segs = [[s for s in r.segments if (m == s["id"]).any()] for r, m in zip(results, maps)]
+    metrics, images, gts = _score(batch, maps, segs, "val")
+    return metrics, overlay_panel(images, gts, maps)
