@@ -105,20 +105,14 @@ def sampling_trial(config: dict[str, Any]) -> None:
     """One Tune trial: score a sampling configuration and log it as an MLflow run."""
     import ray.tune
 
-    from pipelines.tracking import Tracker
-
     params = {k: config[k] for k in SAMPLING_KEYS if k in config}
-    ctx = ray.tune.get_context()
-    out = Path(ctx.get_trial_dir()) / "predictions"
-    tracker = Tracker(config["tracking_uri"], artifact_root=config.get("artifact_root"))
-    tracker.start(config["experiment"], f"{config['sweep_id']}-{ctx.get_trial_id()}", params=params,
-                  tags={"ldmseg.sweep": config["sweep_id"], "ldmseg.kind": "sampling-trial"})
+    out = Path(ray.tune.get_context().get_trial_dir()) / "predictions"
+    tracker = trial_tracker(config, "sampling-trial", params)
     try:
         metrics = score_sampling(config["model_dir"], config["gt"], out, params, seed=config.get("seed", 0),
                                  max_images=config.get("max_images"))
     except Exception as exc:
-        tracker.set_tags({"ldmseg.error": f"{type(exc).__name__}: {exc}"[:500]})
-        tracker.finish("FAILED")
+        failed_trial(tracker, exc)
         raise
     tracker.log_metrics(metrics, step=0)
     tracker.finish()
@@ -173,6 +167,60 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def make_tuner(trainable, space: dict[str, Any], out: Path, sweep_id: str, *, metric: str, mode: str = "max",
+               num_samples: int = 1, search_alg=None, scheduler=None, max_concurrent: int = 2,
+               resources: dict[str, float] | None = None):
+    """A ``Tuner`` for ``trainable`` storing under ``out/ray_tune/sweep_id``, or the restored one
+    when an interrupted sweep of that id is there (failed trials are kept as failed)."""
+    import ray.tune as tune
+
+    storage = str(out / "ray_tune")
+    trainable = tune.with_resources(trainable, resources or {"cpu": 1})
+    exp_path = Path(storage) / sweep_id
+    if exp_path.exists() and tune.Tuner.can_restore(str(exp_path)):
+        _say(f"resuming sweep {sweep_id} from {exp_path}")
+        return tune.Tuner.restore(str(exp_path), trainable, resume_errored=False, restart_errored=False)
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, search_alg=search_alg,
+                                    scheduler=scheduler, max_concurrent_trials=max_concurrent),
+        run_config=tune.RunConfig(name=sweep_id, storage_path=storage, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
+
+
+def log_summary(uri: str, out: Path, sweep_id: str, kind: str, params: dict[str, Any], metrics: dict[str, float],
+                files: list[str]) -> None:
+    """The sweep's summary MLflow run: parameters, headline metrics and the files that exist in ``out``."""
+    from pipelines.tracking import Tracker, local_artifact_root
+
+    summary = Tracker(uri, artifact_root=local_artifact_root(uri, out))
+    if summary.start("ldmseg-tune", f"{sweep_id}-summary", params=params,
+                     tags={"ldmseg.sweep": sweep_id, "ldmseg.kind": kind}):
+        if metrics:
+            summary.log_metrics(metrics, 0)
+        for f in files:
+            if (out / f).exists():
+                summary.log_artifact(out / f)
+        summary.finish()
+
+
+def trial_tracker(config: dict[str, Any], kind: str, params: dict[str, Any]):
+    """An MLflow run for the current Tune trial, named ``<sweep id>-<trial id>`` and tagged with the sweep."""
+    import ray.tune
+
+    from pipelines.tracking import Tracker
+
+    tracker = Tracker(config["tracking_uri"], artifact_root=config.get("artifact_root"))
+    tracker.start(config["experiment"], f"{config['sweep_id']}-{ray.tune.get_context().get_trial_id()}",
+                  params=params, tags={"ldmseg.sweep": config["sweep_id"], "ldmseg.kind": kind})
+    return tracker
+
+
+def failed_trial(tracker, exc: BaseException) -> None:
+    tracker.set_tags({"ldmseg.error": f"{type(exc).__name__}: {exc}"[:500]})
+    tracker.finish("FAILED")
+
+
 def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str], steps: list[int],
                        search: str = "grid", num_samples: int = 1, space_extra: dict[str, list] | None = None,
                        max_images: int | None = None, max_concurrent: int = 2, name: str | None = None,
@@ -217,19 +265,8 @@ def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str
         raise SystemExit(f"ldmseg tune: --search must be grid or optuna, got {search!r}")
 
     Tracker(uri, artifact_root=space["artifact_root"]).ensure_experiment(space["experiment"])
-    storage = str(out / "ray_tune")
-    trainable = tune.with_resources(sampling_trial, {"cpu": 1})
-    exp_path = Path(storage) / sweep_id
-    if exp_path.exists() and tune.Tuner.can_restore(str(exp_path)):
-        _say(f"resuming sweep {sweep_id} from {exp_path}")
-        tuner = tune.Tuner.restore(str(exp_path), trainable, resume_errored=False, restart_errored=False)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric="pq", mode="max", num_samples=num_samples, search_alg=search_alg,
-                                        max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=sweep_id, storage_path=storage, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
+    tuner = make_tuner(sampling_trial, space, out, sweep_id, metric="pq", num_samples=num_samples,
+                       search_alg=search_alg, max_concurrent=max_concurrent)
     _say(f"sweep {sweep_id}: {search} search over samplers {samplers}, steps {steps}"
          + (f", {extra}" if extra else "") + f"; MLflow {uri}")
     grid = tuner.fit()
@@ -257,15 +294,9 @@ def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(f"# best sampling configuration of sweep {sweep_id} (PQ {best['pq']:.4f}, "
                               f"{best['seconds_per_image']:.3f} s/image)\n" + yaml.safe_dump(best_cfg, sort_keys=False))
-    summary = Tracker(uri, artifact_root=local_artifact_root(uri, out))
-    if summary.start("ldmseg-tune", f"{sweep_id}-summary", params={"model": model, "data": data, "search": search},
-                     tags={"ldmseg.sweep": sweep_id, "ldmseg.kind": "sampling-summary"}):
-        if best:
-            summary.log_metrics({"best_pq": best["pq"], "best_seconds_per_image": best["seconds_per_image"]}, 0)
-        for f in ("table.md", "results.json", "pareto.png", "best.yaml"):
-            if (out / f).exists():
-                summary.log_artifact(out / f)
-        summary.finish()
+    log_summary(uri, out, sweep_id, "sampling-summary", {"model": model, "data": data, "search": search},
+                {"best_pq": best["pq"], "best_seconds_per_image": best["seconds_per_image"]} if best else {},
+                ["table.md", "results.json", "pareto.png", "best.yaml"])
     _say(f"{len(rows)} trials scored, {len(failed)} failed; table {out / 'table.md'}")
     return {"sweep_id": sweep_id, "best": best, "trials": rows, "failed": failed, "output": str(out)}
 
@@ -298,6 +329,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--tracking-uri", default=None)
     s.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
 
+    from pipelines import tune_inpainting, tune_schedules
+
+    tune_schedules.add_arguments(sub.add_parser(
+        "schedules", help="short LDM trainings under ASHA over beta schedule, Min-SNR γ, lr schedule and "
+                          "self-conditioning probability"))
+    tune_inpainting.add_arguments(sub.add_parser(
+        "inpainting", help="PQ against the known fraction for sparse and global masks (table and plot)"))
+
 
 def run(args: argparse.Namespace) -> int:
     if args.what == "sampling":
@@ -316,6 +355,13 @@ def run(args: argparse.Namespace) -> int:
                                  name=args.name, save_best=args.save_best, tracking_uri=args.tracking_uri,
                                  seed=args.seed, address=args.address)
         print(json.dumps({"sweep_id": res["sweep_id"], "best": res["best"], "n_trials": len(res["trials"]),
+                          "n_failed": len(res["failed"]), "output": res["output"]}))
+        return 0
+    if args.what in ("schedules", "inpainting"):
+        from pipelines import tune_inpainting, tune_schedules
+
+        res = (tune_schedules if args.what == "schedules" else tune_inpainting).run(args)
+        print(json.dumps({"sweep_id": res["sweep_id"], "best": res.get("best"), "n_trials": len(res["trials"]),
                           "n_failed": len(res["failed"]), "output": res["output"]}))
         return 0
     raise SystemExit(f"ldmseg tune: unknown search {args.what!r}")

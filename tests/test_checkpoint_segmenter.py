@@ -344,3 +344,38 @@ def test_validate_ldm_perfect_and_sampled(trained):
     assert panel.shape == (4 * 130 - 2, 3 * 130 - 2, 3)
     assert parts["denoiser"].training  # the caller's mode is restored
     parts["denoiser"].eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Inpainting against the known fraction (ldmseg.inpainting_eval)
+# --------------------------------------------------------------------------------------------
+
+
+def test_known_pixels_cover_the_fraction_of_the_latent_grid():
+    from ldmseg.inpainting_eval import known_pixels
+
+    for kind in ("sparse", "global"):
+        none = known_pixels(kind, 0.0, 32, 32, 32, 4, "pad", seed=1)
+        assert none.shape == (32, 32) and not none.any()
+    half = known_pixels("global", 0.5, 32, 32, 32, 4, "pad", seed=1)
+    assert half.mean() == pytest.approx(0.5)  # 32 of the 64 latent cells, 4x4 pixels each
+    assert known_pixels("global", 0.5, 32, 32, 32, 4, "pad", seed=1).tolist() == half.tolist()  # seeded
+    wide = known_pixels("global", 0.25, 20, 40, 32, 4, "pad", seed=2)  # padded image: mapped back to 20x40
+    assert wide.shape == (20, 40) and 0.25 <= wide.mean() < 0.35  # drawn on the image's cells only
+
+
+def test_inpainting_scores_rise_with_the_known_fraction(segmenter, tmp_path):
+    from ldmseg.data import coco
+    from ldmseg.data.synthetic import write_scenes
+    from ldmseg.inpainting_eval import inpainting_scores
+
+    write_scenes(tmp_path / "scenes", num_images=4, size=32, seed=31, max_things=3)
+    data = coco.load_coco_panoptic(str(tmp_path / "scenes"))
+    full = inpainting_scores(segmenter, data, "global", 1.0, steps=2)
+    assert full["pq"] == pytest.approx(1.0) and full["known_fraction"] == pytest.approx(1.0)
+    assert full["n_unknown_segments"] == 0 and full["n_images"] == 4
+    none = inpainting_scores(segmenter, data, "global", 0.0, steps=2)
+    most = inpainting_scores(segmenter, data, "global", 0.75, steps=2)
+    assert none["known_fraction"] == 0.0 and most["known_fraction"] == pytest.approx(0.75, abs=0.02)
+    assert none["n_unknown_segments"] > most["n_unknown_segments"] > 0
+    assert most["pq"] > none["pq"] + 0.2  # the known 75 % are kept as given (random denoiser)

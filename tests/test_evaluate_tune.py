@@ -90,3 +90,46 @@ def test_sampling_sweep_records_trials_summary_and_survives_a_failing_trial(tiny
     summary = next(r for r in runs if r.data.tags["ldmseg.kind"] == "sampling-summary")
     assert "pareto.png" in {a.path for a in client.list_artifacts(summary.info.run_id)}
     assert yaml.safe_load(best_path.read_text().split("\n", 1)[1])["sampling"]["sampler"] in ("ddim", "euler")
+
+
+def test_inpainting_sweep_writes_table_plot_and_runs(tiny_model, tmp_path, ray_session):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tune_inpainting import run_inpainting_sweep
+
+    model, scenes, _ = tiny_model
+    res = run_inpainting_sweep(model, scenes, str(tmp_path / "inp"), kinds=["sparse", "global"], fractions=[0.0, 0.5],
+                               steps=1, max_images=3, name="inp-test")
+    assert not res["failed"] and len(res["trials"]) == 4
+    by = {(t["kind"], t["fraction"]): t for t in res["trials"]}
+    assert by["global", 0.0]["known_fraction"] == 0.0 and by["global", 0.5]["known_fraction"] == pytest.approx(0.5)
+    assert by["global", 0.5]["pq"] > by["global", 0.0]["pq"]  # half of the map is given
+    assert (tmp_path / "inp" / "inpainting.png").stat().st_size > 1000
+    assert "| global | 0.5 |" in (tmp_path / "inp" / "table.md").read_text()
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'inp').resolve() / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ldmseg-tune").experiment_id],
+                              filter_string="tags.`ldmseg.sweep` = 'inp-test'")
+    kinds = sorted(r.data.tags["ldmseg.kind"] for r in runs)
+    assert kinds == ["inpainting-summary"] + ["inpainting-trial"] * 4
+
+
+def test_schedule_sweep_under_asha_reports_validation_pq(tiny_model, tmp_path, ray_session):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.preprocess import run_preprocess
+    from pipelines.tune_schedules import SPACE, run_schedule_sweep
+
+    model, scenes, cfg = tiny_model
+    run_preprocess(cfg, output=str(tmp_path / "shards"), source=scenes)
+    res = run_schedule_sweep(str(tmp_path / "shards"), model, str(tmp_path / "sched"), config=str(REPO / "conf/tiny.yaml"),
+                             overrides=[*TINY, "train_ldm.batch_size=4", "train_ldm.warmup=1"], num_samples=4,
+                             max_steps=4, eval_every=2, val_images=3, val_steps=1, name="sched-test")
+    assert not res["failed"] and len(res["trials"]) == 4
+    assert all(set(SPACE) <= set(t) and t["steps"] in (2, 4) and 0.0 <= t["val_pq"] <= 1.0 for t in res["trials"])
+    assert max(t["steps"] for t in res["trials"]) == 4  # ASHA let the best go to the end
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'sched').resolve() / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ldmseg-tune").experiment_id],
+                              filter_string="tags.`ldmseg.kind` = 'schedule-trial'")
+    assert len(runs) == 4
+    history = client.get_metric_history(runs[0].info.run_id, "val_pq")
+    assert [m.step for m in history] in ([2], [2, 4])

@@ -1,0 +1,154 @@
+"""``ldmseg tune inpainting``: PQ against the known fraction for ``sparse`` and ``global`` masks.
+
+One Ray Tune trial per (mask kind, known fraction), each an MLflow run tagged with the sweep id;
+the summary run holds the table (``table.md``), ``results.json`` and a plot of PQ against the
+known fraction (``inpainting.png``: whole image and mostly-unknown segments, per mask kind).
+The scoring itself is :func:`ldmseg.inpainting_eval.inpainting_scores`.
+
+Example::
+
+    ldmseg tune inpainting --model runs/bench/models/ldm --data runs/bench/scenes/eval \\
+        --fractions 0,0.1,0.25,0.5,0.75 --kinds sparse,global --steps 20
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.tune import _say, failed_trial, log_summary, make_tuner, markdown_table, trial_tracker
+
+KINDS = ("sparse", "global")
+DEFAULT_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75)
+METRICS = ("pq", "sq", "rq", "pq_unknown", "sq_unknown", "rq_unknown", "known_fraction", "n_unknown_segments",
+           "seconds_per_image")
+
+
+def inpainting_trial(config: dict[str, Any]) -> None:
+    """One Tune trial: inpaint the held-out set at one (kind, fraction) and log an MLflow run."""
+    import ray.tune
+
+    from ldmseg.data import coco
+    from ldmseg.inpainting_eval import inpainting_scores
+    from pipelines.tune import _segmenter
+
+    params = {"kind": config["kind"], "fraction": config["fraction"], "sampler": config.get("sampler"),
+              "steps": config.get("steps")}
+    tracker = trial_tracker(config, "inpainting-trial", params)
+    try:
+        dataset = coco.load_coco_panoptic(config["gt"])
+        options = {k: config[k] for k in ("sampler", "steps") if config.get(k) is not None}
+        metrics = inpainting_scores(_segmenter(config["model_dir"]), dataset, config["kind"], config["fraction"],
+                                    seed=config.get("seed", 0), max_images=config.get("max_images"), **options)
+    except Exception as exc:
+        failed_trial(tracker, exc)
+        raise
+    tracker.log_metrics(metrics, step=0)
+    tracker.finish()
+    ray.tune.report(metrics)
+
+
+def plot_inpainting(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for kind, colour in zip(KINDS, ("tab:blue", "tab:orange")):
+        pts = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["fraction"])
+        if not pts:
+            continue
+        xs = [100 * r["fraction"] for r in pts]
+        ax.plot(xs, [100 * r["pq"] for r in pts], "-o", color=colour, label=f"{kind}: whole image")
+        ax.plot(xs, [100 * r["pq_unknown"] for r in pts], "--s", color=colour, label=f"{kind}: mostly-unknown segments")
+    ax.set_xlabel("known fraction of the latent grid (%)")
+    ax.set_ylabel("PQ (class-agnostic, %)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str], fractions: list[float],
+                         sampler: str | None = None, steps: int | None = None, max_images: int | None = None,
+                         max_concurrent: int = 2, name: str | None = None, tracking_uri: str | None = None,
+                         seed: int = 0, address: str | None = None) -> dict[str, Any]:
+    import ray.tune as tune
+
+    from pipelines import ray_compat
+    from pipelines.evaluate import resolve_gt, resolve_model
+    from pipelines.tracking import Tracker, local_artifact_root, resolve_tracking_uri
+
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise SystemExit(f"ldmseg tune inpainting: unknown mask kind(s) {bad}; choose from {', '.join(KINDS)}")
+    bad = [f for f in fractions if not 0.0 <= f < 1.0]
+    if bad:
+        raise SystemExit(f"ldmseg tune inpainting: known fractions must lie in [0, 1), got {bad} "
+                         "(write 25 % as 0.25)")
+    out = Path(output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ray_compat.init_ray(address)
+    model_dir = resolve_model(model, out, tracking_uri)
+    gt = resolve_gt(data, out)
+    uri = resolve_tracking_uri(tracking_uri, out)
+    sweep_id = name or f"inpainting-{time.strftime('%Y%m%d-%H%M%S')}"
+    space: dict[str, Any] = {
+        "model_dir": str(Path(model_dir).resolve()), "gt": str(Path(gt).resolve()), "tracking_uri": uri,
+        "artifact_root": local_artifact_root(uri, out), "experiment": "ldmseg-tune", "sweep_id": sweep_id,
+        "max_images": max_images, "seed": seed, "sampler": sampler, "steps": steps,
+        "kind": tune.grid_search(kinds), "fraction": tune.grid_search(fractions)}
+    Tracker(uri, artifact_root=space["artifact_root"]).ensure_experiment(space["experiment"])
+    tuner = make_tuner(inpainting_trial, space, out, sweep_id, metric="pq", max_concurrent=max_concurrent)
+    _say(f"sweep {sweep_id}: inpainting with {kinds} masks at known fractions {fractions}; MLflow {uri}")
+    grid = tuner.fit()
+
+    rows, failed = [], []
+    for result in grid:
+        cfg = {"kind": result.config.get("kind"), "fraction": result.config.get("fraction")}
+        if result.error is not None or not result.metrics or "pq" not in result.metrics:
+            failed.append({**cfg, "error": str(result.error).splitlines()[0][:300] if result.error else "no metrics"})
+            continue
+        rows.append({**cfg, **{k: result.metrics[k] for k in METRICS}})
+    rows.sort(key=lambda r: (r["kind"], r["fraction"]))
+    (out / "table.md").write_text(markdown_table(rows, ["kind", "fraction", *METRICS]) + "\n")
+    (out / "results.json").write_text(json.dumps({"sweep_id": sweep_id, "trials": rows, "failed": failed}, indent=2))
+    if rows:
+        plot_inpainting(rows, out / "inpainting.png", f"{sweep_id}: PQ vs known fraction")
+    headline = {f"pq_{r['kind']}_{round(100 * r['fraction'])}": r["pq"] for r in rows}
+    log_summary(uri, out, sweep_id, "inpainting-summary", {"model": model, "data": data, "sampler": sampler,
+                                                            "steps": steps}, headline,
+                ["table.md", "results.json", "inpainting.png"])
+    _say(f"{len(rows)} trials scored, {len(failed)} failed; table {out / 'table.md'}")
+    return {"sweep_id": sweep_id, "trials": rows, "failed": failed, "output": str(out)}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder or models:/ldmseg-ldm@current")
+    parser.add_argument("--data", required=True, help="held-out COCO panoptic folder or Parquet shards")
+    parser.add_argument("--output", default="runs/tune-inpainting", help="results folder (default: %(default)s)")
+    parser.add_argument("--kinds", default="sparse,global", help="comma list of mask kinds (default: %(default)s)")
+    parser.add_argument("--fractions", default="0,0.1,0.25,0.5,0.75",
+                        help="comma list of known fractions in [0, 1) (default: %(default)s)")
+    parser.add_argument("--sampler", default=None, help="sampler (default: the model's)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--max-images", type=int, default=None, help="score on the first N images only")
+    parser.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default: %(default)s)")
+    parser.add_argument("--name", default=None, help="sweep id; re-use it to resume an interrupted sweep")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
+
+
+def run(args) -> dict[str, Any]:
+    from pipelines.tune import _parse_list
+
+    return run_inpainting_sweep(args.model, args.data, args.output, kinds=_parse_list(args.kinds, str),
+                                fractions=_parse_list(args.fractions, float), sampler=args.sampler, steps=args.steps,
+                                max_images=args.max_images, max_concurrent=args.max_concurrent, name=args.name,
+                                tracking_uri=args.tracking_uri, seed=args.seed, address=args.address)

@@ -1,0 +1,195 @@
+"""``ldmseg tune schedules``: short LDM trainings under ASHA over training schedules.
+
+Each Ray Tune trial trains the diffusion model from scratch on the Parquet shards (plain
+training loop in the trial process, on the frozen AE given by ``--ae``) with one combination of
+
+- ``diffusion.beta_schedule``    (``scaled_linear``, ``linear``, ``squaredcos_cap_v2``),
+- ``diffusion.min_snr_gamma``    (off, 1, 5),
+- ``train_ldm.lr_schedule``      (``constant``, ``cosine``),
+- ``diffusion.self_condition_prob`` (0, 0.5, 0.9),
+
+and every ``--eval-every`` steps reports the validation PQ of a fixed batch (few sampling steps,
+:func:`ldmseg.validation.validate_ldm`), so the ASHA scheduler stops bad trials early. Each trial
+is an MLflow run tagged with the sweep id; the summary run holds the table and the best schedule.
+Concurrency is bounded (``--max-concurrent``, one CPU per trial) for small machines.
+
+Example::
+
+    ldmseg tune schedules --data runs/quickstart/shards --ae runs/quickstart/models/ae \\
+        --config conf/quickstart.yaml --num-samples 8 --max-steps 300 --eval-every 50
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.tune import _say, failed_trial, log_summary, make_tuner, markdown_table, trial_tracker
+
+SPACE = {
+    "diffusion.beta_schedule": ["scaled_linear", "linear", "squaredcos_cap_v2"],
+    "diffusion.min_snr_gamma": [None, 1.0, 5.0],
+    "train_ldm.lr_schedule": ["constant", "cosine"],
+    "diffusion.self_condition_prob": [0.0, 0.5, 0.9],
+}
+
+
+def apply(cfg_dict: dict[str, Any], assignments: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the nested config dict with dotted ``section.key`` assignments applied."""
+    out = json.loads(json.dumps(cfg_dict))
+    for dotted, value in assignments.items():
+        section, key = dotted.split(".", 1)
+        if section not in out or key not in out[section]:
+            raise KeyError(f"unknown config key {dotted!r}")
+        out[section][key] = value
+    return out
+
+
+def schedule_trial(config: dict[str, Any]) -> None:
+    """One Tune trial: train the LDM for ``max_steps`` steps, reporting validation PQ every ``eval_every``."""
+    import ray.tune
+    import torch
+
+    from ldmseg.config import from_dict
+    from ldmseg.data.parquet_dataset import ShardDataset, iterate_batches
+    from ldmseg.diffusion import training
+    from ldmseg.validation import validate_ldm
+    from pipelines.train import _build_stage, _validation_batch
+
+    choice = {k: config[k] for k in SPACE if k in config}
+    max_steps, eval_every = int(config["max_steps"]), int(config["eval_every"])
+    cfg = from_dict(apply(config["cfg"], {**choice, "train_ldm.iterations": max_steps,
+                                          "train_ldm.time_budget_s": None}))
+    tracker = trial_tracker(config, "schedule-trial", choice)
+    try:
+        torch.set_num_threads(int(config.get("torch_threads", 1)))
+        torch.manual_seed(cfg.train_ldm.seed)
+        device = torch.device("cpu")
+        model, comps = _build_stage("ldm", cfg, config["ae_dir"], device)
+        optimizer, lr_scheduler = training.make_optimizer(model.parameters(), cfg.train_ldm)
+        comps.ema = training.make_ema(model, cfg.train_ldm.ema_decay)
+        generator = torch.Generator().manual_seed(cfg.train_ldm.seed)
+        batches = iterate_batches(ShardDataset(config["data"], "train", cfg.data.num_slots, seed=cfg.train_ldm.seed,
+                                               repeat=True), cfg.train_ldm.batch_size)
+        val_batch = _validation_batch(config["data"], config["val_split"], int(config["val_images"]),
+                                      cfg.data.num_slots, device)
+
+        def step_fn(batch):
+            return training.ldm_train_step(comps, batch, optimizer, cfg, generator=generator,
+                                           lr_scheduler=lr_scheduler)
+
+        step, t0 = 0, time.time()
+        while step < max_steps:
+            losses: list[float] = []
+            step = training.train_loop(step_fn, batches, min(max_steps, step + eval_every), start_step=step,
+                                       report_every=1, on_report=lambda s, m: losses.append(m["loss"]))
+            loss = sum(losses) / max(1, len(losses))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {step}")
+            judged = training.ema_copy(model, comps.ema)
+            metrics, _ = validate_ldm(comps.mask_ae, comps.image_encoder, judged, comps.latent_scale, val_batch, cfg,
+                                      steps=int(config["val_steps"]))
+            metrics.update(step=step, loss=loss, seconds=time.time() - t0)
+            tracker.log_metrics(metrics, step)
+            ray.tune.report(metrics)
+    except Exception as exc:
+        failed_trial(tracker, exc)
+        raise
+    tracker.finish()
+
+
+def run_schedule_sweep(data: str, ae: str, output: str, *, config: str | None = None, overrides: list[str] | None = None,
+                       num_samples: int = 8, max_steps: int = 300, eval_every: int = 50, grace_steps: int | None = None,
+                       val_images: int = 16, val_steps: int = 10, max_concurrent: int = 2, name: str | None = None,
+                       tracking_uri: str | None = None, seed: int = 0, address: str | None = None) -> dict[str, Any]:
+    import ray.tune as tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from ldmseg.config import load_config, to_dict
+    from ldmseg.data.manifest import list_split_files, open_fs
+    from pipelines import ray_compat
+    from pipelines.evaluate import resolve_model
+    from pipelines.tracking import Tracker, local_artifact_root, resolve_tracking_uri
+
+    if eval_every < 1 or max_steps < eval_every:
+        raise SystemExit(f"ldmseg tune schedules: need 1 <= --eval-every <= --max-steps, got {eval_every} and {max_steps}")
+    cfg = load_config(config, overrides)
+    out = Path(output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ray_compat.init_ray(address)
+    ae_dir = resolve_model(ae, out, tracking_uri)
+    fs, root = open_fs(data)
+    list_split_files(fs, root, "train")  # fails early, naming the folder, when there are no shards
+    try:
+        val_split = "val" if list_split_files(fs, root, "val") else "train"
+    except FileNotFoundError:
+        val_split = "train"
+    uri = resolve_tracking_uri(tracking_uri, out)
+    sweep_id = name or f"schedules-{time.strftime('%Y%m%d-%H%M%S')}"
+    space: dict[str, Any] = {
+        "cfg": to_dict(cfg), "data": data if "://" in data else str(Path(data).resolve()),
+        "ae_dir": str(Path(ae_dir).resolve()), "val_split": val_split, "val_images": val_images,
+        "val_steps": val_steps, "max_steps": max_steps, "eval_every": eval_every, "tracking_uri": uri,
+        "artifact_root": local_artifact_root(uri, out), "experiment": "ldmseg-tune", "sweep_id": sweep_id,
+        **{k: tune.choice(v) for k, v in SPACE.items()}}
+    rungs = max_steps // eval_every
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=rungs,
+                              grace_period=max(1, (grace_steps or eval_every) // eval_every), reduction_factor=2)
+    Tracker(uri, artifact_root=space["artifact_root"]).ensure_experiment(space["experiment"])
+    tuner = make_tuner(schedule_trial, space, out, sweep_id, metric="val_pq", num_samples=num_samples,
+                       search_alg=tune.search.BasicVariantGenerator(random_state=seed), scheduler=scheduler,
+                       max_concurrent=max_concurrent)
+    _say(f"sweep {sweep_id}: {num_samples} schedules, up to {max_steps} steps each, validation every {eval_every} "
+         f"steps under ASHA; MLflow {uri}")
+    grid = tuner.fit()
+
+    rows, failed = [], []
+    for result in grid:
+        choice = {k: result.config.get(k) for k in SPACE}
+        if result.error is not None or not result.metrics or "val_pq" not in result.metrics:
+            failed.append({**choice, "error": str(result.error).splitlines()[0][:300] if result.error else "no metrics"})
+            continue
+        m = result.metrics
+        rows.append({**choice, "steps": m["step"], "val_pq": m["val_pq"], "val_sq": m["val_sq"],
+                     "val_rq": m["val_rq"], "loss": m["loss"], "stopped_early": m["step"] < max_steps})
+    rows.sort(key=lambda r: (-r["steps"], -r["val_pq"]))
+    keys = [*SPACE, "steps", "val_pq", "val_sq", "val_rq", "loss", "stopped_early"]
+    (out / "table.md").write_text(markdown_table(rows, keys) + "\n")
+    best = rows[0] if rows else None
+    (out / "results.json").write_text(json.dumps({"sweep_id": sweep_id, "best": best, "trials": rows,
+                                                  "failed": failed}, indent=2))
+    log_summary(uri, out, sweep_id, "schedules-summary", {"data": data, "ae": ae, "max_steps": max_steps},
+                {"best_val_pq": best["val_pq"]} if best else {}, ["table.md", "results.json"])
+    _say(f"{len(rows)} trials, {sum(r['stopped_early'] for r in rows)} stopped early by ASHA, {len(failed)} failed; "
+         f"table {out / 'table.md'}")
+    return {"sweep_id": sweep_id, "best": best, "trials": rows, "failed": failed, "output": str(out)}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, help="Parquet shards of ldmseg preprocess (local or s3://)")
+    parser.add_argument("--ae", required=True, help="trained mask AE folder or models:/ldmseg-ae@current")
+    parser.add_argument("--config", default=None, help="base YAML config (e.g. conf/quickstart.yaml)")
+    parser.add_argument("--output", default="runs/tune-schedules", help="results folder (default: %(default)s)")
+    parser.add_argument("--num-samples", type=int, default=8, help="schedules to try (default: %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=300, help="training steps of a full trial (default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between validations (default: %(default)s)")
+    parser.add_argument("--grace-steps", type=int, default=None, help="ASHA grace period in steps (default: --eval-every)")
+    parser.add_argument("--val-images", type=int, default=16, help="validation batch size (default: %(default)s)")
+    parser.add_argument("--val-steps", type=int, default=10, help="sampling steps of validation (default: %(default)s)")
+    parser.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default: %(default)s)")
+    parser.add_argument("--name", default=None, help="sweep id; re-use it to resume an interrupted sweep")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random search")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train_ldm.batch_size=32")
+
+
+def run(args) -> dict[str, Any]:
+    return run_schedule_sweep(args.data, args.ae, args.output, config=args.config, overrides=args.overrides,
+                              num_samples=args.num_samples, max_steps=args.max_steps, eval_every=args.eval_every,
+                              grace_steps=args.grace_steps, val_images=args.val_images, val_steps=args.val_steps,
+                              max_concurrent=args.max_concurrent, name=args.name, tracking_uri=args.tracking_uri,
+                              seed=args.seed, address=args.address)
