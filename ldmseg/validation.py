@@ -137,3 +137,43 @@ def validate_ldm(mask_ae: nn.Module, image_encoder: nn.Module, denoiser: nn.Modu
     segs = [[s for s in r.segments if (m == s["id"]).any()] for r, m in zip(results, maps)]
     metrics, images, gts = _score(batch, maps, segs, "val")
     return metrics, overlay_panel(images, gts, maps)
+
+
+@torch.no_grad()
+def ae_reconstruction_pq(mask_ae: nn.Module, dataset, cfg: Config, *, max_images: int | None = None
+                         ) -> dict[str, float]:
+    """Class-agnostic PQ of the mask AE reconstructing a COCO panoptic dataset's masks.
+
+    Per image: crowd and small segments removed (``clean_segments``), the id map resized to the
+    training resolution (nearest, padded), ids given slots by the evaluation permutation, encoded,
+    decoded and post-processed with ``cfg.sampling``'s thresholds; scored against the resized
+    map with *all* its segments (segments beyond the ``num_slots − 1`` slots count as missed).
+    Returns ``pq``, ``sq``, ``rq``, ``n_images``, ``n_segments``, ``n_over_slots``.
+    """
+    from ldmseg.data import coco
+    from ldmseg.data.encoding import clean_segments, eval_generator, remap_ids, resize_pad
+
+    module = unwrap(mask_ae)
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    th = {k: getattr(cfg.sampling, k) for k in ("mask_th", "count_th", "overlap_th")}
+    stat, n, n_segments, n_over = PQStat(), 0, 0, 0
+    for rec in dataset.records[:max_images] if max_images else dataset.records:
+        sample = coco.read_sample(rec)
+        clean = clean_segments(sample.id_map, sample.segments_info, cfg.data.min_segment_area)
+        _, ids_r, valid, _ = resize_pad(None, clean.id_map, cfg.data.resolution, cfg.data.resize_mode)
+        remap = remap_ids(ids_r, cfg.data.num_slots, eval_generator(int(rec.image_id)))
+        slots = torch.from_numpy(remap.slot_map)[None].to(device)
+        logits = module(ids_to_bits(slots, module.num_bits))[0]
+        pred, segs = postprocess(logits, valid=torch.from_numpy(valid).to(device), **th)
+        gt_ids, gt_segs = _gt(ids_r, valid)
+        stat += pq_image_stats(gt_ids, gt_segs, pred.astype(np.uint32), _pred_segments(segs), class_agnostic=True,
+                               image_id=rec.image_id)
+        n += 1
+        n_segments += len(gt_segs)
+        n_over += remap.n_merged
+    module.train(was_training)
+    s = stat.summary({1: {"id": 1, "isthing": 1}})
+    return {"pq": s["pq"], "sq": s["sq"], "rq": s["rq"], "n_images": n, "n_segments": n_segments,
+            "n_over_slots": n_over}

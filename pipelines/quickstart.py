@@ -26,7 +26,30 @@ def synth_args(cfg, out: Path, seed: int, num_images: int) -> list[str]:
     """The ``ldmseg synth`` command-line words that make these scenes."""
     s = cfg.synth
     return ["ldmseg", "synth", str(out), "--num-images", str(num_images), "--size", str(s.size),
-            "--seed", str(seed), "--min-things", str(s.min_things), "--max-things", str(s.max_things)]
+            "--seed", str(seed), "--min-things", str(s.min_things), "--max-things", str(s.max_things),
+            "--max-stuff", str(s.max_stuff), "--void-fraction", str(s.void_fraction), "--crowd-prob", str(s.crowd_prob),
+            "--shared-colour-prob", str(s.shared_colour_prob)]
+
+
+def write_overlays(gt_dir: Path, pred_dir: Path, out: Path, count: int = 8) -> None:
+    """image | ground truth | prediction for the first ``count`` held-out scenes, as one PNG."""
+    from PIL import Image
+
+    from ldmseg.data import coco
+    from ldmseg.data.ids import decode_panoptic_png
+    from ldmseg.validation import overlay_panel
+
+    images, gts, preds = [], [], []
+    for rec in coco.load_coco_panoptic(str(gt_dir)).records[:count]:
+        sample = coco.read_sample(rec)
+        pred_png = pred_dir / "panoptic" / Path(rec.segments_file).with_suffix(".png").name
+        if not pred_png.is_file():
+            continue
+        images.append(sample.image)
+        gts.append(sample.id_map)
+        preds.append(decode_panoptic_png(pred_png.read_bytes()))
+    if images:
+        Image.fromarray(overlay_panel(images, gts, preds)).save(out)
 
 
 def run_quickstart(workdir: Path, config: str | None, overrides: list[str], *, num_eval: int,
@@ -85,13 +108,19 @@ def run_quickstart(workdir: Path, config: str | None, overrides: list[str], *, n
                             seed=cfg.sampling.seed, batch_size=cfg.sampling.batch_size)
     pq = evaluate_folders(str(eval_scenes), str(pred_dir), class_agnostic=True)
     timings["evaluate"] = time.time() - t
+    overlays = workdir / "overlays.png"
+    write_overlays(eval_scenes, pred_dir, overlays, count=8)
     timings["total"] = time.time() - t_all
 
     summary = {
         "pq": pq["All"]["pq"], "sq": pq["All"]["sq"], "rq": pq["All"]["rq"],
         "tp": pq["All"]["tp"], "fp": pq["All"]["fp"], "fn": pq["All"]["fn"], "n_images": pq["n_images"],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "model": ldm.model_dir, "ae_model": ae.model_dir, "predictions": str(pred_dir),
+        "model": ldm.model_dir, "ae_model": ae.model_dir, "predictions": str(pred_dir), "overlays": str(overlays),
+        "validation": {k: ldm.metrics[k] for k in ("val_pq", "val_sq", "val_rq") if k in ldm.metrics},
+        "ae_validation": {k: ae.metrics[k] for k in ("val_recon_pq", "val_recon_sq", "val_recon_rq")
+                          if k in ae.metrics},
+        "ldm_steps": ldm.metrics.get("step"), "ae_steps": ae.metrics.get("step"),
         "mlflow_tracking_uri": uri, "mlflow_ui": f"mlflow ui --backend-store-uri {uri}",
         "eval_scenes": eval_words[1:], "train_scenes": train_words[1:],
         "sampling": {"sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps,
@@ -121,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         "timings (s): " + ", ".join(f"{k} {v}" for k, v in t.items()),
         f"model:        {s['model']}",
         f"predictions:  {s['predictions']}",
+        f"overlays:     {s['overlays']}  (image | ground truth | prediction; per-step validation panels are "
+        "artifacts of the MLflow runs)",
         f"summary:      {Path(args.workdir) / 'summary.json'}",
         f"MLflow UI:    {s['mlflow_ui']}",
         "more held-out scenes of this kind:  " + " ".join(s["eval_scenes"]).replace("synth ", "ldmseg synth ", 1),

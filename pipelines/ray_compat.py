@@ -42,6 +42,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, temp_di
         ray.init(address=address, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray starts workers at nice 15 (below the driver); here the workers do the work, so they
+        # run at normal priority (Ray's job submission does the same for its drivers)
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        if quiet:
+            # no INFO/WARNING chatter from Ray's own actors (e.g. Ray Train's placement-group
+            # cleaner polls the state API, which needs the dashboard we do not start)
+            kwargs["logging_config"] = ray.LoggingConfig(encoding="TEXT", log_level="ERROR")
         kwargs.update(include_dashboard=False, num_cpus=num_cpus)
         if temp_dir:
             kwargs["_temp_dir"] = os.path.abspath(temp_dir)
