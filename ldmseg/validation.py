@@ -19,7 +19,7 @@ from torch import nn
 
 from ldmseg.config import Config
 from ldmseg.data.encoding import ids_to_bits, tensor_to_image
-from ldmseg.diffusion.sampling import decode_latents, unwrap
+from ldmseg.diffusion.sampling import unwrap
 from ldmseg.metrics.pq import PQStat, pq_image_stats
 from ldmseg.postprocess import postprocess
 

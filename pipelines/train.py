@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass

@@ -107,10 +107,19 @@ def sampling_trial(config: dict[str, Any]) -> None:
 
     params = {k: config[k] for k in SAMPLING_KEYS if k in config}
     out = Path(ray.tune.get_context().get_trial_dir()) / "predictions"
-    tracker = trial_tracker(config, "sampling-trial", params)
+    scored_trial(config, "sampling-trial", params,
+                 lambda: score_sampling(config["model_dir"], config["gt"], out, params, seed=config.get("seed", 0),
+                                        max_images=config.get("max_images")))
+
+
+def scored_trial(config: dict[str, Any], kind: str, params: dict[str, Any], score) -> None:
+    """Run ``score()`` (→ metrics) as one Tune trial with its MLflow run; a failure marks the run
+    FAILED with the error as a tag and is re-raised (Tune records it and the sweep goes on)."""
+    import ray.tune
+
+    tracker = trial_tracker(config, kind, params)
     try:
-        metrics = score_sampling(config["model_dir"], config["gt"], out, params, seed=config.get("seed", 0),
-                                 max_images=config.get("max_images"))
+        metrics = score()
     except Exception as exc:
         failed_trial(tracker, exc)
         raise
@@ -146,7 +155,14 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     front = pareto_front(rows)
     ax.plot([r["seconds_per_image"] for r in front], [100 * r["pq"] for r in front], "k--", lw=1,
             label="Pareto front")
-    ax.set_xlabel("seconds per image")
+    save_pq_plot(fig, ax, path, "seconds per image", title)
+
+
+def save_pq_plot(fig, ax, path: Path, xlabel: str, title: str) -> None:
+    """Label a PQ plot (y: class-agnostic PQ in %), add grid and legend, save it as PNG, close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("PQ (class-agnostic, %)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -154,6 +170,18 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def collect_results(grid, config_keys, metric_keys, required: str) -> tuple[list[dict], list[dict]]:
+    """Tune results → (rows of config values + metrics, failed trials with their first error line)."""
+    rows, failed = [], []
+    for result in grid:
+        cfg = {k: result.config.get(k) for k in config_keys if k in result.config}
+        if result.error is not None or not result.metrics or required not in result.metrics:
+            failed.append({**cfg, "error": str(result.error).splitlines()[0][:300] if result.error else "no metrics"})
+            continue
+        rows.append({**cfg, **{k: result.metrics[k] for k in metric_keys}})
+    return rows, failed
 
 
 def markdown_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
@@ -221,6 +249,29 @@ def failed_trial(tracker, exc: BaseException) -> None:
     tracker.finish("FAILED")
 
 
+def prepare_model_sweep(kind: str, model: str, data: str, output: str, *, name: str | None, max_images: int | None,
+                        seed: int, tracking_uri: str | None, address: str | None
+                        ) -> tuple[Path, str, str, dict[str, Any]]:
+    """Common start of a sweep over a trained model: output folder, Ray, the model folder, the
+    ground-truth folder, MLflow URI and experiment → (out, uri, sweep id, base param space)."""
+    from pipelines import ray_compat
+    from pipelines.evaluate import resolve_gt, resolve_model
+    from pipelines.tracking import Tracker, local_artifact_root, resolve_tracking_uri
+
+    out = Path(output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ray_compat.init_ray(address)
+    model_dir = resolve_model(model, out, tracking_uri)
+    gt = resolve_gt(data, out)
+    uri = resolve_tracking_uri(tracking_uri, out)
+    sweep_id = name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    space: dict[str, Any] = {"model_dir": str(Path(model_dir).resolve()), "gt": str(Path(gt).resolve()),
+                             "tracking_uri": uri, "artifact_root": local_artifact_root(uri, out),
+                             "experiment": "ldmseg-tune", "sweep_id": sweep_id, "max_images": max_images, "seed": seed}
+    Tracker(uri, artifact_root=space["artifact_root"]).ensure_experiment(space["experiment"])
+    return out, uri, sweep_id, space
+
+
 def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str], steps: list[int],
                        search: str = "grid", num_samples: int = 1, space_extra: dict[str, list] | None = None,
                        max_images: int | None = None, max_concurrent: int = 2, name: str | None = None,
@@ -229,23 +280,12 @@ def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str
     import ray.tune as tune
 
     from ldmseg.diffusion.sampling import SAMPLERS
-    from pipelines import ray_compat
-    from pipelines.evaluate import resolve_gt, resolve_model
-    from pipelines.tracking import Tracker, local_artifact_root, resolve_tracking_uri
 
     for s in samplers:
         if s not in SAMPLERS:
             raise SystemExit(f"ldmseg tune: unknown sampler {s!r}; known: {', '.join(SAMPLERS)}")
-    out = Path(output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    ray_compat.init_ray(address)
-    model_dir = resolve_model(model, out, tracking_uri)
-    gt = resolve_gt(data, out)
-    uri = resolve_tracking_uri(tracking_uri, out)
-    sweep_id = name or f"sampling-{time.strftime('%Y%m%d-%H%M%S')}"
-    space: dict[str, Any] = {"model_dir": str(Path(model_dir).resolve()), "gt": str(Path(gt).resolve()),
-                             "tracking_uri": uri, "artifact_root": local_artifact_root(uri, out), "experiment": "ldmseg-tune", "sweep_id": sweep_id,
-                             "max_images": max_images, "seed": seed}
+    out, uri, sweep_id, space = prepare_model_sweep("sampling", model, data, output, name=name, max_images=max_images,
+                                                    seed=seed, tracking_uri=tracking_uri, address=address)
     extra = space_extra or {}
     search_alg = None
     if search == "grid":
@@ -264,20 +304,13 @@ def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str
     else:
         raise SystemExit(f"ldmseg tune: --search must be grid or optuna, got {search!r}")
 
-    Tracker(uri, artifact_root=space["artifact_root"]).ensure_experiment(space["experiment"])
     tuner = make_tuner(sampling_trial, space, out, sweep_id, metric="pq", num_samples=num_samples,
                        search_alg=search_alg, max_concurrent=max_concurrent)
     _say(f"sweep {sweep_id}: {search} search over samplers {samplers}, steps {steps}"
          + (f", {extra}" if extra else "") + f"; MLflow {uri}")
     grid = tuner.fit()
 
-    rows, failed = [], []
-    for result in grid:
-        cfg = {k: result.config.get(k) for k in SAMPLING_KEYS if k in result.config}
-        if result.error is not None or not result.metrics or "pq" not in result.metrics:
-            failed.append({**cfg, "error": str(result.error).splitlines()[0][:300] if result.error else "no metrics"})
-            continue
-        rows.append({**cfg, **{k: result.metrics[k] for k in ("pq", "sq", "rq", "seconds_per_image")}})
+    rows, failed = collect_results(grid, SAMPLING_KEYS, ("pq", "sq", "rq", "seconds_per_image"), "pq")
     rows.sort(key=lambda r: (-r["pq"], r["seconds_per_image"]))
     keys = [k for k in SAMPLING_KEYS if any(k in r for r in rows)] + ["pq", "sq", "rq", "seconds_per_image"]
     table = markdown_table(rows, keys)

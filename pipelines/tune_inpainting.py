@@ -14,11 +14,11 @@ Example::
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.tune import _say, failed_trial, log_summary, make_tuner, markdown_table, trial_tracker
+from pipelines.tune import (_say, collect_results, log_summary, make_tuner, markdown_table, prepare_model_sweep,
+                            save_pq_plot, scored_trial)
 
 KINDS = ("sparse", "global")
 DEFAULT_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75)
@@ -28,26 +28,17 @@ METRICS = ("pq", "sq", "rq", "pq_unknown", "sq_unknown", "rq_unknown", "known_fr
 
 def inpainting_trial(config: dict[str, Any]) -> None:
     """One Tune trial: inpaint the held-out set at one (kind, fraction) and log an MLflow run."""
-    import ray.tune
-
     from ldmseg.data import coco
     from ldmseg.inpainting_eval import inpainting_scores
     from pipelines.tune import _segmenter
 
     params = {"kind": config["kind"], "fraction": config["fraction"], "sampler": config.get("sampler"),
               "steps": config.get("steps")}
-    tracker = trial_tracker(config, "inpainting-trial", params)
-    try:
-        dataset = coco.load_coco_panoptic(config["gt"])
-        options = {k: config[k] for k in ("sampler", "steps") if config.get(k) is not None}
-        metrics = inpainting_scores(_segmenter(config["model_dir"]), dataset, config["kind"], config["fraction"],
-                                    seed=config.get("seed", 0), max_images=config.get("max_images"), **options)
-    except Exception as exc:
-        failed_trial(tracker, exc)
-        raise
-    tracker.log_metrics(metrics, step=0)
-    tracker.finish()
-    ray.tune.report(metrics)
+    options = {k: config[k] for k in ("sampler", "steps") if config.get(k) is not None}
+    scored_trial(config, "inpainting-trial", params,
+                 lambda: inpainting_scores(_segmenter(config["model_dir"]), coco.load_coco_panoptic(config["gt"]),
+                                           config["kind"], config["fraction"], seed=config.get("seed", 0),
+                                           max_images=config.get("max_images"), **options))
 
 
 def plot_inpainting(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -64,14 +55,7 @@ def plot_inpainting(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         xs = [100 * r["fraction"] for r in pts]
         ax.plot(xs, [100 * r["pq"] for r in pts], "-o", color=colour, label=f"{kind}: whole image")
         ax.plot(xs, [100 * r["pq_unknown"] for r in pts], "--s", color=colour, label=f"{kind}: mostly-unknown segments")
-    ax.set_xlabel("known fraction of the latent grid (%)")
-    ax.set_ylabel("PQ (class-agnostic, %)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_pq_plot(fig, ax, path, "known fraction of the latent grid (%)", title)
 
 
 def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str], fractions: list[float],
@@ -80,10 +64,6 @@ def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str]
                          seed: int = 0, address: str | None = None) -> dict[str, Any]:
     import ray.tune as tune
 
-    from pipelines import ray_compat
-    from pipelines.evaluate import resolve_gt, resolve_model
-    from pipelines.tracking import Tracker, local_artifact_root, resolve_tracking_uri
-
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise SystemExit(f"ldmseg tune inpainting: unknown mask kind(s) {bad}; choose from {', '.join(KINDS)}")
@@ -91,30 +71,14 @@ def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str]
     if bad:
         raise SystemExit(f"ldmseg tune inpainting: known fractions must lie in [0, 1), got {bad} "
                          "(write 25 % as 0.25)")
-    out = Path(output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    ray_compat.init_ray(address)
-    model_dir = resolve_model(model, out, tracking_uri)
-    gt = resolve_gt(data, out)
-    uri = resolve_tracking_uri(tracking_uri, out)
-    sweep_id = name or f"inpainting-{time.strftime('%Y%m%d-%H%M%S')}"
-    space: dict[str, Any] = {
-        "model_dir": str(Path(model_dir).resolve()), "gt": str(Path(gt).resolve()), "tracking_uri": uri,
-        "artifact_root": local_artifact_root(uri, out), "experiment": "ldmseg-tune", "sweep_id": sweep_id,
-        "max_images": max_images, "seed": seed, "sampler": sampler, "steps": steps,
-        "kind": tune.grid_search(kinds), "fraction": tune.grid_search(fractions)}
-    Tracker(uri, artifact_root=space["artifact_root"]).ensure_experiment(space["experiment"])
+    out, uri, sweep_id, space = prepare_model_sweep("inpainting", model, data, output, name=name, max_images=max_images,
+                                                    seed=seed, tracking_uri=tracking_uri, address=address)
+    space.update(sampler=sampler, steps=steps, kind=tune.grid_search(kinds), fraction=tune.grid_search(fractions))
     tuner = make_tuner(inpainting_trial, space, out, sweep_id, metric="pq", max_concurrent=max_concurrent)
     _say(f"sweep {sweep_id}: inpainting with {kinds} masks at known fractions {fractions}; MLflow {uri}")
     grid = tuner.fit()
 
-    rows, failed = [], []
-    for result in grid:
-        cfg = {"kind": result.config.get("kind"), "fraction": result.config.get("fraction")}
-        if result.error is not None or not result.metrics or "pq" not in result.metrics:
-            failed.append({**cfg, "error": str(result.error).splitlines()[0][:300] if result.error else "no metrics"})
-            continue
-        rows.append({**cfg, **{k: result.metrics[k] for k in METRICS}})
+    rows, failed = collect_results(grid, ("kind", "fraction"), METRICS, "pq")
     rows.sort(key=lambda r: (r["kind"], r["fraction"]))
     (out / "table.md").write_text(markdown_table(rows, ["kind", "fraction", *METRICS]) + "\n")
     (out / "results.json").write_text(json.dumps({"sweep_id": sweep_id, "trials": rows, "failed": failed}, indent=2))

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.tune import _say, failed_trial, log_summary, make_tuner, markdown_table, trial_tracker
+from pipelines.tune import _say, collect_results, failed_trial, log_summary, make_tuner, markdown_table, trial_tracker
 
 SPACE = {
     "diffusion.beta_schedule": ["scaled_linear", "linear", "squaredcos_cap_v2"],
@@ -146,15 +146,10 @@ def run_schedule_sweep(data: str, ae: str, output: str, *, config: str | None = 
          f"steps under ASHA; MLflow {uri}")
     grid = tuner.fit()
 
-    rows, failed = [], []
-    for result in grid:
-        choice = {k: result.config.get(k) for k in SPACE}
-        if result.error is not None or not result.metrics or "val_pq" not in result.metrics:
-            failed.append({**choice, "error": str(result.error).splitlines()[0][:300] if result.error else "no metrics"})
-            continue
-        m = result.metrics
-        rows.append({**choice, "steps": m["step"], "val_pq": m["val_pq"], "val_sq": m["val_sq"],
-                     "val_rq": m["val_rq"], "loss": m["loss"], "stopped_early": m["step"] < max_steps})
+    rows, failed = collect_results(grid, SPACE, ("step", "val_pq", "val_sq", "val_rq", "loss"), "val_pq")
+    for r in rows:
+        r["steps"] = r.pop("step")
+        r["stopped_early"] = r["steps"] < max_steps
     rows.sort(key=lambda r: (-r["steps"], -r["val_pq"]))
     keys = [*SPACE, "steps", "val_pq", "val_sq", "val_rq", "loss", "stopped_early"]
     (out / "table.md").write_text(markdown_table(rows, keys) + "\n")

@@ -174,3 +174,35 @@ def test_checkpoints_and_artifacts_on_s3_and_a_real_mlflow_server(trained_ae, sh
     assert mv.run_id == res.mlflow_run_id
     names = {f.path for f in client.list_artifacts(res.mlflow_run_id, "model")}
     assert "model/model.json" in names
+
+
+def test_quickstart_end_to_end_with_a_tiny_budget(ray_session, tmp_path, capsys):
+    """The README's command 1, shrunk: every stage runs, the summary is complete and honest."""
+    import filecmp
+
+    from ldmseg.cli import main
+
+    work = tmp_path / "qs"
+    code = main(["quickstart", "--workdir", str(work), "--num-eval", "4", "synth.num_images=48",
+                 "train_ae.iterations=12", "train_ae.report_every=6", "train_ae.checkpoint_every=12",
+                 "train_ldm.iterations=8", "train_ldm.report_every=4", "train_ldm.checkpoint_every=8",
+                 "train_ldm.batch_size=8", "train_ae.batch_size=8", "train_ldm.validate_every=4",
+                 "train_ldm.validate_images=4", "train_ldm.validate_steps=2", "sampling.steps=2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["n_images"] == 4 and summary["tp"] + summary["fn"] > 0
+    assert 0.0 <= summary["pq"] <= 1.0 and summary["ldm_steps"] == 8 and summary["ae_steps"] == 12
+    assert set(summary["validation"]) == {"val_pq", "val_sq", "val_rq"}
+    assert 0.0 <= summary["ae_validation"]["val_recon_pq"] <= 1.0
+    assert f"PQ {100 * summary['pq']:.1f}" in printed and Path(summary["model"], "model.json").is_file()
+    assert (work / "overlays.png").stat().st_size > 1000
+    assert {"synth", "preprocess", "train_ae", "train_ldm", "evaluate", "total"} <= set(summary["timings_s"])
+    # the printed synth arguments make the same held-out scenes again
+    words = summary["eval_scenes"]
+    assert words[0] == "synth"
+    words[1] = str(tmp_path / "again")
+    assert main(words) == 0
+    same = filecmp.dircmp(work / "scenes" / "eval" / "images", tmp_path / "again" / "images")
+    assert same.left_list and not same.diff_files and not same.left_only
+    assert (work / "scenes" / "eval" / "panoptic.json").read_bytes() == (tmp_path / "again" / "panoptic.json").read_bytes()
