@@ -165,6 +165,8 @@ class SamplingConfig:
     sampler: str = "ddim"
     steps: int = 50
     timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
+    sigma_schedule: Literal["default", "karras"] = "default"
+    """``karras``: Karras et al. sigmas (samplers dpmsolver++, dpmsolver++-sde, unipc, euler, heun)."""
     eta: float = 0.0
     seed: int = 0
     self_condition: bool = True

@@ -37,7 +37,7 @@ from ldmseg.diffusion.sampling import decode_latents, sample_latents
 from ldmseg.postprocess import postprocess
 
 THRESHOLDS = ("mask_th", "count_th", "overlap_th")
-SAMPLING_OPTIONS = ("timestep_spacing", "eta", "self_condition")
+SAMPLING_OPTIONS = ("timestep_spacing", "sigma_schedule", "eta", "self_condition")
 
 
 @dataclass
@@ -157,7 +157,8 @@ class Segmenter:
         """Sampling config and thresholds: the model's ``sampling`` config with ``options`` applied.
 
         ``options`` may hold the thresholds (``mask_th``, ``count_th``, ``overlap_th``) and the
-        sampling fields ``timestep_spacing``, ``eta``, ``self_condition``; ``None`` values are ignored.
+        sampling fields ``timestep_spacing``, ``sigma_schedule``, ``eta``, ``self_condition``; ``None`` values
+        are ignored.
         """
         unknown = sorted(set(options) - set(THRESHOLDS) - set(SAMPLING_OPTIONS))
         if unknown:

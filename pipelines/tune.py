@@ -30,7 +30,8 @@ from typing import Any
 import yaml
 
 REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
-SAMPLING_KEYS = ("sampler", "steps", "timestep_spacing", "mask_th", "count_th", "overlap_th", "self_condition")
+SAMPLING_KEYS = ("sampler", "steps", "timestep_spacing", "sigma_schedule", "mask_th", "count_th", "overlap_th",
+                 "self_condition")
 
 
 def _say(msg: str) -> None:
@@ -351,6 +352,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--count-th", default=None, help="comma list of count_th values to search")
     s.add_argument("--overlap-th", default=None, help="comma list of overlap_th values to search")
     s.add_argument("--timestep-spacing", default=None, help="comma list: trailing,leading,linspace")
+    s.add_argument("--sigma-schedule", default=None, help="comma list: default,karras (karras: sigma-based "
+                                                          "samplers only; other combinations fail as trials)")
     s.add_argument("--self-condition", default=None, help="comma list: true,false")
     s.add_argument("--search", choices=("grid", "optuna"), default="grid")
     s.add_argument("--num-samples", type=int, default=1, help="optuna trials (grid: repeats of the grid)")
@@ -377,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
 
         extra: dict[str, list] = {}
         for key, cast in (("mask_th", float), ("count_th", float), ("overlap_th", float),
-                          ("timestep_spacing", str), ("self_condition", _bool)):
+                          ("timestep_spacing", str), ("sigma_schedule", str), ("self_condition", _bool)):
             raw = getattr(args, key)
             if raw:
                 extra[key] = _parse_list(raw, cast)

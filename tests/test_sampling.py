@@ -10,7 +10,7 @@ import torch
 from conftest import REPO
 from ldmseg.checkpoint import build_components
 from ldmseg.config import load_config
-from ldmseg.diffusion.sampling import SAMPLERS, decode_latents, make_sampler, sample_latents
+from ldmseg.diffusion.sampling import SAMPLERS, SIGMA_SAMPLERS, decode_latents, make_sampler, sample_latents
 
 TINY = [
     "data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]",
@@ -58,6 +58,26 @@ def test_every_sampler_runs_for_1_2_and_10_steps(name, denoiser):
         cfg = tiny_cfg(f"sampling.sampler={name}", f"sampling.steps={steps}")
         x0 = run(denoiser, cfg, image_latents(2), [0, 1])
         assert x0.shape == (2, C, H, H) and torch.isfinite(x0).all()
+
+
+@pytest.mark.parametrize("name", SIGMA_SAMPLERS)
+def test_karras_sigma_schedule(name, denoiser):
+    default, karras = tiny_cfg(f"sampling.sampler={name}"), tiny_cfg(f"sampling.sampler={name}",
+                                                                      "sampling.sigma_schedule=karras")
+    a, b = make_sampler(name, default.diffusion, default.sampling), make_sampler(name, karras.diffusion, karras.sampling)
+    a.set_timesteps(10)
+    b.set_timesteps(10)
+    assert a.timesteps.tolist() != b.timesteps.tolist()  # Karras spacing spends more steps at low noise
+    karras.sampling.steps = 4
+    x0 = run(denoiser, karras, image_latents(2), [0, 1])
+    assert x0.shape == (2, C, H, H) and torch.isfinite(x0).all()
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_karras_sigmas_need_a_sigma_sampler(name):
+    cfg = tiny_cfg("sampling.sigma_schedule=karras")
+    with pytest.raises(ValueError, match="sigma-based sampler.*euler"):
+        make_sampler(name, cfg.diffusion, cfg.sampling)
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])

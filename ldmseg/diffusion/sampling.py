@@ -45,37 +45,56 @@ from ldmseg.diffusion.noise import make_train_scheduler, predict_x0, scheduler_k
 SamplerFactory = Callable[[DiffusionConfig, SamplingConfig], object]
 
 
+SIGMA_SAMPLERS = ("dpmsolver++", "dpmsolver++-sde", "unipc", "euler", "heun")
+
+
+def _sigmas(sampling: SamplingConfig) -> dict:
+    """Scheduler keyword for ``sampling.sigma_schedule`` (``karras``: ``use_karras_sigmas``)."""
+    return {"use_karras_sigmas": True} if sampling.sigma_schedule == "karras" else {}
+
+
+def _no_sigmas(name: str, sampling: SamplingConfig) -> None:
+    if sampling.sigma_schedule != "default":
+        raise ValueError(f"sigma_schedule={sampling.sigma_schedule!r} needs a sigma-based sampler "
+                         f"({', '.join(SIGMA_SAMPLERS)}); {name} has none: use sigma_schedule=default")
+
+
 def _ddim(cfg: DiffusionConfig, sampling: SamplingConfig) -> DDIMScheduler:
     # η is passed to step(); set_alpha_to_one only affects the sample after the last step, which
     # is not used (the result is x̂₀ of the last step).
+    _no_sigmas("ddim", sampling)
     return DDIMScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
                          clip_sample=False, set_alpha_to_one=False, steps_offset=0)
 
 
 def _ddpm(cfg: DiffusionConfig, sampling: SamplingConfig) -> DDPMScheduler:
+    _no_sigmas("ddpm", sampling)
     return DDPMScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing, clip_sample=False)
 
 
 def _dpmsolver(cfg: DiffusionConfig, sampling: SamplingConfig) -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
-                                       algorithm_type="dpmsolver++", solver_order=2)
+                                       algorithm_type="dpmsolver++", solver_order=2, **_sigmas(sampling))
 
 
 def _dpmsolver_sde(cfg: DiffusionConfig, sampling: SamplingConfig) -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
-                                       algorithm_type="sde-dpmsolver++", solver_order=2)
+                                       algorithm_type="sde-dpmsolver++", solver_order=2, **_sigmas(sampling))
 
 
 def _unipc(cfg: DiffusionConfig, sampling: SamplingConfig) -> UniPCMultistepScheduler:
-    return UniPCMultistepScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing)
+    return UniPCMultistepScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
+                                  **_sigmas(sampling))
 
 
 def _euler(cfg: DiffusionConfig, sampling: SamplingConfig) -> EulerDiscreteScheduler:
-    return EulerDiscreteScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing)
+    return EulerDiscreteScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
+                                 **_sigmas(sampling))
 
 
 def _heun(cfg: DiffusionConfig, sampling: SamplingConfig) -> HeunDiscreteScheduler:
-    return HeunDiscreteScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing)
+    return HeunDiscreteScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
+                                **_sigmas(sampling))
 
 
 SAMPLERS: dict[str, SamplerFactory] = {
