@@ -181,8 +181,10 @@ def train_worker(config: dict) -> None:
 
     def validate(step: int) -> dict:
         """Rank 0: PQ on the fixed validation batch, logged with an overlay panel (MLflow)."""
-        if val_batch is None or state.get("validated") == step:
+        if val_batch is None:
             return {}
+        if state.get("validated") == step:
+            return dict(state["val_metrics"])
         from ldmseg import validation
 
         t = time.time()
@@ -193,7 +195,7 @@ def train_worker(config: dict) -> None:
             metrics, panel = validation.validate_ldm(comps.mask_ae, comps.image_encoder, judged, comps.latent_scale,
                                                      val_batch, cfg, steps=tcfg.validate_steps)
         metrics["val_seconds"] = time.time() - t
-        state["validated"] = step
+        state["validated"], state["val_metrics"] = step, dict(metrics)
         if tracker is not None:
             tracker.log_metrics(metrics, step)
             tracker.log_image(panel, f"validation/{stage}_step_{step:06d}.png")
