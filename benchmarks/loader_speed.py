@@ -4,8 +4,12 @@ Measured in one run on the same images at the coco config's 512x512 training res
   1. on the fly (the official approach): read JPEG + panoptic PNG, decode ids, clean, remap,
      resize/pad, per sample;
   2. our Parquet reader (ShardDataset, training mode: random slot re-permutation included);
-  3. preprocessing images/s with Ray Data (Ray overhead included, per CPU) vs a bare
-     decode + resize loop over the same files in one process.
+  3. preprocessing images/s with Ray Data (Ray overhead included, per CPU; worker start-up
+     excluded by a warm-up run; two tasks per CPU, and the config's batch size for comparison)
+     vs a bare decode + resize loop over the same files in one process.
+
+The two sides of each ratio are timed in alternation, as other processes may load the machine;
+two processes running the bare loop at once show what the machine gives two CPUs at that time.
 
     OMP_NUM_THREADS=1 python benchmarks/loader_speed.py [--source FOLDER] [--repeat N]
 """
@@ -52,6 +56,27 @@ def bare_decode_resize(records, resolution) -> None:
             Image.fromarray(ids.astype(np.int32), mode="I").resize(size, Image.NEAREST)
 
 
+def _bare_worker(args) -> float:
+    source, resolution, repeat = args
+    from ldmseg.data import coco
+
+    records = coco.load_coco_panoptic(source).records
+    bare_decode_resize(records[:2], resolution)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        bare_decode_resize(records, resolution)
+    return len(records) * repeat / (time.perf_counter() - t)
+
+
+def bare_two_processes(source: str, resolution: int, repeat: int) -> float:
+    """images/s of the bare loop run in two processes at once: what this machine gives two
+    CPU-bound processes at this moment (other processes may hold a core)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        return sum(pool.map(_bare_worker, [(source, resolution, repeat)] * 2))
+
+
 def replicate(source: Path, out: Path, copies: int) -> Path:
     """A COCO panoptic folder with ``copies`` of every image (new ids, symlinked files)."""
     import json
@@ -78,6 +103,7 @@ def main() -> None:
     ap.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "coco-val-examples"))
     ap.add_argument("--repeat", type=int, default=10, help="passes over the images for the reader timings")
     ap.add_argument("--copies", type=int, default=20, help="copies of each image for the preprocess timing")
+    ap.add_argument("--rounds", type=int, default=3, help="timed preprocess runs (each after a bare loop)")
     args = ap.parse_args()
 
     from ldmseg.config import load_config
@@ -92,44 +118,71 @@ def main() -> None:
     print(f"{n} images from {args.source}, training resolution {cfg.data.resolution}, "
           f"{args.repeat} passes, torch threads {os.environ.get('OMP_NUM_THREADS')}")
 
+    cpus = os.cpu_count() or 1
+    n_big = n * args.copies
+    # two tasks per CPU (preprocess.batch_size images each); the config's batch is timed too
+    task_rows = -(-n_big // (2 * cpus))
+    cfg_big = load_config(REPO / "conf/coco.yaml", ["preprocess.rows_per_file=64",
+                                                    f"preprocess.batch_size={task_rows}"])
     rng = np.random.default_rng(0)
-    on_the_fly(records[:2], cfg, rng)  # warm-up
-    t = time.perf_counter()
-    for _ in range(args.repeat):
-        on_the_fly(records, cfg, rng)
-    fly = n * args.repeat / (time.perf_counter() - t)
-
-    t = time.perf_counter()
-    for _ in range(args.repeat):
-        bare_decode_resize(records, cfg.data.resolution)
-    bare = n * args.repeat / (time.perf_counter() - t)
-
+    # The two sides of each ratio are timed in alternation (pass after pass, run after run), so
+    # that a load from other processes falls on both alike.
     with tempfile.TemporaryDirectory() as tmp:
-        ray_compat.init_ray(num_cpus=os.cpu_count())
+        ray_compat.init_ray(num_cpus=cpus)
         out = Path(tmp) / "shards"
         big = replicate(Path(args.source), Path(tmp) / "big", args.copies)
-        run_preprocess(cfg, output=str(out / "warmup"), source=args.source)  # starts Ray's workers
+        # warm-up on the timed input: starts every Ray worker process, imports, caches
+        run_preprocess(cfg_big, output=str(out / "warmup"), source=str(big))
+        bare_decode_resize(records[:2], cfg.data.resolution)
+
+        bare_s = prep_s = 0.0
+        for r in range(args.rounds):
+            t = time.perf_counter()
+            for _ in range(args.copies):  # as many images as one preprocess run
+                bare_decode_resize(records, cfg.data.resolution)
+            bare_s += time.perf_counter() - t
+            t = time.perf_counter()
+            run_preprocess(cfg_big, output=str(out / f"timed{r}"), source=str(big))
+            prep_s += time.perf_counter() - t
+        bare = n_big * args.rounds / bare_s
+        prep = n_big * args.rounds / prep_s
+        bare2 = bare_two_processes(args.source, cfg.data.resolution, max(1, args.repeat // 2))
         t = time.perf_counter()
-        run_preprocess(cfg, output=str(out / "timed"), source=str(big))
-        prep_s = time.perf_counter() - t
-        prep = n * args.copies / prep_s
+        run_preprocess(cfg, output=str(out / "timed_default"), source=str(big))
+        prep_default = n_big / (time.perf_counter() - t)
+
         run_preprocess(cfg, output=str(out / "timed_small"), source=args.source)
+        import ray
+
+        ray.shutdown()  # the reader and the on-the-fly loop run without Ray (its processes stop)
         ds = ShardDataset(str(out / "timed_small"), "train", cfg.data.num_slots, train=True, repeat=True, seed=0)
         it = iter(ds)
         next(it)
-        t = time.perf_counter()
-        for _ in range(n * args.repeat):
-            next(it)
-        parquet = n * args.repeat / (time.perf_counter() - t)
+        on_the_fly(records[:2], cfg, rng)  # warm-up
+        fly_s = parquet_s = 0.0
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            on_the_fly(records, cfg, rng)
+            fly_s += time.perf_counter() - t
+            t = time.perf_counter()
+            for _ in range(n):
+                next(it)
+            parquet_s += time.perf_counter() - t
+        fly = n * args.repeat / fly_s
+        parquet = n * args.repeat / parquet_s
 
-    cpus = os.cpu_count() or 1
     print(f"on the fly (COCO JSON+PNG+JPG, remap, resize) : {fly:8.1f} samples/s")
     print(f"Parquet reader (decode + re-permute)          : {parquet:8.1f} samples/s")
     print(f"  ratio reader / on the fly                   : {parquet / fly:8.1f}x   (target >= 10x)")
     print(f"bare decode + resize loop, 1 process          : {bare:8.1f} images/s")
-    print(f"preprocess with Ray Data, {cpus} CPUs           : {prep:8.1f} images/s "
-          f"({n * args.copies} images in {prep_s:.1f} s)")
+    print(f"preprocess with Ray Data, {cpus} CPUs, batch {task_rows:3d} : {prep:8.1f} images/s "
+          f"({n_big} images, {args.rounds} runs, {prep_s / args.rounds:.1f} s each)")
     print(f"  ratio preprocess per CPU / bare loop        : {prep / cpus / bare:8.2f}x  (target >= 0.7x)")
+    print(f"preprocess, config's batch {cfg.preprocess.batch_size:3d}               : {prep_default:8.1f} images/s "
+          f"({prep_default / cpus / bare:.2f}x per CPU)")
+    print(f"bare loop in 2 processes at once              : {bare2:8.1f} images/s "
+          f"({bare2 / bare:.2f}x one process: what this machine gave two processes)")
+    print(f"  ratio preprocess / bare loop in 2 processes : {prep / bare2:8.2f}x")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from ldmseg.data.coco import (
     PanopticRecord,
     Problem,
     load_coco_panoptic,
+    read_dense_sample,
     read_sample,
     validate_record,
 )
@@ -46,6 +47,10 @@ def _problems_of(tmp_path, e, **kwargs) -> list[str]:
     # read_sample's reason carries every problem validate_record lists.
     assert all(p in info.value.reason for p in problems)
     assert isinstance(info.value, ValueError)
+    # the preprocessing reader (ids checked through a label table) gives the same reason
+    with pytest.raises(DataError) as dense:
+        read_dense_sample(record, categories=coco.categories)
+    assert dense.value.reason == info.value.reason
     return problems
 
 
@@ -276,6 +281,48 @@ def test_legal_unusual_data_passes(tmp_path):
     assert len(np.unique(samples[8].id_map)) == 200
     assert int((samples[9].id_map == 11).sum()) == 1
     assert samples[10].image.shape == (12, 16, 3)
+
+
+def _assert_dense_matches(record) -> None:
+    from ldmseg.data.encoding import compact_ids
+
+    sample, dense = read_sample(record), read_dense_sample(record)
+    np.testing.assert_array_equal(dense.image, sample.image)
+    assert dense.id_map.dtype == np.int64
+    np.testing.assert_array_equal(dense.id_map, sample.id_map)
+    labels, ids = compact_ids(sample.id_map)
+    np.testing.assert_array_equal(dense.labels, labels)
+    np.testing.assert_array_equal(dense.segment_ids, ids)
+    np.testing.assert_array_equal(dense.counts, np.bincount(labels.ravel(), minlength=len(ids)))
+    assert dense.segments_info == sample.segments_info
+    np.testing.assert_array_equal(np.asarray(dense.pil_image), sample.image)
+
+
+def test_dense_sample_equals_read_sample(tmp_path, coco_val_examples):
+    many = (np.arange(10 * 30, dtype=np.int64).reshape(10, 30) * 83_000 + 7) % 16777215 + 1  # 300 segments
+    one_pixel = np.zeros((9, 9), dtype=np.int64)
+    one_pixel[4, 4], one_pixel[0, 8] = 11, 12
+    entries = [entry(1, ids=[16777215, 1, 65536, 256]), entry(2, ids=[0], segments_info=[]),
+               entry(3, id_map=many), entry(4, id_map=one_pixel),
+               entry(5, ids=[0, 5, 9], image_data=image_bytes(image_for(band_id_map(12, 16, [0, 5, 9])), "PNG",
+                                                                mode="RGBA"))]
+    from ldmseg.data.ids import id_to_rgb
+
+    bands = band_id_map(12, 16, [0, 5, 70000])
+    rgba = np.concatenate([id_to_rgb(bands), np.full((12, 16, 1), 200, np.uint8)], axis=-1)
+    palette = Image.fromarray((bands != 0).astype(np.uint8) + (bands == 70000), "L").convert("P")
+    palette.putpalette([*id_to_rgb(np.array([[0, 5, 70000]]))[0].ravel().tolist()])
+    for image_id, png in ((6, Image.fromarray(rgba, "RGBA")), (7, palette)):
+        buf = io.BytesIO()
+        png.save(buf, format="PNG")
+        entries.append(entry(image_id, ids=[0, 5, 70000], png_data=buf.getvalue()))
+    coco = load_coco_panoptic(write_coco_folder(tmp_path / "ds", entries).root)
+    assert len(coco.records) == 7
+    for record in coco.records + load_coco_panoptic(coco_val_examples).records:
+        _assert_dense_matches(record)
+    # the label table is reset after each image: a later image does not see earlier ids
+    again = read_dense_sample(coco.records[3])
+    assert again.segment_ids.tolist() == [0, 11, 12] and again.counts.tolist() == [79, 1, 1]
 
 
 def test_image_modes_become_rgb(tmp_path):

@@ -13,7 +13,9 @@ from PIL import Image
 from ldmseg.data.encoding import (
     ResizeInfo,
     bits_to_ids,
+    clean_remap_labels,
     clean_segments,
+    compact_ids,
     eval_generator,
     ids_to_bits,
     image_to_tensor,
@@ -228,6 +230,37 @@ def test_remap_merges_on_real_sample(real_samples):
     assert res.n_merged == 15
     largest = sorted(areas, key=lambda k: areas[k])[15:]
     assert set(res.slots.values()) == set(largest)
+
+
+def _clean_then_remap(labels, info, min_area, num_slots, seed):
+    clean = clean_segments(labels, info, min_area)
+    return clean, remap_ids(clean.id_map, num_slots, np.random.default_rng(seed))
+
+
+def test_clean_remap_labels_equals_clean_then_remap(real_samples):
+    """The label-table path of preprocessing decides exactly as cleaning then remapping the map."""
+    rng = np.random.default_rng(7)
+    cases = []
+    for trial in range(30):
+        ids = random_id_map(rng, int(rng.integers(8, 60)), int(rng.integers(8, 60)), int(rng.integers(1, 50)))
+        labels, uniq = compact_ids(ids)
+        info = [{"id": int(i), "iscrowd": int(rng.random() < 0.15), "category_id": 1}
+                for i in range(1, len(uniq)) if rng.random() < 0.9]  # some labels unlisted
+        info += [{"id": len(uniq) + 3, "iscrowd": 0}, {"id": 0, "iscrowd": 0}]  # absent id, void entry
+        cases.append((labels, info, int(rng.integers(0, 40)), int(rng.choice([4, 8, 32, 128]))))
+    for s in real_samples:
+        labels, uniq = compact_ids(s["ids"])
+        label_of = {int(v): i for i, v in enumerate(uniq.tolist())}
+        info = [{**x, "id": label_of[x["id"]]} for x in s["segments_info"] if x["id"] in label_of]
+        cases += [(labels, info, 10, 16), (labels, info, 10, 128)]
+    for seed, (labels, info, min_area, num_slots) in enumerate(cases):
+        clean, rem = _clean_then_remap(labels, info, min_area, num_slots, seed)
+        got = clean_remap_labels(np.bincount(labels.ravel()), info, min_area, num_slots, np.random.default_rng(seed))
+        np.testing.assert_array_equal(got.lut[labels], rem.slot_map)
+        assert got.slots == rem.slots and got.n_merged == rem.n_merged
+        assert (got.n_small, got.n_crowd, got.has_segments) == (clean.n_small, clean.n_crowd, clean.has_segments)
+        assert got.segments_info == clean.segments_info
+    assert any(c[3] == 4 and len(np.unique(c[0])) > 4 for c in cases)  # merges were exercised
 
 
 def test_remap_rejects_bad_input():

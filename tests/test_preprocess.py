@@ -19,7 +19,7 @@ from helpers_coco import entry, image_bytes, truncated, write_coco_folder
 from ldmseg.config import load_config
 from ldmseg.data import coco, encoding
 from ldmseg.data.manifest import open_fs, read_manifest
-from ldmseg.data.parquet_dataset import ShardDataset, columns_to_rows, decode_rows
+from ldmseg.data.parquet_dataset import ShardDataset, columns_to_rows, decode_columns, decode_rows
 from ldmseg.data.synthetic import write_scenes
 from conftest import REPO
 
@@ -109,6 +109,72 @@ def test_training_reader_repermutes_and_ray_reader_agrees(ray_session, tmp_path)
     assert changed >= 5
 
 
+def test_decode_columns_equals_decode_rows(ray_session, tmp_path):
+    """The columnar decoder (Ray Data numpy batches, pyarrow columns) gives decode_rows' tensors,
+    which are the per-row reference decode_row's, for the same rows and seed."""
+    import ray.data
+
+    from ldmseg.data import shards
+    from pipelines.preprocess import run_preprocess
+
+    write_scenes(tmp_path / "s", num_images=7, size=64, seed=6)
+    m = run_preprocess(tiny_cfg(), output=str(tmp_path / "o"), source=str(tmp_path / "s"))
+    files = [str(tmp_path / "o" / f) for f in m.files["train"]]
+    rows = ray.data.read_parquet(files).take_all()
+    table = pq.read_table(files[0]).combine_chunks()
+    numpy_batch = next(iter(ray.data.read_parquet(files).iter_batches(batch_size=7, batch_format="numpy")))
+    for seed in (None, 3):
+        gen = (lambda: None) if seed is None else (lambda: np.random.default_rng(seed))
+        by_rows = decode_rows(rows, 32, gen())
+        g = gen()
+        ref = [shards.decode_row(r, 32, g) for r in rows]
+        for i, r in enumerate(ref):
+            assert np.array_equal(by_rows["image"][i].numpy(), r["image"])
+            assert np.array_equal(by_rows["slot_map"][i].numpy(), r["slot_map"])
+            assert np.array_equal(by_rows["valid"][i].numpy(), r["valid"])
+        by_cols = decode_columns(numpy_batch, 32, gen())
+        assert by_cols["image"].shape == (7, 3, 64, 64) and by_cols["image"].is_contiguous()
+        for k in ("image", "slot_map", "valid", "image_id"):
+            assert by_cols[k].dtype == by_rows[k].dtype
+            assert torch.equal(by_cols[k], decode_rows(columns_to_rows(numpy_batch), 32, gen())[k])
+        arrow = decode_columns({c: table.column(c) for c in table.column_names}, 32, gen())
+        again = decode_rows(table.to_pylist(), 32, gen())
+        for k in ("image", "slot_map", "valid", "image_id"):
+            assert torch.equal(arrow[k], again[k])
+
+
+def test_rows_equal_encode_sample_and_old_slot_pngs_decode(coco_val_examples):
+    """process_batch (dense labels, label table, direct image column) writes encode_sample's rows;
+    slot maps PNG-coded by PIL (shards written before) decode the same."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from ldmseg.config import to_dict
+    from ldmseg.data import shards
+    from pipelines.preprocess import process_batch
+
+    cfg = load_config(REPO / "conf/tiny.yaml", ["data.resolution=128"])
+    records = coco.load_coco_panoptic(coco_val_examples).records[:5]
+    batch = pd.DataFrame({"record": [json.dumps(r.to_dict()) for r in records], "split": ["train"] * 5})
+    table = process_batch(batch, to_dict(cfg))
+    assert table.schema.remove(table.schema.get_field_index("error")).equals(shards.SCHEMA)
+    for row, rec in zip(table.to_pylist(), records):
+        assert row.pop("error") is None
+        sample = coco.read_sample(rec)
+        expected = shards.encode_sample(sample.image, sample.id_map, sample.segments_info, image_id=rec.image_id,
+                                        cfg=cfg, file_name=rec.file_name, segments_file=rec.segments_file)
+        assert row == expected
+        slots = shards._unpng(row["slot_map"])
+        with Image.open(io.BytesIO(row["slot_map"])) as img:  # a standard PNG
+            assert np.array_equal(np.asarray(img), slots)
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(slots)).save(buf, format="PNG", compress_level=1)
+        old = {**row, "slot_map": buf.getvalue()}
+        assert np.array_equal(shards.decode_row(old, 32)["slot_map"], shards.decode_row(row, 32)["slot_map"])
+
+
 def test_bad_inputs_are_quarantined_with_reasons(ray_session, tmp_path, capsys):
     from ldmseg.cli import main
 
@@ -150,6 +216,16 @@ def test_s3_source_and_output(ray_session, tmp_path, s3_server):
     m = run_preprocess(cfg, output="s3://ldmseg-test/shards", source="s3://ldmseg-test/scenes")
     assert m.written == {"train": 10} and m.reconciles()
     assert fs.exists("ldmseg-test/shards/_manifest.json")
+    # a rejected input is staged by the task on S3, then quarantined with its reason
+    fs.cp("ldmseg-test/scenes", "ldmseg-test/broken", recursive=True)
+    png = sorted(fs.glob("ldmseg-test/broken/panoptic/*.png"))[3]
+    fs.rm(png)
+    b = run_preprocess(cfg, output="s3://ldmseg-test/shards-b", source="s3://ldmseg-test/broken")
+    assert b.written == {"train": 9} and b.quarantined == 1 and b.reconciles()
+    with fs.open("ldmseg-test/shards-b/errors/chunk-00000.parquet", "rb") as f:
+        (err,) = pq.read_table(f).to_pylist()
+    assert "not found" in err["reason"] and png.rsplit("/", 1)[1] in err["reason"]
+    assert not fs.glob("ldmseg-test/shards-b/_progress/*-errors*")  # staging removed
     local = run_preprocess(cfg, output=str(tmp_path / "local"), source=str(tmp_path / "scenes"))
     a = {int(s["image_id"]): s for s in ShardDataset("s3://ldmseg-test/shards", "train", 32, train=False)}
     b = {int(s["image_id"]): s for s in ShardDataset(str(tmp_path / "local"), "train", 32, train=False)}
@@ -157,6 +233,26 @@ def test_s3_source_and_output(ray_session, tmp_path, s3_server):
     for k in a:
         assert torch.equal(a[k]["slot_map"], b[k]["slot_map"]) and torch.equal(a[k]["image"], b[k]["image"])
     assert local.written == m.written
+
+
+def test_val_fraction_splits_with_rejects(ray_session, tmp_path):
+    from pipelines.preprocess import assign_split, run_preprocess
+
+    write_scenes(tmp_path / "s", num_images=30, size=64, seed=8)
+    (tmp_path / "s" / "panoptic" / sorted(p.name for p in (tmp_path / "s" / "panoptic").iterdir())[0]).unlink()
+    m = run_preprocess(tiny_cfg("preprocess.val_fraction=0.3"), output=str(tmp_path / "o"), source=str(tmp_path / "s"))
+    split_of = {i: assign_split(i, "train", 0.3) for i in range(1, 31)}
+    errors = pq.read_table(tmp_path / "o" / "errors").to_pylist()
+    assert m.quarantined == len(errors) == 1 and m.reconciles()
+    rejected = errors[0]["image_id"]
+    for split in ("train", "val"):
+        ids = pq.read_table(tmp_path / "o" / split, columns=["image_id", "split"]).to_pylist()
+        expected = sorted(i for i, s in split_of.items() if s == split and i != rejected)
+        assert sorted(r["image_id"] for r in ids) == expected and {r["split"] for r in ids} == {split}
+        assert m.written[split] == len(expected)
+        sizes = [pq.read_metadata(tmp_path / "o" / f).num_rows for f in m.files[split]]
+        assert sum(sizes) == len(expected) and max(sizes) <= 4
+    assert errors[0]["split"] == split_of[rejected]
 
 
 def test_rerun_is_idempotent_and_changed_config_refuses(ray_session, tmp_path):

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import posixpath
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -110,6 +111,22 @@ class Sample:
     image: np.ndarray
     id_map: np.ndarray
     segments_info: list[dict]
+
+
+@dataclass
+class DenseSample(Sample):
+    """A :class:`Sample` whose ids are also relabelled densely (:func:`read_dense_sample`).
+
+    ``labels`` (H, W) uint8 (uint16 beyond 254 segments): label k ≥ 1 is ``segment_ids[k]``, 0 is
+    void; ``segment_ids`` (K+1,) int64, sorted, ``segment_ids[0] == 0`` (as
+    :func:`ldmseg.data.encoding.compact_ids` gives); ``counts`` (K+1,) int64 pixels per label.
+    ``pil_image`` is the decoded RGB image as PIL holds it (resized without a conversion).
+    """
+
+    labels: np.ndarray = None  # type: ignore[assignment]
+    segment_ids: np.ndarray = None  # type: ignore[assignment]
+    counts: np.ndarray = None  # type: ignore[assignment]
+    pil_image: Any = field(default=None, repr=False)
 
 
 @dataclass
@@ -337,13 +354,22 @@ def _read_bytes(fs, path: str, label: str, problems: list[str]) -> bytes | None:
     return data
 
 
-def _decode_image(data: bytes, path: str, problems: list[str]) -> np.ndarray | None:
-    """Full decode (``load()``), so a truncated file raises; any mode → RGB, no EXIF rotation."""
+def _decode_image(data: bytes, path: str, problems: list[str], keep_pil: bool = False):
+    """Full decode (``load()``), so a truncated file raises; any mode → RGB, no EXIF rotation.
+
+    Returns the (H, W, 3) uint8 array, or with ``keep_pil`` (array, PIL RGB image); None on failure.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        img = Image.open(io.BytesIO(data))
+        try:
             img.load()
             rgb = img if img.mode == "RGB" else img.convert("RGB")
-            return np.asarray(rgb, dtype=np.uint8).copy()
+            if not keep_pil:
+                return np.asarray(rgb, dtype=np.uint8).copy()
+            return np.asarray(rgb, dtype=np.uint8), rgb
+        finally:
+            if not keep_pil:
+                img.close()
     except UnidentifiedImageError:
         problems.append(f"image file {path} is not an image PIL can read")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -351,9 +377,41 @@ def _decode_image(data: bytes, path: str, problems: list[str]) -> np.ndarray | N
     return None
 
 
-def _decode_png(data: bytes, path: str, problems: list[str]) -> np.ndarray | None:
+_ID_MASK = np.uint32(MAX_ID)
+
+
+def _panoptic_ids(data: bytes) -> np.ndarray:
+    """PNG bytes → (H, W) int64 ids, as :func:`ldmseg.data.ids.decode_panoptic_png` (same errors).
+
+    PIL keeps RGB pixels as 4 bytes: read as little-endian uint32 (through PIL's Arrow export,
+    without a copy, when available), one mask drops the 4th byte, written straight to int64.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.mode != "RGB":
+            if img.mode in ("RGBA", "P", "L"):
+                img = img.convert("RGB")
+            else:
+                raise ValueError(f"panoptic PNG has mode {img.mode}, expected RGB")
+        width, height = img.size
+        pixels = None
+        if hasattr(img, "__arrow_c_array__"):  # Pillow >= 11.2
+            try:
+                import pyarrow as pa
+
+                pixels = pa.array(img).flatten().to_numpy(zero_copy_only=True).view("<u4")
+            except Exception:  # e.g. a very large image spread over several memory blocks
+                pixels = None
+        if pixels is None:
+            pixels = np.frombuffer(img.tobytes("raw", "RGBX"), dtype="<u4")
+        ids = np.empty(pixels.size, dtype=np.int64)
+        np.bitwise_and(pixels, _ID_MASK, out=ids)
+        return ids.reshape(height, width)
+
+
+def _decode_png(data: bytes, path: str, problems: list[str], fast: bool = False) -> np.ndarray | None:
     try:
-        return decode_panoptic_png(data)
+        return _panoptic_ids(data) if fast else decode_panoptic_png(data)
     except UnidentifiedImageError:
         problems.append(f"panoptic PNG {path} is not an image PIL can read")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -369,6 +427,47 @@ def _unique_ids(id_map: np.ndarray) -> np.ndarray:
         return np.asarray(pd.unique(id_map.ravel()))
     except ImportError:
         return np.unique(id_map)
+
+
+# Per-thread lookup tables over all 2²⁴ ids (id → dense label), filled for one image's listed
+# ids and reset after it: one gather labels a whole map (no hashing, no sort).
+_TABLES = threading.local()
+
+
+def _label_table(dtype) -> np.ndarray:
+    tables = _TABLES.__dict__.setdefault("tables", {})
+    table = tables.get(np.dtype(dtype).str)
+    if table is None:
+        table = np.full(MAX_ID + 1, np.iinfo(dtype).max, dtype=dtype)
+        table[0] = 0
+        tables[np.dtype(dtype).str] = table
+    return table
+
+
+def _dense_labels(id_map: np.ndarray, listed: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Relabel an id map by its sorted listed ids (1..K; void 0) → (labels, counts, unlisted pixels).
+
+    ``listed``: sorted distinct ids in [1, 2²⁴). Pixels whose id is not listed get the dtype's
+    maximum label and are counted in the third value; ``counts[k]`` = pixels of label k (0..K).
+    """
+    k = len(listed)
+    dtype = np.uint8 if k < 255 else np.uint16
+    if k >= 65535 or id_map.size == 0 or id_map.ndim != 2:
+        raise ValueError("too many segments for a label table")
+    table = _label_table(dtype)
+    sentinel = int(np.iinfo(dtype).max)
+    index = np.asarray(listed, dtype=np.int64)
+    table[index] = np.arange(1, k + 1, dtype=dtype)
+    try:
+        labels = np.take(table, id_map)
+    finally:
+        table[index] = sentinel
+    if dtype == np.uint8:
+        h, w = labels.shape
+        full = np.asarray(Image.frombuffer("L", (w, h), labels, "raw", "L", 0, 1).histogram(), dtype=np.int64)
+    else:
+        full = np.bincount(labels.ravel(), minlength=sentinel + 1)
+    return labels, full[: k + 1].copy(), int(full[sentinel])
 
 
 def _listed(ids) -> str:
@@ -399,14 +498,17 @@ def _check_segments_info(record: PanopticRecord, categories: dict[int, dict] | N
     return ids
 
 
-def _check(record: PanopticRecord, fs, categories, storage_options) -> tuple[Sample | None, list[str]]:
+def _check(record: PanopticRecord, fs, categories, storage_options,
+           dense: bool = False) -> tuple[Sample | None, list[str]]:
     problems: list[str] = []
     image_fs = fs or _filesystem(record.image_path, storage_options)
     png_fs = fs or _filesystem(record.panoptic_path, storage_options)
     image_bytes = _read_bytes(image_fs, record.image_path, "image file", problems)
     png_bytes = _read_bytes(png_fs, record.panoptic_path, "panoptic PNG", problems)
-    image = _decode_image(image_bytes, record.image_path, problems) if image_bytes is not None else None
-    id_map = _decode_png(png_bytes, record.panoptic_path, problems) if png_bytes is not None else None
+    decoded = _decode_image(image_bytes, record.image_path, problems, keep_pil=dense) \
+        if image_bytes is not None else None
+    image, pil_image = (decoded if dense else (decoded, None)) if decoded is not None else (None, None)
+    id_map = _decode_png(png_bytes, record.panoptic_path, problems, fast=dense) if png_bytes is not None else None
     info_ids = _check_segments_info(record, categories, problems)
 
     size = lambda a: f"{a.shape[1]}x{a.shape[0]}"  # noqa: E731  (W x H, as COCO states sizes)
@@ -418,17 +520,41 @@ def _check(record: PanopticRecord, fs, categories, storage_options) -> tuple[Sam
     if image is not None and id_map is not None and image.shape[:2] != id_map.shape:
         problems.append(f"image is {size(image)} but its panoptic PNG is {size(id_map)} (width x height)")
 
+    labels = counts = listed = None
     if id_map is not None:
-        png_ids = set(_unique_ids(id_map).tolist()) - {0}
-        unlisted = png_ids - info_ids
-        if unlisted:
-            problems.append(f"panoptic PNG has ids not in segments_info: {_listed(unlisted)}")
-        absent = info_ids - png_ids
-        if absent:
-            problems.append(f"segments_info ids absent from the panoptic PNG: {_listed(absent)}")
+        unlisted_pixels = 1
+        if dense:
+            listed = sorted(info_ids)
+            try:
+                labels, counts, unlisted_pixels = _dense_labels(id_map, listed)
+            except ValueError:
+                labels = None
+        if labels is not None and not unlisted_pixels:
+            # every pixel's id is listed: the ids present are the listed ids with pixels
+            absent = {i for i, c in zip(listed, counts[1:].tolist()) if c == 0}
+            if absent:
+                problems.append(f"segments_info ids absent from the panoptic PNG: {_listed(absent)}")
+        else:
+            png_ids = set(_unique_ids(id_map).tolist()) - {0}
+            unlisted = png_ids - info_ids
+            if unlisted:
+                problems.append(f"panoptic PNG has ids not in segments_info: {_listed(unlisted)}")
+            absent = info_ids - png_ids
+            if absent:
+                problems.append(f"segments_info ids absent from the panoptic PNG: {_listed(absent)}")
+            if dense and not problems:  # a label table could not be used (e.g. > 65534 segments)
+                import ldmseg.data.encoding as encoding
+
+                dense_map, ids = encoding.compact_ids(id_map)
+                labels, listed = dense_map, ids[1:].tolist()
+                counts = np.bincount(dense_map.ravel(), minlength=len(ids))
 
     if problems:
         return None, problems
+    if dense:
+        return DenseSample(image=image, id_map=id_map, segments_info=record.segments_info, labels=labels,
+                           segment_ids=np.asarray([0, *listed], dtype=np.int64), counts=counts,
+                           pil_image=pil_image), []
     return Sample(image=image, id_map=id_map, segments_info=record.segments_info), []
 
 
@@ -444,6 +570,20 @@ def read_sample(record: PanopticRecord, fs=None, *, categories: dict[int, dict] 
     if sample is None:
         raise DataError(f"image {record.image_id} ({record.file_name}): " + "; ".join(problems))
     return sample
+
+
+def read_dense_sample(record: PanopticRecord, fs=None, *, categories: dict[int, dict] | None = None,
+                      storage_options: dict | None = None) -> DenseSample:
+    """:func:`read_sample` (same checks, same reasons) that also relabels the ids densely.
+
+    The dense labels come from the same pass that checks the PNG's ids against
+    ``segments_info`` (one lookup per pixel in a table over all 2²⁴ ids); preprocessing
+    encodes from them without relabelling again. The image array may be read-only.
+    """
+    sample, problems = _check(record, fs, categories, storage_options, dense=True)
+    if sample is None:
+        raise DataError(f"image {record.image_id} ({record.file_name}): " + "; ".join(problems))
+    return sample  # type: ignore[return-value]
 
 
 def validate_record(record: PanopticRecord, fs=None, *, categories: dict[int, dict] | None = None,

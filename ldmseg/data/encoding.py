@@ -14,17 +14,26 @@ The path of one panoptic map to the mask autoencoder's input:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 ResizeMode = Literal["pad", "squash"]
 
 _EVAL_STREAM = 0x1D5E6  # separates eval remap streams from other uses of (seed, image_id)
+
+
+def _is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor. torch is imported only where it is used: preprocessing
+    workers never need it (importing it costs ~1.5 s per process), and a tensor implies it is loaded."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +215,76 @@ def remap_ids(id_map: np.ndarray, num_slots: int, generator: np.random.Generator
     return RemapResult(slot_map, slots, n_merged)
 
 
+@dataclass
+class LabelRemap:
+    """Output of :func:`clean_remap_labels`: cleaning and slot choice decided on label areas.
+
+    ``lut`` (L,) int64 maps each dense label to its slot (0 for void, removed and merged labels),
+    so ``lut[labels]`` is the slot map; ``slots`` maps each used slot to its label;
+    ``segments_info`` holds the kept entries (copies, input order) as :func:`clean_segments` does.
+    """
+
+    lut: np.ndarray
+    slots: dict[int, int]
+    segments_info: list[dict]
+    n_small: int
+    n_crowd: int
+    n_merged: int
+    has_segments: bool
+
+
+def clean_remap_labels(counts: np.ndarray, segments_info: list[dict], min_area: int, num_slots: int,
+                       generator: np.random.Generator) -> LabelRemap:
+    """:func:`clean_segments` then :func:`remap_ids` on a dense label map, from its areas alone.
+
+    Args:
+        counts: (L,) pixels of each label 0..L−1 of an (H, W) dense label map (0 = void), e.g.
+            ``np.bincount(labels.ravel())``.
+        segments_info: entries whose ``id`` is a label.
+        min_area, num_slots, generator: as for :func:`clean_segments` and :func:`remap_ids`.
+
+    ``lut[labels]`` equals ``remap_ids(clean_segments(labels, segments_info, min_area).id_map,
+    num_slots, generator).slot_map`` (the same draw from ``generator``) and the counts equal
+    theirs, without a pass over the pixels: callers apply ``lut`` to the (resized) labels.
+    """
+    if num_slots < 2:
+        raise ValueError(f"num_slots must be >= 2 (slot 0 is void), got {num_slots}")
+    if not isinstance(generator, np.random.Generator):
+        raise TypeError(
+            "generator must be a numpy.random.Generator (np.random.default_rng(seed) for training, "
+            f"eval_generator(image_id) for validation), got {type(generator).__name__}"
+        )
+    counts = np.asarray(counts, dtype=np.int64).ravel()
+    area = counts.tolist()
+    kept: list[dict] = []
+    keep: set[int] = set()
+    n_small = n_crowd = 0
+    for seg in segments_info:
+        if "id" not in seg:
+            raise ValueError(f"segments_info entry without an 'id' key: {seg!r}")
+        sid = int(seg["id"])
+        if sid == 0:
+            continue
+        if seg.get("iscrowd", 0):
+            n_crowd += 1
+        elif (area[sid] if 0 < sid < len(area) else 0) < min_area:
+            n_small += 1
+        else:
+            kept.append(dict(seg))
+            keep.add(sid)
+    # the labels left in the cleaned map, in label order (remap_ids' sorted unique ids)
+    seg_index = np.array(sorted(s for s in keep if 0 < s < len(area) and area[s] > 0), dtype=np.int64)
+    n_merged = max(0, seg_index.size - (num_slots - 1))
+    if n_merged:
+        by_area = seg_index[np.argsort(counts[seg_index], kind="stable")]
+        seg_index = np.sort(by_area[n_merged:])
+    lut = np.zeros(max(len(area), 1), dtype=np.int64)
+    chosen = generator.permutation(num_slots - 1)[: seg_index.size] + 1
+    lut[seg_index] = chosen
+    slots = {int(s): int(i) for s, i in zip(chosen, seg_index)}
+    return LabelRemap(lut, slots, kept, n_small, n_crowd, n_merged, bool(kept))
+
+
 def repermute_slots(slot_map: np.ndarray, num_slots: int, generator: np.random.Generator) -> np.ndarray:
     """Training-time re-permutation of an already remapped slot map (values in [0, S)).
 
@@ -253,7 +332,9 @@ def ids_to_bits(slot_map: np.ndarray | torch.Tensor, num_bits: int) -> np.ndarra
     Returns:
         (nb, H, W) or (B, nb, H, W) float32, of the input's kind (torch: on the same device).
     """
-    is_torch = isinstance(slot_map, torch.Tensor)
+    is_torch = _is_tensor(slot_map)
+    if is_torch:
+        import torch
     ids = slot_map.long() if is_torch else np.asarray(slot_map)
     if ids.ndim not in (2, 3):
         raise ValueError(f"slot_map must be (H, W) or (B, H, W), got shape {tuple(ids.shape)}")
@@ -294,7 +375,9 @@ def bits_to_ids(bits: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         (H, W) or (B, H, W) int64 of the input's kind. A pixel is void (0) when the mean of
         ``|bits|`` over its planes is < 0.5; otherwise bit k is ``bits[k] > 0``.
     """
-    is_torch = isinstance(bits, torch.Tensor)
+    is_torch = _is_tensor(bits)
+    if is_torch:
+        import torch
     if bits.ndim not in (3, 4):
         raise ValueError(f"bits must be (nb, H, W) or (B, nb, H, W), got shape {tuple(bits.shape)}")
     nb = bits.shape[-3]
@@ -430,7 +513,9 @@ def restore_size(
     if kind == "ids":
         rows = _nearest_index(info.scaled_h, info.orig_h)
         cols = _nearest_index(info.scaled_w, info.orig_w)
-        if isinstance(crop, torch.Tensor):
+        if _is_tensor(crop):
+            import torch
+
             rows_t = torch.from_numpy(rows).to(crop.device)
             cols_t = torch.from_numpy(cols).to(crop.device)
             return crop.index_select(-2, rows_t).index_select(-1, cols_t)
@@ -439,6 +524,9 @@ def restore_size(
         raise ValueError(f"kind must be 'ids' or 'logits', got {kind!r}")
     if crop.ndim not in (3, 4):
         raise ValueError(f"logits must be (C, R, R) or (B, C, R, R), got shape {tuple(array.shape)}")
+    import torch
+    import torch.nn.functional as F
+
     is_torch = isinstance(crop, torch.Tensor)
     x = crop if is_torch else torch.from_numpy(np.array(crop))  # a writable copy
     x4 = x.unsqueeze(0) if x.ndim == 3 else x
@@ -454,6 +542,8 @@ def restore_size(
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) or (B, H, W, 3) uint8 RGB → (3, H, W) or (B, 3, H, W) float32 in [−1, 1]."""
+    import torch
+
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (3, 4) or image.shape[-1] != 3:
         raise ValueError(
@@ -465,6 +555,8 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
 
 def tensor_to_image(tensor: torch.Tensor) -> np.ndarray:
     """(3, H, W) or (B, 3, H, W) float in [−1, 1] → (H, W, 3) or (B, H, W, 3) uint8 (clamped, rounded)."""
+    import torch
+
     if not isinstance(tensor, torch.Tensor) or tensor.ndim not in (3, 4) or tensor.shape[-3] != 3:
         raise ValueError(f"expected a (3, H, W) or (B, 3, H, W) torch tensor, got {getattr(tensor, 'shape', tensor)!r}")
     x = ((tensor.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255)

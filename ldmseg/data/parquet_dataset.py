@@ -1,19 +1,23 @@
 """Training readers over preprocessed Parquet shards, without Ray.
 
 :class:`ShardDataset` is a PyTorch ``IterableDataset`` yielding ready tensors; the Ray Train
-stage reads the same files through Ray Data and decodes with the same :func:`decode_rows`.
+stage reads the same files through Ray Data and decodes with the same :func:`decode_columns`
+(columnar batches as Ray Data yields them) or :func:`decode_rows` (row dicts).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
+from ldmseg.data.encoding import repermute_slots
 from ldmseg.data.manifest import list_split_files, open_fs
-from ldmseg.data.shards import decode_row
+from ldmseg.data.shards import _unpng, decode_image
 
 # Columns a training step needs (the rest is provenance).
 TRAIN_COLUMNS = ["image_id", "resolution", "image", "image_format", "slot_map", "valid", "resize_mode",
@@ -27,9 +31,141 @@ def decode_rows(rows: Iterable[dict[str, Any]], num_slots: int,
     Returns ``image`` (B, 3, R, R) float32 in [-1, 1], ``slot_map`` (B, R, R) int64,
     ``valid`` (B, R, R) bool and ``image_id`` (B,) int64. ``generator``: re-permute slots per sample.
     """
-    samples = [decode_row(r, num_slots, generator) for r in rows]
-    ids = [int(r["image_id"]) for r in rows]
-    return collate(samples, ids)
+    rows = list(rows)
+    keys = set().union(*(r.keys() for r in rows)) if rows else set(TRAIN_COLUMNS)
+    return decode_columns({k: [r.get(k) for r in rows] for k in keys}, num_slots, generator)
+
+
+def decode_columns(cols: Mapping[str, Any], num_slots: int,
+                   generator: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
+    """A columnar batch → a training batch, without going through row dicts.
+
+    ``cols`` maps column names (at least :data:`TRAIN_COLUMNS`) to equal-length columns: numpy
+    arrays (Ray Data's ``batch_format="numpy"``), lists, or pyarrow arrays. Returns the same
+    tensors as :func:`decode_rows` on the same rows with the same ``generator`` (slots are
+    re-permuted sample after sample, in order). Raw images of one resolution are read with one
+    ``np.frombuffer`` over the batch and converted to float once.
+    """
+    image_col = cols["image"]
+    n = len(image_col)
+    res_list = _as_list(cols["resolution"])
+    resolutions = {int(r) for r in res_list}
+    if len(resolutions) > 1:
+        raise ValueError(f"a batch mixes resolutions {sorted(resolutions)}; preprocess at one resolution")
+    res = resolutions.pop() if resolutions else 0
+    formats = [str(f) for f in _as_list(cols["image_format"])]
+
+    images = _images_u8(image_col, formats, res, n)
+    # channels first while still uint8 (4x fewer bytes to move than in float), then one
+    # conversion; the arithmetic is decode_row's (same float32 values)
+    image_f = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float()
+    image_f = image_f.div_(127.5).sub_(1.0)
+
+    slot_maps = np.empty((n, res, res), dtype=np.int64)
+    for i, data in enumerate(_as_list(cols["slot_map"])):
+        slot_map = _unpng(data)
+        if generator is not None:
+            slot_map = _repermute(slot_map, num_slots, generator)
+        slot_maps[i] = slot_map
+
+    valid = np.zeros((n, res, res), dtype=bool)
+    modes = _as_list(cols["resize_mode"]) if "resize_mode" in cols else [None] * n
+    heights = _as_list(cols["scaled_height"]) if "scaled_height" in cols else [None] * n
+    widths = _as_list(cols["scaled_width"]) if "scaled_width" in cols else [None] * n
+    valid_col = None
+    for i in range(n):
+        if (modes[i] or "pad") == "pad" and heights[i]:
+            valid[i, : int(heights[i]), : int(widths[i])] = True  # the top-left rectangle
+        else:
+            if valid_col is None:
+                valid_col = _as_list(cols["valid"])
+            valid[i] = _unpng(valid_col[i]).astype(bool)
+
+    image_ids = [int(v) for v in _as_list(cols["image_id"])]
+    return {"image": image_f, "slot_map": torch.from_numpy(slot_maps), "valid": torch.from_numpy(valid),
+            "image_id": torch.tensor(image_ids, dtype=torch.int64)}
+
+
+def _repermute(slot_map: np.ndarray, num_slots: int, generator: np.random.Generator) -> np.ndarray:
+    """:func:`repermute_slots` (same draws, same result) reading a view from :func:`_unpng` in
+    place: the inflated rows, filter byte first, go to PIL without a copy (the filter bytes
+    only add to slot 0's count, which is not drawn for)."""
+    rows = slot_map.base
+    h, w = slot_map.shape
+    if (slot_map.dtype != np.uint8 or num_slots > 256 or not isinstance(rows, np.ndarray)
+            or rows.dtype != np.uint8 or rows.size != h * (w + 1) or not rows.flags.c_contiguous
+            or slot_map.strides != (w + 1, 1)
+            or slot_map.__array_interface__["data"][0] != rows.__array_interface__["data"][0] + 1):
+        return repermute_slots(slot_map, num_slots, generator)
+    img = Image.frombuffer("L", (w + 1, h), rows, "raw", "L", 0, 1)
+    present = np.flatnonzero(np.asarray(img.histogram()[:num_slots]))
+    present = present[present != 0]
+    lut = np.zeros(256, dtype=np.uint8)
+    lut[present] = generator.permutation(num_slots - 1)[: present.size] + 1
+    return np.asarray(img.point(lut.tolist()))[:, 1:]
+
+
+def _as_list(col: Any) -> list:
+    if isinstance(col, (pa.Array, pa.ChunkedArray)):
+        return col.to_pylist()
+    if isinstance(col, np.ndarray):
+        return list(col) if col.dtype == object else col.tolist()
+    return list(col)
+
+
+def _binary_chunks(col: Any) -> list[pa.Array] | None:
+    if isinstance(col, pa.ChunkedArray):
+        chunks = col.chunks
+    elif isinstance(col, pa.Array):
+        chunks = [col]
+    else:
+        return None
+    if not all(pa.types.is_binary(c.type) or pa.types.is_large_binary(c.type) for c in chunks):
+        return None
+    return chunks
+
+
+def _raw_view(chunks: list[pa.Array], size: int) -> np.ndarray | None:
+    """(N, size) uint8 view of binary chunks whose values all hold ``size`` bytes (else None)."""
+    parts = []
+    for c in chunks:
+        if len(c) == 0:
+            continue
+        if c.null_count:
+            return None
+        off_type = np.int64 if pa.types.is_large_binary(c.type) else np.int32
+        offsets = np.frombuffer(c.buffers()[1], dtype=off_type)[c.offset: c.offset + len(c) + 1]
+        if not np.all(np.diff(offsets) == size):
+            return None
+        data = np.frombuffer(c.buffers()[2], dtype=np.uint8)
+        parts.append(data[int(offsets[0]): int(offsets[-1])].reshape(len(c), size))
+    if not parts:
+        return np.empty((0, size), dtype=np.uint8)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _images_u8(col: Any, formats: list[str], res: int, n: int) -> np.ndarray:
+    """The batch's images as one (N, R, R, 3) uint8 array (a view of raw bytes when possible)."""
+    size = res * res * 3
+    if n and all(f == "raw" for f in formats):
+        chunks = _binary_chunks(col)
+        if chunks is not None:
+            view = _raw_view(chunks, size)
+            if view is not None:
+                return view.reshape(n, res, res, 3)
+        else:
+            values = col if isinstance(col, (list, tuple)) else list(col)
+            if all(isinstance(v, np.ndarray) and v.size == size and v.dtype == np.uint8 for v in values):
+                if n == 1:
+                    return values[0].reshape(1, res, res, 3)
+                return np.stack([v.reshape(res, res, 3) for v in values])
+            if all(len(memoryview(v).cast("B")) == size for v in values):
+                data = values[0] if n == 1 else b"".join(values)
+                return np.frombuffer(data, dtype=np.uint8).reshape(n, res, res, 3)
+    values = _as_list(col)
+    if not n:
+        return np.empty((0, res, res, 3), dtype=np.uint8)
+    return np.stack([decode_image(v, f, res) for v, f in zip(values, formats)])
 
 
 def collate(samples: list[dict[str, np.ndarray]], image_ids: list[int]) -> dict[str, torch.Tensor]:
@@ -46,6 +182,36 @@ def columns_to_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
     keys = list(batch)
     n = len(batch[keys[0]]) if keys else 0
     return [{k: batch[k][i] for k in keys} for i in range(n)]
+
+
+class _Block:
+    """The training columns of one Parquet file, read once; samples are decoded from it by index."""
+
+    def __init__(self, table: pa.Table):
+        self.n = table.num_rows
+        self.cols: dict[str, Any] = {}
+        for name in table.column_names:
+            if name in ("image", "valid"):
+                continue
+            self.cols[name] = table.column(name).to_pylist()
+        res = {int(r) for r in self.cols.get("resolution", [])}
+        image = table.column("image")
+        self.images = None
+        if len(res) == 1 and all(f == "raw" for f in self.cols["image_format"]):
+            r = res.pop()
+            chunks = _binary_chunks(image)
+            view = _raw_view(chunks, r * r * 3) if chunks is not None else None
+            if view is not None:
+                self.images = view  # (N, R·R·3), no copy
+        self.image_values = image.to_pylist() if self.images is None else None
+        self.valid_col = table.column("valid") if "valid" in table.column_names else None
+
+    def columns(self, i: int) -> dict[str, list]:
+        out = {k: [v[i]] for k, v in self.cols.items()}
+        out["image"] = [self.images[i] if self.images is not None else self.image_values[i]]
+        if self.valid_col is not None:
+            out["valid"] = [self.valid_col[i].as_py()]
+        return out
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
@@ -67,11 +233,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.num_slots, self.train, self.seed = num_slots, train, seed
         self.shuffle_buffer, self.repeat = shuffle_buffer, repeat
 
-    def _rows(self, files: list[str]) -> Iterator[dict[str, Any]]:
+    def _rows(self, files: list[str]) -> Iterator[tuple[_Block, int]]:
+        """(block, index) per row: the columns are read per file and sliced per sample (no row dicts)."""
         for path in files:
             with self.fs.open(path, "rb") as f:
                 table = pq.read_table(f, columns=TRAIN_COLUMNS)
-            yield from table.to_pylist()
+            block = _Block(table)
+            for i in range(block.n):
+                yield block, i
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
@@ -83,7 +252,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             order = list(files)
             if self.train:
                 rng.shuffle(order)
-            buffer: list[dict[str, Any]] = []
+            buffer: list[tuple[_Block, int]] = []
             for row in self._rows(order):
                 if not self.train:
                     yield self._decode(row, None)
@@ -98,8 +267,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
             if not self.repeat:
                 return
 
-    def _decode(self, row: dict[str, Any], rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in decode_rows([row], self.num_slots, rng).items()}
+    def _decode(self, row: tuple[_Block, int], rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+        block, i = row
+        return {k: v[0] for k, v in decode_columns(block.columns(i), self.num_slots, rng).items()}
 
 
 def iterate_batches(dataset: Iterable[dict[str, torch.Tensor]], batch_size: int,

@@ -32,9 +32,12 @@ them per sample (:func:`decode_row` with a generator).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import struct
+import zlib
 from typing import Any
 
 import numpy as np
@@ -84,9 +87,71 @@ def _png(array: np.ndarray, mode: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_gray8(array: np.ndarray) -> bytes:
+    """(H, W) uint8 → an 8-bit grayscale PNG: no row filter, zlib level 1 (~4x faster than PIL's
+    encoder, whose adaptive filtering costs more than the compression). Any PNG reader opens it."""
+    h, w = array.shape
+    raw = np.empty((h, w + 1), dtype=np.uint8)
+    raw[:, 0] = 0  # filter type None on every row
+    raw[:, 1:] = array
+    return b"".join((_PNG_MAGIC, _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)),
+                     _png_chunk(b"IDAT", zlib.compress(raw, 1)), _png_chunk(b"IEND", b"")))
+
+
+def _unpng_gray8(data) -> np.ndarray | None:
+    """Fast path of :func:`_unpng` for 8-bit grayscale PNGs without row filters (as
+    :func:`_png_gray8` writes): one inflate, no PIL. None for any other PNG.
+
+    The result is a (H, W) view into the inflated rows, whose filter bytes (all 0) precede each
+    row: ``result.base`` holds them, (H·(W + 1),) uint8."""
+    view = memoryview(data)
+    if len(view) < 45 or view[:8] != _PNG_MAGIC or view[12:16] != b"IHDR":
+        return None
+    w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", view[16:29])
+    if depth != 8 or colour != 0 or interlace != 0 or not w or not h:
+        return None
+    pos, idat = 33, []
+    while pos + 8 <= len(view):
+        n = int.from_bytes(view[pos:pos + 4], "big")
+        kind = bytes(view[pos + 4:pos + 8])
+        if kind == b"IDAT":
+            idat.append(view[pos + 8:pos + 8 + n])
+        elif kind == b"IEND":
+            break
+        pos += 12 + n
+    try:
+        raw = zlib.decompress(idat[0] if len(idat) == 1 else b"".join(idat))
+    except (zlib.error, IndexError):
+        return None
+    if len(raw) != h * (w + 1):
+        return None
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, w + 1)
+    if rows[:, 0].any():  # some row uses a filter: let PIL undo it
+        return None
+    return rows[:, 1:]
+
+
 def _unpng(data: bytes) -> np.ndarray:
+    fast = _unpng_gray8(data)
+    if fast is not None:
+        return fast
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img)
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_png(resolution: int, scaled_h: int, scaled_w: int) -> bytes:
+    """The valid-pixel mask PNG of a top-left ``scaled_h`` x ``scaled_w`` region (same for many rows)."""
+    valid = np.zeros((resolution, resolution), dtype=bool)
+    valid[:scaled_h, :scaled_w] = True
+    return _png(valid)
 
 
 def encode_image(image: np.ndarray, fmt: str) -> bytes:
@@ -107,9 +172,10 @@ def decode_image(data: bytes, fmt: str, resolution: int) -> np.ndarray:
 
 
 def checksum(image: np.ndarray, id_map: np.ndarray) -> str:
+    """sha256 of the image's bytes (H, W, 3 uint8, row-major) then the id map's (int64)."""
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(image).tobytes())
-    h.update(np.ascontiguousarray(id_map, dtype=np.int64).tobytes())
+    h.update(memoryview(np.ascontiguousarray(image)).cast("B"))
+    h.update(memoryview(np.ascontiguousarray(id_map, dtype=np.int64)).cast("B"))
     return h.hexdigest()
 
 
@@ -126,38 +192,99 @@ def encode_sample(image: np.ndarray, id_map: np.ndarray, segments_info: list[dic
     crowd → void), remaps ids into slots deterministically per ``image_id``, resizes/pads to
     ``cfg.data.resolution``. Raises :class:`SkipImage` if no non-crowd segment is left.
     """
-    h, w = id_map.shape
+    image = _check_image(image, id_map)
+    dense, ids = encoding.compact_ids(id_map)  # one hash pass; the rest works on dense labels
+    counts = np.bincount(dense.ravel(), minlength=len(ids))
+    return _encode(image, None, id_map, dense, ids, counts, segments_info, image_id=image_id, cfg=cfg,
+                   split=split, file_name=file_name, segments_file=segments_file, seed=seed)
+
+
+def encode_dense_sample(sample, *, image_id: int, cfg: Config, split: str = "train", file_name: str = "",
+                        segments_file: str = "", seed: int = 0, image_out: np.ndarray | None = None
+                        ) -> dict[str, Any]:
+    """:func:`encode_sample` of a :class:`ldmseg.data.coco.DenseSample` (same row), without
+    relabelling the ids again.
+
+    ``image_out``: a zeroed (R, R, 3) uint8 array; with ``image_format`` ``raw`` the image is
+    written there and the row's ``image`` is None (the caller builds the column from it).
+    """
+    image = _check_image(sample.image, sample.id_map)
+    return _encode(image, sample.pil_image, sample.id_map, sample.labels, sample.segment_ids, sample.counts,
+                   sample.segments_info, image_id=image_id, cfg=cfg, split=split, file_name=file_name,
+                   segments_file=segments_file, seed=seed, image_out=image_out)
+
+
+def _check_image(image: np.ndarray, id_map: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+    if image.shape[:2] != np.shape(id_map):
+        raise ValueError(f"image {image.shape[:2]} and id_map {np.shape(id_map)} sizes differ")
+    return image
+
+
+def _encode(image: np.ndarray, pil_image, id_map: np.ndarray, labels: np.ndarray, ids: np.ndarray,
+            counts: np.ndarray, segments_info: list[dict], *, image_id: int, cfg: Config, split: str,
+            file_name: str, segments_file: str, seed: int, image_out: np.ndarray | None = None
+            ) -> dict[str, Any]:
+    """The row of a sample given as dense labels (``ids[label]`` = COCO id, ``counts`` per label).
+
+    Equal to cleaning, remapping and resizing the id map itself (:func:`encoding.clean_segments`,
+    :func:`encoding.remap_ids`, :func:`encoding.resize_pad`): the decisions only need the label
+    areas, and the label → slot table is applied to the resized labels.
+    """
+    h, w = labels.shape
     digest = checksum(image, id_map)
-    # work on dense labels (one hash pass) so cleaning and remapping take the fast path
-    dense, ids = encoding.compact_ids(id_map)
     label_of = {int(v): i for i, v in enumerate(ids.tolist())}
     dense_info = [{**s, "id": label_of[int(s["id"])]} for s in segments_info if int(s["id"]) in label_of]
-    clean = encoding.clean_segments(dense, dense_info, min_area=cfg.data.min_segment_area)
-    if not clean.has_segments:
+    remap = encoding.clean_remap_labels(counts, dense_info, cfg.data.min_segment_area, cfg.data.num_slots,
+                                        encoding.eval_generator(image_id, seed))
+    if not remap.has_segments:
         raise SkipImage("no non-crowd segment of at least "
                         f"{cfg.data.min_segment_area} px (nothing to train on)")
-    remap = encoding.remap_ids(clean.id_map, cfg.data.num_slots, encoding.eval_generator(image_id, seed))
-    image_r, slots_r, valid, info = encoding.resize_pad(image, remap.slot_map, cfg.data.resolution,
-                                                        cfg.data.resize_mode)
-    by_label = {int(s["id"]): s for s in clean.segments_info}
+    res, mode = int(cfg.data.resolution), cfg.data.resize_mode
+    if res < 1:
+        raise ValueError(f"resolution must be >= 1, got {res}")
+    sh, sw = encoding.scaled_size(h, w, res, mode)
+
+    # image: bilinear (PIL) into the top-left of a black R×R canvas
+    if (sh, sw) == (h, w):
+        small = image
+    else:
+        pil = pil_image if pil_image is not None else Image.fromarray(image)
+        small = np.asarray(pil.resize((sw, sh), Image.Resampling.BILINEAR))
+    fmt = cfg.preprocess.image_format
+    direct = image_out is not None and fmt == "raw"
+    canvas = image_out if direct else np.zeros((res, res, 3), dtype=np.uint8)
+    canvas[:sh, :sw] = small
+
+    # slots: nearest-resize the labels, then the label → slot table
+    slot_dtype = np.uint8 if cfg.data.num_slots <= 256 else np.uint16
+    small_labels = labels
+    if (sh, sw) != (h, w):
+        small_labels = np.take(np.take(labels, encoding._nearest_index(h, sh), axis=0),
+                               encoding._nearest_index(w, sw), axis=1)
+    slots_r = np.zeros((res, res), dtype=slot_dtype)
+    slots_r[:sh, :sw] = np.take(remap.lut.astype(slot_dtype), small_labels)
+
+    by_label = {int(s["id"]): s for s in remap.segments_info}
     segments = []
     for slot, label in sorted(remap.slots.items()):
         s = by_label.get(int(label), {})
         segments.append({"slot": int(slot), "id": int(ids[label]), "category_id": int(s.get("category_id", 0)),
                          "iscrowd": int(s.get("iscrowd", 0)), "area": int(s.get("area", 0)),
                          "bbox": [int(v) for v in s.get("bbox", [0, 0, 0, 0])]})
-    slot_dtype = np.uint8 if cfg.data.num_slots <= 256 else np.uint16
     return {
         "image_id": int(image_id), "split": split, "file_name": file_name, "segments_file": segments_file,
-        "height": int(h), "width": int(w), "resolution": int(cfg.data.resolution),
-        "scaled_height": int(info.scaled_h), "scaled_width": int(info.scaled_w),
-        "resize_mode": cfg.data.resize_mode,
-        "image": encode_image(image_r, cfg.preprocess.image_format),
-        "image_format": cfg.preprocess.image_format,
-        "slot_map": _png(slots_r.astype(slot_dtype)),
-        "valid": _png(valid.astype(bool)),
+        "height": int(h), "width": int(w), "resolution": res,
+        "scaled_height": int(sh), "scaled_width": int(sw),
+        "resize_mode": mode,
+        "image": None if direct else encode_image(canvas, fmt),
+        "image_format": fmt,
+        "slot_map": _png_gray8(slots_r) if slot_dtype == np.uint8 else _png(slots_r),
+        "valid": _valid_png(res, int(sh), int(sw)),
         "num_segments": len(segments), "segments": json.dumps(segments),
-        "n_small": int(clean.n_small), "n_crowd": int(clean.n_crowd), "n_merged": int(remap.n_merged),
+        "n_small": int(remap.n_small), "n_crowd": int(remap.n_crowd), "n_merged": int(remap.n_merged),
         "checksum": digest,
     }
 
