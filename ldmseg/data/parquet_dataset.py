@@ -56,10 +56,11 @@ def decode_columns(cols: Mapping[str, Any], num_slots: int,
     formats = [str(f) for f in _as_list(cols["image_format"])]
 
     images = _images_u8(image_col, formats, res, n)
-    # channels first while still uint8 (4x fewer bytes to move than in float), then one
-    # conversion; the arithmetic is decode_row's (same float32 values)
-    image_f = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float()
-    image_f = image_f.div_(127.5).sub_(1.0)
+    # channels first, to float and / 127.5 in one pass over the pixels, then - 1: decode_row's
+    # float32 arithmetic (the same values), with two passes instead of four
+    image_f = np.empty((n, 3, res, res), dtype=np.float32)
+    np.divide(images.transpose(0, 3, 1, 2), np.float32(127.5), out=image_f, dtype=np.float32)
+    np.subtract(image_f, np.float32(1.0), out=image_f)
 
     slot_maps = np.empty((n, res, res), dtype=np.int64)
     for i, data in enumerate(_as_list(cols["slot_map"])):
@@ -82,7 +83,7 @@ def decode_columns(cols: Mapping[str, Any], num_slots: int,
             valid[i] = _unpng(valid_col[i]).astype(bool)
 
     image_ids = [int(v) for v in _as_list(cols["image_id"])]
-    return {"image": image_f, "slot_map": torch.from_numpy(slot_maps), "valid": torch.from_numpy(valid),
+    return {"image": torch.from_numpy(image_f), "slot_map": torch.from_numpy(slot_maps), "valid": torch.from_numpy(valid),
             "image_id": torch.tensor(image_ids, dtype=torch.int64)}
 
 
