@@ -5,7 +5,7 @@ Measured in one run on the same images at the coco config's 512x512 training res
      resize/pad, per sample;
   2. our Parquet reader (ShardDataset, training mode: random slot re-permutation included);
   3. preprocessing images/s with Ray Data (Ray overhead included, per CPU; worker start-up
-     excluded by a warm-up run; two tasks per CPU, and the config's batch size for comparison)
+     excluded by a warm-up run; the config's task sizes: two tasks per CPU on this input)
      vs a bare decode + resize loop over the same files in one process.
 
 The two sides of each ratio are timed in alternation, as other processes may load the machine;
@@ -110,9 +110,9 @@ def main() -> None:
     from ldmseg.data import coco
     from ldmseg.data.parquet_dataset import ShardDataset
     from pipelines import ray_compat
-    from pipelines.preprocess import run_preprocess
+    from pipelines.preprocess import run_preprocess, task_size
 
-    cfg = load_config(REPO / "conf/coco.yaml", ["preprocess.rows_per_file=64"])
+    cfg = load_config(REPO / "conf/coco.yaml")
     records = coco.load_coco_panoptic(args.source).records
     n = len(records)
     print(f"{n} images from {args.source}, training resolution {cfg.data.resolution}, "
@@ -120,10 +120,7 @@ def main() -> None:
 
     cpus = os.cpu_count() or 1
     n_big = n * args.copies
-    # two tasks per CPU (preprocess.batch_size images each); the config's batch is timed too
-    task_rows = -(-n_big // (2 * cpus))
-    cfg_big = load_config(REPO / "conf/coco.yaml", ["preprocess.rows_per_file=64",
-                                                    f"preprocess.batch_size={task_rows}"])
+    task_rows = task_size(n_big, cfg.preprocess.rows_per_file, cpus)
     rng = np.random.default_rng(0)
     # The two sides of each ratio are timed in alternation (pass after pass, run after run), so
     # that a load from other processes falls on both alike.
@@ -132,7 +129,7 @@ def main() -> None:
         out = Path(tmp) / "shards"
         big = replicate(Path(args.source), Path(tmp) / "big", args.copies)
         # warm-up on the timed input: starts every Ray worker process, imports, caches
-        run_preprocess(cfg_big, output=str(out / "warmup"), source=str(big))
+        run_preprocess(cfg, output=str(out / "warmup"), source=str(big))
         bare_decode_resize(records[:2], cfg.data.resolution)
 
         bare_s = prep_s = 0.0
@@ -142,14 +139,11 @@ def main() -> None:
                 bare_decode_resize(records, cfg.data.resolution)
             bare_s += time.perf_counter() - t
             t = time.perf_counter()
-            run_preprocess(cfg_big, output=str(out / f"timed{r}"), source=str(big))
+            run_preprocess(cfg, output=str(out / f"timed{r}"), source=str(big))
             prep_s += time.perf_counter() - t
         bare = n_big * args.rounds / bare_s
         prep = n_big * args.rounds / prep_s
         bare2 = bare_two_processes(args.source, cfg.data.resolution, max(1, args.repeat // 2))
-        t = time.perf_counter()
-        run_preprocess(cfg, output=str(out / "timed_default"), source=str(big))
-        prep_default = n_big / (time.perf_counter() - t)
 
         run_preprocess(cfg, output=str(out / "timed_small"), source=args.source)
         import ray
@@ -175,11 +169,9 @@ def main() -> None:
     print(f"Parquet reader (decode + re-permute)          : {parquet:8.1f} samples/s")
     print(f"  ratio reader / on the fly                   : {parquet / fly:8.1f}x   (target >= 10x)")
     print(f"bare decode + resize loop, 1 process          : {bare:8.1f} images/s")
-    print(f"preprocess with Ray Data, {cpus} CPUs, batch {task_rows:3d} : {prep:8.1f} images/s "
+    print(f"preprocess with Ray Data, {cpus} CPUs, tasks of {task_rows:3d} : {prep:8.1f} images/s "
           f"({n_big} images, {args.rounds} runs, {prep_s / args.rounds:.1f} s each)")
     print(f"  ratio preprocess per CPU / bare loop        : {prep / cpus / bare:8.2f}x  (target >= 0.7x)")
-    print(f"preprocess, config's batch {cfg.preprocess.batch_size:3d}               : {prep_default:8.1f} images/s "
-          f"({prep_default / cpus / bare:.2f}x per CPU)")
     print(f"bare loop in 2 processes at once              : {bare2:8.1f} images/s "
           f"({bare2 / bare:.2f}x one process: what this machine gave two processes)")
     print(f"  ratio preprocess / bare loop in 2 processes : {prep / bare2:8.2f}x")

@@ -219,11 +219,11 @@ class PreprocessConfig:
     """Ray Data preprocessing into Parquet shards."""
 
     rows_per_file: int = 256
-    """Rows per Parquet file (the last file of a chunk may hold fewer)."""
+    """Rows per Parquet file, and images per Ray task (each task writes one file; a chunk with
+    fewer than 2 × CPUs × rows_per_file images is shared out evenly in smaller files; rejected
+    images leave a file short)."""
     chunk_rows: int = 2048
     """Images processed per resumable chunk; a finished chunk is never redone."""
-    batch_size: int = 16
-    """Images per Ray Data task batch."""
     val_fraction: float = 0.0
     """Fraction of images put in the ``val`` split (deterministic by image id); 0: all in ``split``."""
     image_format: Literal["png", "jpeg", "raw"] = "raw"

@@ -2,12 +2,13 @@
 
 The JSON is read once on the driver; images are decoded, validated, cleaned, remapped
 (deterministically per image id) and resized/padded to the training resolution in parallel
-Ray tasks of ``preprocess.batch_size`` images, then written with ``write_parquet``, one folder
-per split. Each image is decoded once and its ids are checked and relabelled in one pass
+Ray tasks of ``preprocess.rows_per_file`` images (:func:`task_size`), each written by its own task
+with ``write_parquet`` (one file of that many rows), one folder per split. Each image is decoded once and its ids are checked and relabelled in one pass
 (:func:`coco.read_dense_sample`). Tasks stage rejected inputs with their reason; they end in
 ``OUT/errors/``. ``OUT/_manifest.json`` records counts that reconcile (inputs = written +
-quarantined; rows written are read back from the Parquet footers). Work proceeds in chunks; a finished chunk is never redone,
-so a killed run resumes where it stopped and a re-run of a finished output does nothing.
+quarantined; rows written are read back from the Parquet footers). Work proceeds in chunks; a
+finished chunk is never redone, so a killed run resumes where it stopped and a re-run of a
+finished output does nothing.
 
 Examples::
 
@@ -51,6 +52,18 @@ def assign_split(image_id: int, default: str, val_fraction: float) -> str:
         return default
     h = int.from_bytes(hashlib.sha256(str(int(image_id)).encode()).digest()[:8], "little")
     return "val" if (h / 2**64) < val_fraction else default
+
+
+def task_size(n_images: int, rows_per_file: int, cpus: int) -> int:
+    """Images per Ray task for ``n_images`` of one split in a chunk.
+
+    Each task writes its good rows to its own Parquet files (map and write fused: the images
+    never pass through the object store), so a task takes ``rows_per_file`` images and writes one
+    full file. A chunk too small to give every CPU two such tasks is shared out evenly instead
+    (smaller files, every CPU busy).
+    """
+    share = -(-n_images // max(1, 2 * cpus))
+    return max(1, min(rows_per_file, share))
 
 
 def process_batch(batch: pd.DataFrame, cfg_dict: dict) -> pa.Table:
@@ -283,22 +296,21 @@ def run_preprocess(cfg: Config, *, output: str, source: str | None = None, image
         for r in chunk:
             by_split.setdefault(assign_split(r.image_id, split, cfg.preprocess.val_fraction), []).append(r)
         staging = posixpath.join(root, PROGRESS, f"{prefix}-errors")
-        batch_size = max(1, cfg.preprocess.batch_size)
         counts: dict[str, int] = {}
         for s, recs in sorted(by_split.items()):
             # One item (one block) per task batch (vars: a shallow dict; asdict deep-copies).
             # Each task stages its rejects and returns its good rows only. Materialised before the
             # write: Ray Data would otherwise fuse the map into the writer's tasks, which take
             # rows_per_file *items* (batches) each, i.e. one task for the whole chunk.
-            items = [{"records": json.dumps([vars(r) for r in recs[i:i + batch_size]]), "split": s}
-                     for i in range(0, len(recs), batch_size)]
+            size = task_size(len(recs), cfg.preprocess.rows_per_file, ray_compat.cluster_cpus())
+            items = [{"records": json.dumps([vars(r) for r in recs[i:i + size]]), "split": s}
+                     for i in range(0, len(recs), size)]
             with _one_stage_scheduling():
                 ds = ray_compat.dataset_from_items(items)
                 ds = ray_compat.map_batches(ds, process_groups, batch_size=1, batch_format="pyarrow",
                                             fn_kwargs={"cfg_dict": cfg_dict, "staging": _url(fs, staging)})
-                ds = ds.materialize()
-            ray_compat.write_parquet(ds, posixpath.join(root, s), filesystem=_arrow_fs(fs),
-                                     rows_per_file=cfg.preprocess.rows_per_file, filename_prefix=prefix)
+                ray_compat.write_parquet(ds, posixpath.join(root, s), filesystem=_arrow_fs(fs),
+                                         rows_per_file=cfg.preprocess.rows_per_file, filename_prefix=prefix)
             n = _rows_written(fs, posixpath.join(root, s), prefix)
             if n:
                 counts[s] = n

@@ -66,6 +66,13 @@ def quiet_data_progress(quiet: bool = True) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def cluster_cpus() -> int:
+    """CPUs of the connected Ray cluster (at least 1)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def dataset_from_items(items: list[dict]) -> "ray.data.Dataset":
     import ray.data
 
@@ -92,7 +99,7 @@ def write_parquet(ds: "ray.data.Dataset", path: str, *, filesystem=None, rows_pe
             return f"{filename_prefix}-{write_uuid}-{task_index:05d}.parquet"
 
     ds.write_parquet(path, filesystem=filesystem, filename_provider=_Names(),
-                     min_rows_per_file=rows_per_file, max_rows_per_file=rows_per_file)
+                     max_rows_per_file=rows_per_file)
 
 
 def read_parquet(paths: str | list[str], *, filesystem=None, columns: list[str] | None = None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -28,7 +29,15 @@ pytestmark = pytest.mark.ray
 
 def tiny_cfg(*overrides):
     return load_config(REPO / "conf/tiny.yaml", ["preprocess.rows_per_file=4", "preprocess.chunk_rows=8",
-                                                 "preprocess.batch_size=4", *overrides])
+                                                 *overrides])
+
+
+def test_task_size_fills_files_or_shares_small_chunks():
+    from pipelines.preprocess import task_size
+
+    assert task_size(10_000, 512, 8) == 512  # big chunk: one full file per task
+    assert task_size(240, 512, 2) == 60  # small chunk: two tasks per CPU
+    assert task_size(3, 512, 2) == 1 and task_size(0, 4, 2) == 1
 
 
 def expected_arrays(rec: coco.PanopticRecord, cfg) -> dict[str, np.ndarray]:
@@ -66,6 +75,15 @@ def test_synthetic_and_real_samples_round_trip(ray_session, tmp_path, coco_val_e
     sizes = [pq.read_metadata(tmp_path / "out_syn" / f).num_rows for f in m.files["train"]]
     assert sum(sizes) == 20 and max(sizes) <= 4
     assert check_against_memory(str(tmp_path / "out_syn"), str(scenes), cfg) == 20
+    # a chunk big enough for every CPU: one task per file, every file full
+    from pipelines.preprocess import task_size
+    from pipelines.ray_compat import cluster_cpus
+
+    big = tiny_cfg("preprocess.chunk_rows=64", "preprocess.rows_per_file=2")
+    assert task_size(20, 2, cluster_cpus()) == 2  # 4 CPUs: 20 images > 2 × 4 × 2
+    m = run_preprocess(big, output=str(tmp_path / "out_full"), source=str(scenes))
+    sizes = [pq.read_metadata(tmp_path / "out_full" / f).num_rows for f in m.files["train"]]
+    assert sorted(sizes) == [2] * 10
 
     for name, src in (("val", coco_val_examples), ("sample", coco_sample)):
         out = tmp_path / f"out_{name}"
@@ -164,8 +182,11 @@ def test_rows_equal_encode_sample_and_old_slot_pngs_decode(coco_val_examples):
         assert row.pop("error") is None
         sample = coco.read_sample(rec)
         expected = shards.encode_sample(sample.image, sample.id_map, sample.segments_info, image_id=rec.image_id,
+                                        source_sha256=sample.source_sha256,
                                         cfg=cfg, file_name=rec.file_name, segments_file=rec.segments_file)
         assert row == expected
+        source = Path(rec.image_path).read_bytes() + Path(rec.panoptic_path).read_bytes()
+        assert row["checksum"] == hashlib.sha256(source).hexdigest()
         slots = shards._unpng(row["slot_map"])
         with Image.open(io.BytesIO(row["slot_map"])) as img:  # a standard PNG
             assert np.array_equal(np.asarray(img), slots)
@@ -173,6 +194,56 @@ def test_rows_equal_encode_sample_and_old_slot_pngs_decode(coco_val_examples):
         Image.fromarray(np.ascontiguousarray(slots)).save(buf, format="PNG", compress_level=1)
         old = {**row, "slot_map": buf.getvalue()}
         assert np.array_equal(shards.decode_row(old, 32)["slot_map"], shards.decode_row(row, 32)["slot_map"])
+
+
+def test_shard_dataset_equals_row_by_row_reference(tmp_path, coco_val_examples):
+    """ShardDataset (columns sliced per sample) yields what reading row dicts and decode_row
+    gives, in the same order and with the same random slots for the same seed."""
+    import pandas as pd
+
+    from ldmseg.config import to_dict
+    from ldmseg.data import shards
+    from ldmseg.data.parquet_dataset import TRAIN_COLUMNS
+    from pipelines.preprocess import process_batch
+
+    cfg = load_config(REPO / "conf/tiny.yaml", ["data.resolution=96"])
+    records = coco.load_coco_panoptic(coco_val_examples).records[:7]
+    batch = pd.DataFrame({"record": [json.dumps(r.to_dict()) for r in records], "split": ["train"] * 7})
+    table = process_batch(batch, to_dict(cfg)).drop_columns(["error"])
+    (tmp_path / "o" / "train").mkdir(parents=True)
+    files = [str(tmp_path / "o" / "train" / f"{k}.parquet") for k in ("a", "b")]
+    pq.write_table(table.slice(0, 3), files[0])
+    pq.write_table(table.slice(3), files[1])
+
+    def reference(train: bool, shuffle_buffer: int, epochs: int):
+        rng = np.random.default_rng([4, 0])
+        for _ in range(epochs):
+            order = list(files)
+            if train:
+                rng.shuffle(order)
+            rows = [r for f in order for r in pq.read_table(f, columns=TRAIN_COLUMNS).to_pylist()]
+            buffer = []
+            for row in rows:
+                if not train:
+                    yield shards.decode_row(row, 32, None), row["image_id"]
+                    continue
+                buffer.append(row)
+                if len(buffer) >= shuffle_buffer:
+                    r = buffer.pop(int(rng.integers(len(buffer))))
+                    yield shards.decode_row(r, 32, rng), r["image_id"]
+            rng.shuffle(buffer)
+            for r in buffer:
+                yield shards.decode_row(r, 32, rng), r["image_id"]
+
+    for train, buffer, epochs in ((True, 3, 3), (True, 256, 2), (False, 256, 1)):
+        got = ShardDataset(str(tmp_path / "o"), "train", 32, train=train, seed=4, shuffle_buffer=buffer,
+                           repeat=train)
+        it = iter(got)
+        for expected, image_id in reference(train, buffer, epochs):
+            sample = next(it)
+            assert int(sample["image_id"]) == image_id and sample["image"].shape == (3, 96, 96)
+            for k in ("image", "slot_map", "valid"):
+                assert np.array_equal(sample[k].numpy(), expected[k]), k
 
 
 def test_bad_inputs_are_quarantined_with_reasons(ray_session, tmp_path, capsys):
@@ -282,7 +353,7 @@ def test_killed_run_resumes_without_redoing_chunks(ray_session, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "ldmseg.cli", "preprocess", "--source", str(tmp_path / "s"), "--output", str(out),
            "--config", str(REPO / "conf/tiny.yaml"), "--address", address,
-           "preprocess.rows_per_file=4", "preprocess.chunk_rows=8", "preprocess.batch_size=4"]
+           "preprocess.rows_per_file=4", "preprocess.chunk_rows=8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     deadline = time.time() + 120

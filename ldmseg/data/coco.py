@@ -26,6 +26,7 @@ quarantine table.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -38,7 +39,7 @@ import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ldmseg.data.ids import MAX_ID, decode_panoptic_png
+from ldmseg.data.ids import MAX_ID, decode_panoptic_png, panoptic_rgb
 
 # Ids listed in a message before it says "and N more".
 _MAX_LISTED = 8
@@ -105,12 +106,15 @@ class Sample:
     """A decoded image and its panoptic id map.
 
     ``image``: (H, W, 3) uint8 RGB (EXIF orientation not applied, as in COCO's annotations);
-    ``id_map``: (H, W) int64 segment ids, 0 = void; ``segments_info``: the record's list of dicts.
+    ``id_map``: (H, W) int64 segment ids, 0 = void; ``segments_info``: the record's list of dicts;
+    ``source_sha256``: hex sha256 of the image file's bytes then the panoptic PNG's, as stored
+    ("" when the sample was not read from files).
     """
 
     image: np.ndarray
     id_map: np.ndarray
     segments_info: list[dict]
+    source_sha256: str = ""
 
 
 @dataclass
@@ -388,11 +392,7 @@ def _panoptic_ids(data: bytes) -> np.ndarray:
     """
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        if img.mode != "RGB":
-            if img.mode in ("RGBA", "P", "L"):
-                img = img.convert("RGB")
-            else:
-                raise ValueError(f"panoptic PNG has mode {img.mode}, expected RGB")
+        img = panoptic_rgb(img)
         width, height = img.size
         pixels = None
         if hasattr(img, "__arrow_c_array__"):  # Pillow >= 11.2
@@ -551,11 +551,15 @@ def _check(record: PanopticRecord, fs, categories, storage_options,
 
     if problems:
         return None, problems
+    digest = hashlib.sha256(image_bytes)
+    digest.update(png_bytes)
     if dense:
-        return DenseSample(image=image, id_map=id_map, segments_info=record.segments_info, labels=labels,
+        return DenseSample(image=image, id_map=id_map, segments_info=record.segments_info,
+                           source_sha256=digest.hexdigest(), labels=labels,
                            segment_ids=np.asarray([0, *listed], dtype=np.int64), counts=counts,
                            pil_image=pil_image), []
-    return Sample(image=image, id_map=id_map, segments_info=record.segments_info), []
+    return Sample(image=image, id_map=id_map, segments_info=record.segments_info,
+                  source_sha256=digest.hexdigest()), []
 
 
 def read_sample(record: PanopticRecord, fs=None, *, categories: dict[int, dict] | None = None,

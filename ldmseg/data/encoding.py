@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 from PIL import Image
@@ -108,6 +108,40 @@ def _check_id_map(id_map: Any, name: str = "id_map") -> np.ndarray:
     return id_map
 
 
+def _check_slots_and_generator(num_slots: int, generator: Any) -> None:
+    if num_slots < 2:
+        raise ValueError(f"num_slots must be >= 2 (slot 0 is void), got {num_slots}")
+    if not isinstance(generator, np.random.Generator):
+        raise TypeError(
+            "generator must be a numpy.random.Generator (np.random.default_rng(seed) for training, "
+            f"eval_generator(image_id) for validation), got {type(generator).__name__}"
+        )
+
+
+def _filter_segments(segments_info: list[dict], area_of: Callable[[int], int], min_area: int
+                     ) -> tuple[list[dict], set[int], int, int]:
+    """The cleaning decision per ``segments_info`` entry → (kept entries (copies), their ids,
+    n_small, n_crowd). Crowd wins over small; entries for id 0 (void) are ignored;
+    ``area_of(id)`` is the segment's pixel count in the map (0 if absent)."""
+    kept: list[dict] = []
+    keep_ids: set[int] = set()
+    n_small = n_crowd = 0
+    for seg in segments_info:
+        if "id" not in seg:
+            raise ValueError(f"segments_info entry without an 'id' key: {seg!r}")
+        sid = int(seg["id"])
+        if sid == 0:
+            continue  # an entry for void carries no segment
+        if seg.get("iscrowd", 0):
+            n_crowd += 1
+        elif area_of(sid) < min_area:
+            n_small += 1
+        else:
+            kept.append(dict(seg))
+            keep_ids.add(sid)
+    return kept, keep_ids, n_small, n_crowd
+
+
 def clean_segments(id_map: np.ndarray, segments_info: list[dict], min_area: int = 10) -> CleanResult:
     """Make crowd segments and segments under ``min_area`` pixels void (0).
 
@@ -124,22 +158,7 @@ def clean_segments(id_map: np.ndarray, segments_info: list[dict], min_area: int 
     uniq, inverse, counts = _unique_counts(id_map)
     area = dict(zip(uniq.tolist(), counts.tolist()))
 
-    kept: list[dict] = []
-    keep_ids: set[int] = set()
-    n_small = n_crowd = 0
-    for seg in segments_info:
-        if "id" not in seg:
-            raise ValueError(f"segments_info entry without an 'id' key: {seg!r}")
-        sid = int(seg["id"])
-        if sid == 0:
-            continue  # an entry for void carries no segment
-        if seg.get("iscrowd", 0):
-            n_crowd += 1
-        elif area.get(sid, 0) < min_area:
-            n_small += 1
-        else:
-            kept.append(dict(seg))
-            keep_ids.add(sid)
+    kept, keep_ids, n_small, n_crowd = _filter_segments(segments_info, lambda sid: area.get(sid, 0), min_area)
 
     listed = {int(s["id"]) for s in segments_info}
     n_unlisted = sum(1 for u in uniq.tolist() if u != 0 and u not in listed)
@@ -191,13 +210,7 @@ def remap_ids(id_map: np.ndarray, num_slots: int, generator: np.random.Generator
     into void and counted in ``n_merged``.
     """
     id_map = _check_id_map(id_map)
-    if num_slots < 2:
-        raise ValueError(f"num_slots must be >= 2 (slot 0 is void), got {num_slots}")
-    if not isinstance(generator, np.random.Generator):
-        raise TypeError(
-            "generator must be a numpy.random.Generator (np.random.default_rng(seed) for training, "
-            f"eval_generator(image_id) for validation), got {type(generator).__name__}"
-        )
+    _check_slots_and_generator(num_slots, generator)
     uniq, inverse, counts = _unique_counts(id_map)
     segment = uniq != 0
     seg_index = np.flatnonzero(segment)  # positions in uniq of the non-void segments
@@ -247,31 +260,11 @@ def clean_remap_labels(counts: np.ndarray, segments_info: list[dict], min_area: 
     num_slots, generator).slot_map`` (the same draw from ``generator``) and the counts equal
     theirs, without a pass over the pixels: callers apply ``lut`` to the (resized) labels.
     """
-    if num_slots < 2:
-        raise ValueError(f"num_slots must be >= 2 (slot 0 is void), got {num_slots}")
-    if not isinstance(generator, np.random.Generator):
-        raise TypeError(
-            "generator must be a numpy.random.Generator (np.random.default_rng(seed) for training, "
-            f"eval_generator(image_id) for validation), got {type(generator).__name__}"
-        )
+    _check_slots_and_generator(num_slots, generator)
     counts = np.asarray(counts, dtype=np.int64).ravel()
     area = counts.tolist()
-    kept: list[dict] = []
-    keep: set[int] = set()
-    n_small = n_crowd = 0
-    for seg in segments_info:
-        if "id" not in seg:
-            raise ValueError(f"segments_info entry without an 'id' key: {seg!r}")
-        sid = int(seg["id"])
-        if sid == 0:
-            continue
-        if seg.get("iscrowd", 0):
-            n_crowd += 1
-        elif (area[sid] if 0 < sid < len(area) else 0) < min_area:
-            n_small += 1
-        else:
-            kept.append(dict(seg))
-            keep.add(sid)
+    kept, keep, n_small, n_crowd = _filter_segments(
+        segments_info, lambda sid: area[sid] if 0 < sid < len(area) else 0, min_area)
     # the labels left in the cleaned map, in label order (remap_ids' sorted unique ids)
     seg_index = np.array(sorted(s for s in keep if 0 < s < len(area) and area[s] > 0), dtype=np.int64)
     n_merged = max(0, seg_index.size - (num_slots - 1))

@@ -29,16 +29,21 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
 
 
+def panoptic_rgb(img: Image.Image) -> Image.Image:
+    """A loaded panoptic PNG as an RGB image (RGBA, palette and grey are converted); raises
+    ``ValueError`` for any other mode."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "P", "L"):
+        return img.convert("RGB")
+    raise ValueError(f"panoptic PNG has mode {img.mode}, expected RGB")
+
+
 def decode_panoptic_png(data: bytes) -> np.ndarray:
     """PNG bytes → (H, W) int64 ids. Raises ``ValueError`` for non-RGB or unreadable data."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        if img.mode != "RGB":
-            if img.mode in ("RGBA", "P", "L"):
-                img = img.convert("RGB")
-            else:
-                raise ValueError(f"panoptic PNG has mode {img.mode}, expected RGB")
-        return rgb_to_id(np.asarray(img))
+        return rgb_to_id(np.asarray(panoptic_rgb(img)))
 
 
 def encode_panoptic_png(ids: np.ndarray) -> bytes:

@@ -55,19 +55,10 @@ def decode_columns(cols: Mapping[str, Any], num_slots: int,
     res = resolutions.pop() if resolutions else 0
     formats = [str(f) for f in _as_list(cols["image_format"])]
 
-    images = _images_u8(image_col, formats, res, n)
-    # channels first, to float and / 127.5 in one pass over the pixels, then - 1: decode_row's
-    # float32 arithmetic (the same values), with two passes instead of four
-    image_f = np.empty((n, 3, res, res), dtype=np.float32)
-    np.divide(images.transpose(0, 3, 1, 2), np.float32(127.5), out=image_f, dtype=np.float32)
-    np.subtract(image_f, np.float32(1.0), out=image_f)
-
+    image_f = _to_float(_images_u8(image_col, formats, res, n))
     slot_maps = np.empty((n, res, res), dtype=np.int64)
     for i, data in enumerate(_as_list(cols["slot_map"])):
-        slot_map = _unpng(data)
-        if generator is not None:
-            slot_map = _repermute(slot_map, num_slots, generator)
-        slot_maps[i] = slot_map
+        slot_maps[i] = _slot_map(data, num_slots, generator)
 
     valid = np.zeros((n, res, res), dtype=bool)
     modes = _as_list(cols["resize_mode"]) if "resize_mode" in cols else [None] * n
@@ -83,8 +74,24 @@ def decode_columns(cols: Mapping[str, Any], num_slots: int,
             valid[i] = _unpng(valid_col[i]).astype(bool)
 
     image_ids = [int(v) for v in _as_list(cols["image_id"])]
-    return {"image": torch.from_numpy(image_f), "slot_map": torch.from_numpy(slot_maps), "valid": torch.from_numpy(valid),
-            "image_id": torch.tensor(image_ids, dtype=torch.int64)}
+    return {"image": torch.from_numpy(image_f), "slot_map": torch.from_numpy(slot_maps),
+            "valid": torch.from_numpy(valid), "image_id": torch.tensor(image_ids, dtype=torch.int64)}
+
+
+def _to_float(images: np.ndarray) -> np.ndarray:
+    """(N, R, R, 3) uint8 → (N, 3, R, R) float32 in [-1, 1]: channels first, to float and / 127.5
+    in one pass over the pixels, then - 1 (decode_row's float32 arithmetic: the same values)."""
+    n, h, w, _ = images.shape
+    out = np.empty((n, 3, h, w), dtype=np.float32)
+    np.divide(images.transpose(0, 3, 1, 2), np.float32(127.5), out=out, dtype=np.float32)
+    np.subtract(out, np.float32(1.0), out=out)
+    return out
+
+
+def _slot_map(data: Any, num_slots: int, generator: np.random.Generator | None) -> np.ndarray:
+    """A stored slot-map PNG → (R, R) slots (a view), re-permuted when ``generator`` is given."""
+    slot_map = _unpng(data)
+    return slot_map if generator is None else _repermute(slot_map, num_slots, generator)
 
 
 def _repermute(slot_map: np.ndarray, num_slots: int, generator: np.random.Generator) -> np.ndarray:
@@ -198,8 +205,9 @@ class _Block:
         res = {int(r) for r in self.cols.get("resolution", [])}
         image = table.column("image")
         self.images = None
+        self.res = 0
         if len(res) == 1 and all(f == "raw" for f in self.cols["image_format"]):
-            r = res.pop()
+            r = self.res = res.pop()
             chunks = _binary_chunks(image)
             view = _raw_view(chunks, r * r * 3) if chunks is not None else None
             if view is not None:
@@ -270,7 +278,18 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _decode(self, row: tuple[_Block, int], rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         block, i = row
-        return {k: v[0] for k, v in decode_columns(block.columns(i), self.num_slots, rng).items()}
+        if block.images is None or (block.cols["resize_mode"][i] or "pad") != "pad" \
+                or not block.cols["scaled_height"][i]:
+            return {k: v[0] for k, v in decode_columns(block.columns(i), self.num_slots, rng).items()}
+        # the common case (raw image, padded) without the batch decoder's generality: the same
+        # arrays as decode_columns on this one row
+        res = block.res
+        slot_map = _slot_map(block.cols["slot_map"][i], self.num_slots, rng).astype(np.int64)
+        valid = np.zeros((res, res), dtype=bool)
+        valid[: int(block.cols["scaled_height"][i]), : int(block.cols["scaled_width"][i])] = True
+        return {"image": torch.from_numpy(_to_float(block.images[i].reshape(1, res, res, 3))[0]),
+                "slot_map": torch.from_numpy(slot_map), "valid": torch.from_numpy(valid),
+                "image_id": torch.from_numpy(np.array(block.cols["image_id"][i], dtype=np.int64))}
 
 
 def iterate_batches(dataset: Iterable[dict[str, torch.Tensor]], batch_size: int,

@@ -23,7 +23,7 @@ segments       string    JSON list: {slot, id, category_id, iscrowd, area, bbox}
 n_small        int32     segments < min_segment_area turned void
 n_crowd        int32     crowd segments turned void
 n_merged       int32     segments merged into void because there were more than S−1
-checksum       string    sha256 of the decoded source image and id map
+checksum       string    sha256 of the source image file then the panoptic PNG, as stored
 ============== ========= =================================================================
 
 Slots are remapped deterministically per image id (``eval_generator``); training re-permutes
@@ -33,7 +33,6 @@ them per sample (:func:`decode_row` with a generator).
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import struct
@@ -47,7 +46,8 @@ from PIL import Image
 from ldmseg.config import Config
 from ldmseg.data import encoding
 
-SCHEMA_VERSION = 1
+# 2: ``checksum`` hashes the source files as stored (1: the decoded image and id map)
+SCHEMA_VERSION = 2
 
 SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -171,32 +171,25 @@ def decode_image(data: bytes, fmt: str, resolution: int) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def checksum(image: np.ndarray, id_map: np.ndarray) -> str:
-    """sha256 of the image's bytes (H, W, 3 uint8, row-major) then the id map's (int64)."""
-    h = hashlib.sha256()
-    h.update(memoryview(np.ascontiguousarray(image)).cast("B"))
-    h.update(memoryview(np.ascontiguousarray(id_map, dtype=np.int64)).cast("B"))
-    return h.hexdigest()
-
-
 class SkipImage(ValueError):
     """The image is valid but unusable for training (e.g. no non-crowd segment)."""
 
 
 def encode_sample(image: np.ndarray, id_map: np.ndarray, segments_info: list[dict], *, image_id: int,
                   cfg: Config, split: str = "train", file_name: str = "", segments_file: str = "",
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, source_sha256: str = "") -> dict[str, Any]:
     """One decoded COCO panoptic sample → one shard row (a dict matching :data:`SCHEMA`).
 
-    ``image`` is (H, W, 3) uint8, ``id_map`` (H, W) int64 COCO segment ids. Cleans (small and
+    ``image`` is (H, W, 3) uint8, ``id_map`` (H, W) int64 COCO segment ids; ``source_sha256``
+    becomes the row's ``checksum`` (:attr:`ldmseg.data.coco.Sample.source_sha256`). Cleans (small and
     crowd → void), remaps ids into slots deterministically per ``image_id``, resizes/pads to
     ``cfg.data.resolution``. Raises :class:`SkipImage` if no non-crowd segment is left.
     """
     image = _check_image(image, id_map)
     dense, ids = encoding.compact_ids(id_map)  # one hash pass; the rest works on dense labels
     counts = np.bincount(dense.ravel(), minlength=len(ids))
-    return _encode(image, None, id_map, dense, ids, counts, segments_info, image_id=image_id, cfg=cfg,
-                   split=split, file_name=file_name, segments_file=segments_file, seed=seed)
+    return _encode(image, None, dense, ids, counts, segments_info, image_id=image_id, cfg=cfg, split=split,
+                   file_name=file_name, segments_file=segments_file, seed=seed, source_sha256=source_sha256)
 
 
 def encode_dense_sample(sample, *, image_id: int, cfg: Config, split: str = "train", file_name: str = "",
@@ -209,9 +202,10 @@ def encode_dense_sample(sample, *, image_id: int, cfg: Config, split: str = "tra
     written there and the row's ``image`` is None (the caller builds the column from it).
     """
     image = _check_image(sample.image, sample.id_map)
-    return _encode(image, sample.pil_image, sample.id_map, sample.labels, sample.segment_ids, sample.counts,
+    return _encode(image, sample.pil_image, sample.labels, sample.segment_ids, sample.counts,
                    sample.segments_info, image_id=image_id, cfg=cfg, split=split, file_name=file_name,
-                   segments_file=segments_file, seed=seed, image_out=image_out)
+                   segments_file=segments_file, seed=seed, source_sha256=sample.source_sha256,
+                   image_out=image_out)
 
 
 def _check_image(image: np.ndarray, id_map: np.ndarray) -> np.ndarray:
@@ -223,9 +217,9 @@ def _check_image(image: np.ndarray, id_map: np.ndarray) -> np.ndarray:
     return image
 
 
-def _encode(image: np.ndarray, pil_image, id_map: np.ndarray, labels: np.ndarray, ids: np.ndarray,
-            counts: np.ndarray, segments_info: list[dict], *, image_id: int, cfg: Config, split: str,
-            file_name: str, segments_file: str, seed: int, image_out: np.ndarray | None = None
+def _encode(image: np.ndarray, pil_image, labels: np.ndarray, ids: np.ndarray, counts: np.ndarray,
+            segments_info: list[dict], *, image_id: int, cfg: Config, split: str, file_name: str,
+            segments_file: str, seed: int, source_sha256: str, image_out: np.ndarray | None = None
             ) -> dict[str, Any]:
     """The row of a sample given as dense labels (``ids[label]`` = COCO id, ``counts`` per label).
 
@@ -234,7 +228,6 @@ def _encode(image: np.ndarray, pil_image, id_map: np.ndarray, labels: np.ndarray
     areas, and the label → slot table is applied to the resized labels.
     """
     h, w = labels.shape
-    digest = checksum(image, id_map)
     label_of = {int(v): i for i, v in enumerate(ids.tolist())}
     dense_info = [{**s, "id": label_of[int(s["id"])]} for s in segments_info if int(s["id"]) in label_of]
     remap = encoding.clean_remap_labels(counts, dense_info, cfg.data.min_segment_area, cfg.data.num_slots,
@@ -285,7 +278,7 @@ def _encode(image: np.ndarray, pil_image, id_map: np.ndarray, labels: np.ndarray
         "valid": _valid_png(res, int(sh), int(sw)),
         "num_segments": len(segments), "segments": json.dumps(segments),
         "n_small": int(remap.n_small), "n_crowd": int(remap.n_crowd), "n_merged": int(remap.n_merged),
-        "checksum": digest,
+        "checksum": source_sha256,
     }
 
 
