@@ -119,8 +119,10 @@ def train_worker(config: dict) -> None:
 
     from ldmseg.checkpoint import save_model
     from ldmseg.diffusion import training
+    from pipelines import ray_compat
     from pipelines.tracking import Tracker
 
+    ray_compat.quiet_train_worker()
     cfg = from_dict(config["cfg"])
     stage = config["stage"]
     tcfg = cfg.train_ae if stage == "ae" else cfg.train_ldm
