@@ -10,6 +10,7 @@ Each folder's masks are resized to the model's training resolution and reconstru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -22,6 +23,10 @@ def main() -> int:
     parser.add_argument("--model", required=True, help="a model folder holding a mask_autoencoder")
     parser.add_argument("--data", action="append", required=True, help="COCO panoptic folder (repeatable)")
     parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--count-th", type=float, action="append", default=None,
+                        help="post-processing count_th to score with (repeatable; default: the model's "
+                             "config). 0 keeps every decoded segment: the AE alone, without the area "
+                             "filter meant for sampling noise")
     args = parser.parse_args()
 
     from ldmseg.checkpoint import load_model
@@ -32,10 +37,13 @@ def main() -> int:
     ae = loaded.components["mask_autoencoder"]
     cfg = loaded.cfg
     print(f"model {args.model}: resolution {cfg.data.resolution}, {cfg.data.num_slots} slots")
-    for folder in args.data:
-        r = ae_reconstruction_pq(ae, coco.load_coco_panoptic(folder), cfg, max_images=args.max_images)
-        print(f"{folder}: PQ {100 * r['pq']:.1f}  SQ {100 * r['sq']:.1f}  RQ {100 * r['rq']:.1f}  "
-              f"({r['n_images']} images, {r['n_segments']} segments, {r['n_over_slots']} beyond the slots)")
+    for count_th in args.count_th or [cfg.sampling.count_th]:
+        scored = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, count_th=count_th))
+        for folder in args.data:
+            r = ae_reconstruction_pq(ae, coco.load_coco_panoptic(folder), scored, max_images=args.max_images)
+            print(f"count_th {count_th:g}  {folder}: PQ {100 * r['pq']:.1f}  SQ {100 * r['sq']:.1f}  "
+                  f"RQ {100 * r['rq']:.1f}  ({r['n_images']} images, {r['n_segments']} segments, "
+                  f"{r['n_over_slots']} beyond the slots)")
     return 0
 
 
