@@ -303,6 +303,13 @@ def latest_checkpoint(storage: str, name: str, storage_fs=None):
 
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute; URLs (``s3://``, ``file://``) and ``models:/`` URIs unchanged."""
+    if "://" in path or path.startswith(("models:/", "runs:/")):
+        return path
+    return str(Path(path).resolve())
+
+
 def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_model: str | None = None,
               storage_path: str | None = None, tracking_uri: str | None = None, address: str | None = None,
               name_suffix: str = "") -> StageResult:
@@ -320,6 +327,9 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
     t0 = time.time()
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    # workers run in Ray's own working folder: local paths they open must be absolute
+    data = _absolute(data)
+    ae_model = _absolute(ae_model) if ae_model else ae_model
     ray_compat.init_ray(address)
     tcfg = cfg.train_ae if stage == "ae" else cfg.train_ldm
     name = run_name(stage, cfg, name_suffix)

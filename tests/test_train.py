@@ -56,7 +56,8 @@ def read_model_json(model_dir) -> dict:
     return json.loads((Path(model_dir) / "model.json").read_text())
 
 
-def test_two_worker_ae_and_ldm_report_metrics_and_checkpoints(shards, tmp_path):
+def test_two_worker_ae_and_ldm_report_metrics_and_checkpoints(shards, tmp_path, monkeypatch):
+    """Also: relative data, AE and run paths (workers run in Ray's own working folder)."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.train import run_train
@@ -64,11 +65,15 @@ def test_two_worker_ae_and_ldm_report_metrics_and_checkpoints(shards, tmp_path):
     cfg = cfg_with("train_ae.iterations=4", "train_ae.report_every=2", "train_ae.checkpoint_every=2",
                    "train_ae.num_workers=2", "train_ldm.iterations=4", "train_ldm.report_every=2",
                    "train_ldm.checkpoint_every=2", "train_ldm.num_workers=2")
-    ae = run_train("ae", cfg, data=shards, run_dir=tmp_path)
+    monkeypatch.chdir(Path(shards).parent)
+    ae = run_train("ae", cfg, data=Path(shards).name, run_dir=os.path.relpath(tmp_path))
+    assert ae.metrics["val_recon_pq"] >= 0  # the final validation read the (relative) data
     assert ae.metrics["step"] == 4 and ae.metrics["loss"] > 0
     meta = read_model_json(ae.model_dir)
     assert meta["latent_scale"] > 0 and (Path(ae.model_dir) / "mask_autoencoder.safetensors").exists()
-    ldm = run_train("ldm", cfg, data=shards, run_dir=tmp_path, ae_model=ae.model_dir)
+    ldm = run_train("ldm", cfg, data=Path(shards).name, run_dir=tmp_path,
+                    ae_model=os.path.relpath(ae.model_dir))
+    assert ldm.metrics["val_pq"] >= 0
     assert ldm.metrics["step"] == 4 and ldm.metrics["loss"] > 0
     assert read_model_json(ldm.model_dir)["latent_scale"] == pytest.approx(meta["latent_scale"])
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
