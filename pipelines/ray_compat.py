@@ -67,18 +67,12 @@ def quiet_data_progress(quiet: bool = True) -> None:
 
 
 def quiet_train_worker() -> None:
-    """On a Ray Train worker, leave the console to our own progress lines: no Ray Data progress
-    or per-epoch "Dataset ... execution finished" lines from the shard iterator, no Ray Train V2
-    per-report INFO line ("Reporting training result N: TrainingReport(...)", every metric; its
-    logger is named after its source file, outside ``ray.train``, so ``LoggingConfig`` does not
-    reach it) and no deprecation warning about Ray Train's own ``exclude_resources`` use."""
-    import warnings
-
-    quiet_data_progress()
-    warnings.filterwarnings("ignore", message=".*exclude_resources.*")
+    """On a Ray Train worker, silence Ray Train V2's per-report INFO line ("Reporting training
+    result N: TrainingReport(...)", every metric). Its logger is named after its source file,
+    outside ``ray.train``, so ``LoggingConfig`` does not reach it."""
     try:
         from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray version: nothing more to silence
+    except ImportError:  # another Ray version: nothing to silence
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 

@@ -303,7 +303,7 @@ def latest_checkpoint(storage: str, name: str, storage_fs=None):
 
 
 
-def _absolute(path: str) -> str:
+def absolute_path(path: str) -> str:
     """A local path made absolute; URLs (``s3://``, ``file://``) and ``models:/`` URIs unchanged."""
     if "://" in path or path.startswith(("models:/", "runs:/")):
         return path
@@ -328,8 +328,8 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     # workers run in Ray's own working folder: local paths they open must be absolute
-    data = _absolute(data)
-    ae_model = _absolute(ae_model) if ae_model else ae_model
+    data = absolute_path(data)
+    ae_model = absolute_path(ae_model) if ae_model else ae_model
     ray_compat.init_ray(address)
     tcfg = cfg.train_ae if stage == "ae" else cfg.train_ldm
     name = run_name(stage, cfg, name_suffix)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.tune import _say, collect_results, failed_trial, log_summary, make_tuner, markdown_table, trial_tracker
+from pipelines.train import absolute_path
 
 SPACE = {
     "diffusion.beta_schedule": ["scaled_linear", "linear", "squaredcos_cap_v2"],
@@ -130,8 +131,8 @@ def run_schedule_sweep(data: str, ae: str, output: str, *, config: str | None = 
     uri = resolve_tracking_uri(tracking_uri, out)
     sweep_id = name or f"schedules-{time.strftime('%Y%m%d-%H%M%S')}"
     space: dict[str, Any] = {
-        "cfg": to_dict(cfg), "data": data if "://" in data else str(Path(data).resolve()),
-        "ae_dir": str(Path(ae_dir).resolve()), "val_split": val_split, "val_images": val_images,
+        "cfg": to_dict(cfg), "data": absolute_path(data),
+        "ae_dir": absolute_path(ae_dir), "val_split": val_split, "val_images": val_images,
         "val_steps": val_steps, "max_steps": max_steps, "eval_every": eval_every, "tracking_uri": uri,
         "artifact_root": local_artifact_root(uri, out), "experiment": "ldmseg-tune", "sweep_id": sweep_id,
         **{k: tune.choice(v) for k, v in SPACE.items()}}
