@@ -34,9 +34,9 @@ def on_the_fly(records, cfg, rng) -> None:
 
     for rec in records:
         s = coco.read_sample(rec)
-        clean = encoding.clean_segments(s.id_map, s.segments_info, cfg.data.min_segment_area)
-        remap = encoding.remap_ids(clean.id_map, cfg.data.num_slots, rng)
-        image, slots, valid, _ = encoding.resize_pad(s.image, remap.slot_map, cfg.data.resolution)
+        image, ids_r, valid, _ = encoding.resize_pad(s.image, s.id_map, cfg.data.resolution)
+        clean = encoding.clean_segments(ids_r, s.segments_info, cfg.data.min_segment_area)
+        encoding.remap_ids(clean.id_map, cfg.data.num_slots, rng)
         encoding.image_to_tensor(image)
 
 

@@ -39,7 +39,8 @@ class DataConfig:
     num_slots: int = 32
     """S id slots, slot 0 = void; a power of two so that ids fit log2(S) bit planes."""
     min_segment_area: int = 10
-    """Segments under this many pixels become void at training time."""
+    """Segments under this many pixels *at the training resolution* become void (in the shards, the
+    AE reconstruction score and the validation targets): a segment resized below it is no target."""
     resize_mode: Literal["pad", "squash"] = "pad"
     """``pad`` keeps the aspect ratio and pads (with a valid-pixel mask); ``squash`` is the paper's."""
 
@@ -87,6 +88,9 @@ class MaskAEConfig:
     kl_weight: float = 0.0
     latent_noise: float = 0.0
     """Std of Gaussian noise added to latents while training, in units of the latent std."""
+    random_map_fraction: float = 0.0
+    """Share of each AE training batch replaced by procedural COCO-like maps
+    (:mod:`ldmseg.data.random_maps`): outlines, sizes and segment counts the dataset may not show."""
     num_points: int = 1024
     """Points sampled per image for the loss (112² at COCO scale)."""
     oversample_ratio: float = 3.0
@@ -256,6 +260,8 @@ class Config:
 
     def validate(self) -> None:
         self.data.validate()
+        if not 0.0 <= self.mask_ae.random_map_fraction <= 1.0:
+            raise ConfigError(f"mask_ae.random_map_fraction must lie in [0, 1], got {self.mask_ae.random_map_fraction}")
 
 
 # --------------------------------------------------------------------------------------------

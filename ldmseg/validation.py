@@ -144,8 +144,9 @@ def ae_reconstruction_pq(mask_ae: nn.Module, dataset, cfg: Config, *, max_images
                          ) -> dict[str, float]:
     """Class-agnostic PQ of the mask AE reconstructing a COCO panoptic dataset's masks.
 
-    Per image: crowd and small segments removed (``clean_segments``), the id map resized to the
-    training resolution (nearest, padded), ids given slots by the evaluation permutation, encoded,
+    Per image, as the shards make it: the id map resized to the training resolution (nearest,
+    padded), crowd segments and segments under ``data.min_segment_area`` pixels *at that
+    resolution* made void (``clean_segments``), ids given slots by the evaluation permutation, encoded,
     decoded and post-processed with ``cfg.sampling``'s thresholds; scored against the resized
     map with *all* its segments (segments beyond the ``num_slots − 1`` slots count as missed).
     Returns ``pq``, ``sq``, ``rq``, ``n_images``, ``n_segments``, ``n_over_slots``.
@@ -161,8 +162,8 @@ def ae_reconstruction_pq(mask_ae: nn.Module, dataset, cfg: Config, *, max_images
     stat, n, n_segments, n_over = PQStat(), 0, 0, 0
     for rec in dataset.records[:max_images] if max_images else dataset.records:
         sample = coco.read_sample(rec)
-        clean = clean_segments(sample.id_map, sample.segments_info, cfg.data.min_segment_area)
-        _, ids_r, valid, _ = resize_pad(None, clean.id_map, cfg.data.resolution, cfg.data.resize_mode)
+        _, ids_r, valid, _ = resize_pad(None, sample.id_map, cfg.data.resolution, cfg.data.resize_mode)
+        ids_r = clean_segments(ids_r, sample.segments_info, cfg.data.min_segment_area).id_map
         remap = remap_ids(ids_r, cfg.data.num_slots, eval_generator(int(rec.image_id)))
         slots = torch.from_numpy(remap.slot_map)[None].to(device)
         logits = module(ids_to_bits(slots, module.num_bits))[0]

@@ -289,3 +289,25 @@ def test_train_loop_cycles_reports_means_and_checkpoints():
     assert training.train_loop(step_fn, [5], 100, start_step=4, time_budget_s=0.0) == 4
     with pytest.raises(ValueError, match="re-iterable"):
         training.train_loop(step_fn, iter([1, 2]), 5)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_ae_train_step_mixes_in_random_maps(fraction):
+    """``mask_ae.random_map_fraction`` replaces the last maps of the batch (the caller's batch is
+    untouched): the step's segment count is that of the kept maps plus the procedural ones."""
+    from ldmseg.data.random_maps import random_slot_maps
+
+    cfg = tiny_cfg(f"mask_ae.random_map_fraction={fraction}")
+    batch = scene_batch(cfg, 8)
+    before = batch["slot_map"].clone()
+    ae = build_components(cfg)["mask_autoencoder"]
+    optimizer, _ = training.make_optimizer(ae.parameters(), cfg.train_ae)
+    parts = training.ae_train_step(ae, batch, optimizer, cfg, generator=torch.Generator().manual_seed(5))
+    n_random = round(8 * fraction)
+    maps = random_slot_maps(n_random, 32, 8, min_area=10, generator=torch.Generator().manual_seed(5))
+    kept = batch["slot_map"][: 8 - n_random]
+    expected = sum(len(torch.unique(m[m > 0])) for m in [*kept, *maps])
+    assert parts["num_segments"] == expected
+    assert torch.equal(batch["slot_map"], before)
+    with pytest.raises(Exception, match="random_map_fraction"):
+        tiny_cfg("mask_ae.random_map_fraction=1.5")

@@ -43,11 +43,11 @@ def test_task_size_fills_files_or_shares_small_chunks():
 def expected_arrays(rec: coco.PanopticRecord, cfg) -> dict[str, np.ndarray]:
     """The in-memory encodings of issue 1/5 for one record, computed without the shard code."""
     sample = coco.read_sample(rec)
-    clean = encoding.clean_segments(sample.id_map, sample.segments_info, cfg.data.min_segment_area)
-    remap = encoding.remap_ids(clean.id_map, cfg.data.num_slots, encoding.eval_generator(rec.image_id))
-    image, slots, valid, _ = encoding.resize_pad(sample.image, remap.slot_map, cfg.data.resolution,
+    image, ids_r, valid, _ = encoding.resize_pad(sample.image, sample.id_map, cfg.data.resolution,
                                                  cfg.data.resize_mode)
-    return {"image": encoding.image_to_tensor(image).numpy(), "slot_map": slots, "valid": valid}
+    clean = encoding.clean_segments(ids_r, sample.segments_info, cfg.data.min_segment_area)  # areas at R×R
+    remap = encoding.remap_ids(clean.id_map, cfg.data.num_slots, encoding.eval_generator(rec.image_id))
+    return {"image": encoding.image_to_tensor(image).numpy(), "slot_map": remap.slot_map, "valid": valid}
 
 
 def check_against_memory(output: str, source: str, cfg) -> int:
@@ -194,6 +194,25 @@ def test_rows_equal_encode_sample_and_old_slot_pngs_decode(coco_val_examples):
         Image.fromarray(np.ascontiguousarray(slots)).save(buf, format="PNG", compress_level=1)
         old = {**row, "slot_map": buf.getvalue()}
         assert np.array_equal(shards.decode_row(old, 32)["slot_map"], shards.decode_row(row, 32)["slot_map"])
+
+
+def test_min_segment_area_counts_pixels_at_the_training_resolution():
+    """A 12×12 segment (144 px) of a 96×96 map is 4×4 = 16 px at 32×32 (kept with min area 10)
+    and 2×2 = 4 px at 16×16: there it becomes void and is counted in ``n_small``."""
+    from ldmseg.data import shards
+
+    id_map = np.zeros((96, 96), np.int64)
+    id_map[:48] = 1
+    id_map[48:] = 2
+    id_map[60:72, 60:72] = 3
+    info = [{"id": i, "category_id": 1, "iscrowd": 0} for i in (1, 2, 3)]
+    image = np.zeros((96, 96, 3), np.uint8)
+    for res, n_segments, n_small in ((32, 3, 0), (16, 2, 1)):
+        cfg = load_config(REPO / "conf/tiny.yaml", [f"data.resolution={res}", "data.min_segment_area=10"])
+        row = shards.encode_sample(image, id_map, info, image_id=1, cfg=cfg, source_sha256="")
+        slots = shards._unpng(row["slot_map"])
+        assert (row["num_segments"], row["n_small"]) == (n_segments, n_small)
+        assert len(np.unique(slots[slots > 0])) == n_segments
 
 
 def test_shard_dataset_equals_row_by_row_reference(tmp_path, coco_val_examples):

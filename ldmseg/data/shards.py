@@ -20,7 +20,7 @@ slot_map       binary    remapped id map (slot per pixel, 0 = void/padding) as 8
 valid          binary    valid-pixel mask (1 = inside the image) as 1-bit PNG
 num_segments   int32     non-void segments after cleaning
 segments       string    JSON list: {slot, id, category_id, iscrowd, area, bbox} per segment
-n_small        int32     segments < min_segment_area turned void
+n_small        int32     segments < min_segment_area px at the training resolution turned void
 n_crowd        int32     crowd segments turned void
 n_merged       int32     segments merged into void because there were more than S−1
 checksum       string    sha256 of the source image file then the panoptic PNG, as stored
@@ -47,7 +47,8 @@ from ldmseg.config import Config
 from ldmseg.data import encoding
 
 # 2: ``checksum`` hashes the source files as stored (1: the decoded image and id map)
-SCHEMA_VERSION = 2
+# 3: ``min_segment_area`` counts pixels at the training resolution (2: at the source's)
+SCHEMA_VERSION = 3
 
 SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -223,22 +224,28 @@ def _encode(image: np.ndarray, pil_image, labels: np.ndarray, ids: np.ndarray, c
             ) -> dict[str, Any]:
     """The row of a sample given as dense labels (``ids[label]`` = COCO id, ``counts`` per label).
 
-    Equal to cleaning, remapping and resizing the id map itself (:func:`encoding.clean_segments`,
-    :func:`encoding.remap_ids`, :func:`encoding.resize_pad`): the decisions only need the label
-    areas, and the label → slot table is applied to the resized labels.
+    Equal to resizing, cleaning and remapping the id map itself (:func:`encoding.resize_pad`,
+    :func:`encoding.clean_segments`, :func:`encoding.remap_ids`): segment areas are counted at
+    the training resolution (a segment the model sees as 3 pixels is not a target, however large
+    it was in the source), and the label → slot table is applied to the resized labels.
     """
     h, w = labels.shape
     label_of = {int(v): i for i, v in enumerate(ids.tolist())}
     dense_info = [{**s, "id": label_of[int(s["id"])]} for s in segments_info if int(s["id"]) in label_of]
-    remap = encoding.clean_remap_labels(counts, dense_info, cfg.data.min_segment_area, cfg.data.num_slots,
-                                        encoding.eval_generator(image_id, seed))
-    if not remap.has_segments:
-        raise SkipImage("no non-crowd segment of at least "
-                        f"{cfg.data.min_segment_area} px (nothing to train on)")
     res, mode = int(cfg.data.resolution), cfg.data.resize_mode
     if res < 1:
         raise ValueError(f"resolution must be >= 1, got {res}")
     sh, sw = encoding.scaled_size(h, w, res, mode)
+    small_labels = labels
+    if (sh, sw) != (h, w):
+        small_labels = np.take(np.take(labels, encoding._nearest_index(h, sh), axis=0),
+                               encoding._nearest_index(w, sw), axis=1)
+        counts = np.bincount(small_labels.ravel(), minlength=len(counts))
+    remap = encoding.clean_remap_labels(counts, dense_info, cfg.data.min_segment_area, cfg.data.num_slots,
+                                        encoding.eval_generator(image_id, seed))
+    if not remap.has_segments:
+        raise SkipImage(f"no non-crowd segment of at least {cfg.data.min_segment_area} px at the "
+                        f"training resolution {res} (nothing to train on)")
 
     # image: bilinear (PIL) into the top-left of a black R×R canvas
     if (sh, sw) == (h, w):
@@ -253,10 +260,6 @@ def _encode(image: np.ndarray, pil_image, labels: np.ndarray, ids: np.ndarray, c
 
     # slots: nearest-resize the labels, then the label → slot table
     slot_dtype = np.uint8 if cfg.data.num_slots <= 256 else np.uint16
-    small_labels = labels
-    if (sh, sw) != (h, w):
-        small_labels = np.take(np.take(labels, encoding._nearest_index(h, sh), axis=0),
-                               encoding._nearest_index(w, sw), axis=1)
     slots_r = np.zeros((res, res), dtype=slot_dtype)
     slots_r[:sh, :sw] = np.take(remap.lut.astype(slot_dtype), small_labels)
 

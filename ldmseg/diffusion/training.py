@@ -29,6 +29,7 @@ from torch import nn
 
 from ldmseg.config import Config, TrainConfig
 from ldmseg.data.encoding import ids_to_bits
+from ldmseg.data.random_maps import random_slot_maps
 from ldmseg.diffusion.noise import make_train_scheduler, min_snr_weights, prediction_target, predict_x0
 from ldmseg.diffusion.sampling import unwrap
 from ldmseg.models.mask_losses import mask_ae_loss
@@ -230,6 +231,8 @@ def ae_train_step(
     """One optimiser step of the mask autoencoder on ``batch``.
 
     The slot map becomes bit planes (:func:`~ldmseg.data.encoding.ids_to_bits`); when
+    ``cfg.mask_ae.random_map_fraction > 0`` the last ``round(fraction × B)`` maps of the batch are
+    replaced by procedural COCO-like maps (:func:`~ldmseg.data.random_maps.random_slot_maps`); when
     ``cfg.mask_ae.latent_noise > 0`` Gaussian noise of that many latent stds (the std of this
     batch's latents) is added to the latent; the loss is
     :func:`~ldmseg.models.mask_losses.mask_ae_loss`; gradients are clipped to
@@ -241,9 +244,16 @@ def ae_train_step(
     image, slot_map, valid = _check_batch(batch)
     module = unwrap(ae)
     ae.train()
-    bits = ids_to_bits(slot_map, module.num_bits)
-    device = bits.device
+    device = slot_map.device
     same_device = generator is not None and generator.device.type == device.type
+    n_random = round(cfg.mask_ae.random_map_fraction * slot_map.shape[0])
+    if n_random:
+        slot_map, valid = slot_map.clone(), valid.clone()
+        slot_map[-n_random:] = random_slot_maps(n_random, slot_map.shape[-1], module.num_slots,
+                                                min_area=cfg.data.min_segment_area,
+                                                generator=generator if same_device else None, device=device)
+        valid[-n_random:] = True
+    bits = ids_to_bits(slot_map, module.num_bits)
     noise_std = 0.0
     if cfg.mask_ae.latent_noise > 0:
         with torch.no_grad():
