@@ -7,6 +7,7 @@ server instead. If the server cannot be reached, training goes on and says so on
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -74,6 +75,9 @@ class Tracker:
     def client(self):
         if self._client is None:
             from mlflow.tracking import MlflowClient
+
+            # each process opening a sqlite store logs "Creating initial MLflow database tables..."
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
