@@ -1,10 +1,13 @@
 """Mask AE reconstruction PQ on COCO panoptic folders (e.g. the real samples of shared/data).
 
     python benchmarks/ae_recon.py --model runs/bench/models/ae --data ../shared/data/coco-panoptic-sample \
-        --data ../shared/data/coco-val-examples
+        --data ../shared/data/coco-val-examples --count-th 0.0025
 
-Each folder's masks are resized to the model's training resolution and reconstructed by the AE
-(:func:`ldmseg.validation.ae_reconstruction_pq`); one line of PQ/SQ/RQ per folder and overall.
+Each folder's masks are resized to the model's training resolution, segments left under
+``data.min_segment_area`` pixels there made void, and reconstructed by the AE
+(:func:`ldmseg.validation.ae_reconstruction_pq`); one line of PQ/SQ/RQ per folder and
+``count_th``. Score the AE alone at ``count_th`` = min_segment_area / resolution² (0.0025 at 64²
+with 10 px): a sampling config's larger ``count_th`` drops real segments by itself.
 """
 
 from __future__ import annotations
