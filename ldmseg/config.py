@@ -103,6 +103,10 @@ class MaskAEConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.widths) - 1)
 
+    def validate(self) -> None:
+        if not 0.0 <= self.random_map_fraction <= 1.0:
+            raise ConfigError(f"mask_ae.random_map_fraction must lie in [0, 1], got {self.random_map_fraction}")
+
 
 @dataclass
 class ImageEncoderConfig:
@@ -260,8 +264,7 @@ class Config:
 
     def validate(self) -> None:
         self.data.validate()
-        if not 0.0 <= self.mask_ae.random_map_fraction <= 1.0:
-            raise ConfigError(f"mask_ae.random_map_fraction must lie in [0, 1], got {self.mask_ae.random_map_fraction}")
+        self.mask_ae.validate()
 
 
 # --------------------------------------------------------------------------------------------

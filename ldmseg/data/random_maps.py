@@ -15,15 +15,18 @@ A map is built in torch, for a whole batch at once:
    rotated ellipses with log-uniform sizes (a few pixels to a third of the image), aspect ratios
    up to ~7 (thin parts) and their own low-frequency boundary noise; a few are void;
 4. per map: segments under ``min_area`` pixels become void, the largest ``num_slots − 1`` keep a
-   slot, and slots are drawn at random (as :func:`ldmseg.data.encoding.remap_ids` does).
+   slot, and slots are drawn at random (:func:`ldmseg.data.encoding.clean_remap_labels`).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ldmseg.data.encoding import clean_remap_labels
 
 
 def _smooth_noise(shape: tuple[int, ...], grid: int, size: int, generator: torch.Generator | None,
@@ -106,17 +109,12 @@ def random_slot_maps(
         void = torch.rand(n, 1, 1, generator=g, device=device) < void_prob
         labels = torch.where(inside, torch.where(void, torch.zeros_like(labels), max_stuff + 1 + i), labels)
 
-    # 4. small segments void, the largest S − 1 keep a slot, random slots
-    out = torch.zeros_like(labels)
-    num_labels = max_stuff + max_things + 1
+    # 4. per map, as the shards do it: small segments void, the largest S − 1 keep random slots
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=g, device=device)))
+    info = [{"id": i} for i in range(1, max_stuff + max_things + 1)]
+    out = torch.empty_like(labels)
     for b in range(n):
-        area = torch.bincount(labels[b].flatten(), minlength=num_labels)
-        area[0] = 0
-        area = torch.where(area >= min_area, area, torch.zeros_like(area))
-        present = torch.nonzero(area).flatten()
-        if present.numel() > num_slots - 1:
-            present = present[area[present].argsort(descending=True)[: num_slots - 1]]
-        lut = torch.zeros(num_labels, dtype=torch.int64, device=device)
-        lut[present] = torch.randperm(num_slots - 1, generator=g, device=device)[: present.numel()] + 1
-        out[b] = lut[labels[b]]
+        counts = torch.bincount(labels[b].flatten(), minlength=len(info) + 1).cpu().numpy()
+        lut = clean_remap_labels(counts, info, min_area, num_slots, rng).lut
+        out[b] = torch.from_numpy(lut).to(device)[labels[b]]
     return out
