@@ -17,8 +17,23 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+class PerfectAE(torch.nn.Module):
+    """Stands in for a mask AE: bit planes (B, nb, H, W) → ±20 logits (B, S, H, W) of the exact slots."""
+
+    def __init__(self, num_slots: int) -> None:
+        super().__init__()
+        self.num_slots, self.num_bits = num_slots, num_slots.bit_length() - 1
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the scorer a device
+
+    def forward(self, bits: torch.Tensor) -> torch.Tensor:
+        ids = sum((bits[:, i] > 0).long() << i for i in range(self.num_bits))
+        return torch.nn.functional.one_hot(ids, self.num_slots).permute(0, 3, 1, 2).float() * 40 - 20
 
 
 def main() -> int:
@@ -30,6 +45,10 @@ def main() -> int:
                         help="post-processing count_th to score with (repeatable; default: the model's "
                              "config). 0 keeps every decoded segment: the AE alone, without the area "
                              "filter meant for sampling noise")
+    parser.add_argument("--perfect", action="store_true",
+                        help="score a perfect AE instead (the slot map itself as logits): the ceiling "
+                             "that slots, the area floor and count_th leave")
+    parser.add_argument("--num-slots", type=int, default=None, help="with --perfect: slots to assume")
     args = parser.parse_args()
 
     from ldmseg.checkpoint import load_model
@@ -39,6 +58,9 @@ def main() -> int:
     loaded = load_model(args.model)
     ae = loaded.components["mask_autoencoder"]
     cfg = loaded.cfg
+    if args.perfect:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_slots=args.num_slots or cfg.data.num_slots))
+        ae = PerfectAE(cfg.data.num_slots)
     print(f"model {args.model}: resolution {cfg.data.resolution}, {cfg.data.num_slots} slots")
     for count_th in args.count_th or [cfg.sampling.count_th]:
         scored = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, count_th=count_th))
