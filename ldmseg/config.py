@@ -88,6 +88,10 @@ class MaskAEConfig:
     kl_weight: float = 0.0
     latent_noise: float = 0.0
     """Std of Gaussian noise added to latents while training, in units of the latent std."""
+    decoder_full_resolution: bool = False
+    """False: the paper's decoder, logits at 1/2 resolution upsampled bilinearly. True: one more
+    ConvTranspose stage (to ``widths[0]`` channels) decodes the logits at full resolution, so
+    1–2 px structures (thin COCO things at a small resolution) can be drawn."""
     random_map_fraction: float = 0.0
     """Share of each AE training batch replaced by procedural COCO-like maps
     (:mod:`ldmseg.data.random_maps`): outlines, sizes and segment counts the dataset may not show."""

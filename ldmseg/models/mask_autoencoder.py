@@ -10,7 +10,10 @@ Architecture for ``cfg.widths = (w0, ..., wL)`` (``f = 2^L``):
   ``wi → wi+1``, SiLU; conv 3×3 ``wL → wL``; GroupNorm, SiLU; conv 3×3 ``wL → 2C`` (mean, logvar).
 - decoder: conv 3×3 ``C → wL``; ``L - 1`` times (ConvTranspose 2×2 stride 2, channel LayerNorm,
   SiLU), which brings the latent to 1/2 resolution; GroupNorm, SiLU; conv 3×3 ``wL → S`` logits;
-  bilinear upsampling by the remaining factor (×2) to full resolution.
+  bilinear upsampling by the remaining factor (×2) to full resolution. With
+  ``cfg.decoder_full_resolution`` one more stage (ConvTranspose 2×2 stride 2 ``wL → w0``, channel
+  LayerNorm, SiLU, conv 3×3 ``w0 → w0``) reaches full resolution and the logits come from a conv
+  ``w0 → S`` there, without interpolation.
 
 At COCO scale (widths 32, 64, 128, 256; C = 4; S = 128) this has 2.02 M parameters, the paper's
 size. The KL weight is 0 in the paper, so :meth:`MaskAutoencoder.encode` returns the posterior mean
@@ -88,10 +91,21 @@ class MaskAutoencoder(nn.Module):
         decoder: list[nn.Module] = [_conv3x3(self.latent_channels, top)]
         for _ in range(num_upsamplings):
             decoder += [nn.ConvTranspose2d(top, top, kernel_size=2, stride=2), ChannelLayerNorm(top), nn.SiLU()]
-        decoder += [nn.GroupNorm(num_groups(top), top, eps=1e-6), nn.SiLU(), _conv3x3(top, self.num_slots)]
+        head = top
+        if cfg.decoder_full_resolution and len(widths) > 1:
+            head = widths[0]
+            decoder += [
+                nn.ConvTranspose2d(top, head, kernel_size=2, stride=2),
+                ChannelLayerNorm(head),
+                nn.SiLU(),
+                _conv3x3(head, head),
+            ]
+            num_upsamplings += 1
+        decoder += [nn.GroupNorm(num_groups(head), head, eps=1e-6), nn.SiLU(), _conv3x3(head, self.num_slots)]
         self.decoder = nn.Sequential(*decoder)
         self.final_upsample = self.downsample_factor // 2**num_upsamplings
-        """Bilinear factor from the decoder's logits to full resolution (2 unless f = 1)."""
+        """Bilinear factor from the decoder's logits to full resolution (2 for the paper's decoder,
+        1 with ``decoder_full_resolution`` or f = 1)."""
 
     # ------------------------------------------------------------------------------------------
 
