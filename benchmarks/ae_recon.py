@@ -28,11 +28,13 @@ class PerfectAE(torch.nn.Module):
 
     def __init__(self, num_slots: int) -> None:
         super().__init__()
-        self.num_slots, self.num_bits = num_slots, num_slots.bit_length() - 1
+        self.num_slots, self.num_bits = num_slots, num_slots.bit_length() - 1  # the scorer encodes with num_bits
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the scorer a device
 
     def forward(self, bits: torch.Tensor) -> torch.Tensor:
-        ids = sum((bits[:, i] > 0).long() << i for i in range(self.num_bits))
+        from ldmseg.data.encoding import bits_to_ids
+
+        ids = bits_to_ids(bits)
         return torch.nn.functional.one_hot(ids, self.num_slots).permute(0, 3, 1, 2).float() * 40 - 20
 
 

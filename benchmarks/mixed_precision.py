@@ -40,12 +40,10 @@ def main() -> int:
 
     import torch
 
+    from ldmseg.checkpoint import build_components
     from ldmseg.config import load_config
     from ldmseg.data.random_maps import random_slot_maps
     from ldmseg.diffusion.training import LDMComponents, ae_train_step, ldm_train_step
-    from ldmseg.models.denoiser import build_denoiser
-    from ldmseg.models.image_encoder import ImageEncoder
-    from ldmseg.models.mask_autoencoder import MaskAutoencoder
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -67,15 +65,13 @@ def main() -> int:
             train_ldm=dataclasses.replace(cfg.train_ldm, mixed_precision=precision),
         )
         torch.manual_seed(0)
-        ae = MaskAutoencoder(cfg.mask_ae, slots)
+        modules = build_components(cfg)
+        ae, denoiser = modules["mask_autoencoder"], modules["denoiser"]
         opt = torch.optim.AdamW(ae.parameters(), lr=cfg.train_ae.lr)
         rates["ae", precision] = steps_per_s(lambda: ae_train_step(ae, batch, opt, run_cfg, generator=g), args.steps)
 
-        image_encoder = ImageEncoder.from_config(cfg.image_encoder)
-        latent_size = size // ae.downsample_factor
-        denoiser = build_denoiser(cfg.denoiser, ae.latent_channels, image_encoder.out_channels, latent_size)
         comps = LDMComponents(denoiser=denoiser, mask_ae=ae.eval().requires_grad_(False),
-                              image_encoder=image_encoder, latent_scale=1.0)
+                              image_encoder=modules["image_encoder"], latent_scale=1.0)
         opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.train_ldm.lr)
         rates["ldm", precision] = steps_per_s(lambda: ldm_train_step(comps, batch, opt, run_cfg, generator=g),
                                               args.steps)
