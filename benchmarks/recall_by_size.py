@@ -1,8 +1,8 @@
 """Which ground-truth segments a prediction misses: recall by thing/stuff and by area.
 
-A ground-truth segment (crowd regions excluded) counts as found when some predicted segment
-overlaps it with IoU > 0.5, the PQ matching rule (void pixels of the ground truth are left out
-of the union, as in PQ). One line per group: segments, found, recall.
+A ground-truth segment (crowd regions excluded) counts as found when it is a class-agnostic PQ
+true positive (:func:`ldmseg.metrics.pq.match_segments`: IoU > 0.5 with a predicted segment);
+its area is the one PQ uses. One line per group: segments, found, recall.
 
     python benchmarks/recall_by_size.py --gt runs/bench2/scenes/eval --pred runs/bench2/predictions
 """
@@ -14,23 +14,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def best_iou(gt_ids: np.ndarray, pred_ids: np.ndarray, segment_id: int) -> float:
-    """Largest IoU of ground-truth segment ``segment_id`` with any predicted segment (ids ≠ 0)."""
-    mask = gt_ids == segment_id
-    best = 0.0
-    for pred_id in np.unique(pred_ids[mask]):
-        if pred_id == 0:
-            continue
-        pred = pred_ids == pred_id
-        union = (mask | pred).sum() - (pred & (gt_ids == 0)).sum()
-        best = max(best, float((mask & pred).sum()) / float(union))
-    return best
 
 
 def main() -> int:
@@ -40,6 +25,7 @@ def main() -> int:
     parser.add_argument("--bins", default="64,256", help="area bin edges in pixels (default 64,256)")
     args = parser.parse_args()
 
+    from ldmseg.metrics.pq import match_segments
     from ldmseg.metrics.pq_io import load_panoptic_set, read_id_map
 
     gt = load_panoptic_set(args.gt)
@@ -49,19 +35,19 @@ def main() -> int:
     for image_id, ann in gt.annotations.items():
         if image_id not in pred.annotations:
             raise SystemExit(f"{args.pred}: no prediction for image {image_id} ({ann['file_name']})")
-        gt_ids, pred_ids = read_id_map(gt.mask_path(image_id)), read_id_map(pred.mask_path(image_id))
-        for seg in ann["segments_info"]:
-            if seg.get("iscrowd"):
+        m = match_segments(read_id_map(gt.mask_path(image_id)), ann["segments_info"],
+                           read_id_map(pred.mask_path(image_id)), pred.annotations[image_id]["segments_info"],
+                           class_agnostic=True, image_id=image_id)
+        for seg, area, crowd, hit in zip(ann["segments_info"], m.gt_area, m.gt.crowd, m.match.any(axis=1)):
+            if crowd:
                 continue
             kind = "thing" if gt.categories.get(seg["category_id"], {}).get("isthing", 1) else "stuff"
-            area = int((gt_ids == seg["id"]).sum())
             bin_ = sum(area >= e for e in edges)
             low, high = ([0] + edges)[bin_], (edges + [None])[bin_]
             size = f"{low}-{high - 1} px" if high is not None else f">= {low} px"
-            hit = best_iou(gt_ids, pred_ids, seg["id"]) > 0.5
             for group in (kind, f"{kind} {size}"):
                 total[group] += 1
-                found[group] += hit
+                found[group] += bool(hit)
     print(f"{len(gt.annotations)} images; a segment is found at IoU > 0.5")
     for group in sorted(total):
         print(f"{group:<20} {total[group]:>5} segments  {found[group]:>5} found  recall {found[group] / total[group]:.2f}")

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from ldmseg.data.ids import decode_panoptic_png, encode_panoptic_png, id_to_rgb
-from ldmseg.metrics.pq import CategoryStat, PQStat, _dense_index, evaluate_folders, pq_image_stats
+from ldmseg.metrics.pq import CategoryStat, PQStat, _dense_index, evaluate_folders, match_segments, pq_image_stats
 from ldmseg.metrics.pq_io import PQInputError, read_id_map
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +96,21 @@ def test_merged_segments():
     cat = {1: PERSON, 2: PERSON, 3: PERSON}
     check(summary(gt, cat, pred, {1: PERSON, 3: PERSON}), 0.64, 0.8, 0.8, 2, 0, 1)
 
+
+
+def test_match_segments_exposes_the_pairs_pq_counts():
+    """The merged-segments case, pair by pair: the matching pq_image_stats counts from."""
+    gt = np.array([[1, 1, 1, 2, 2],
+                   [1, 1, 1, 2, 2],
+                   [3, 3, 3, 3, 3]])
+    pred = np.array([[1, 1, 1, 1, 1],
+                     [1, 1, 1, 1, 1],
+                     [3, 3, 3, 3, 3]])
+    m = match_segments(gt, segs(gt, {1: PERSON, 2: PERSON, 3: PERSON}), pred, segs(pred, {1: PERSON, 3: PERSON}))
+    assert m.inter.tolist() == [[6, 0], [4, 0], [0, 5]]
+    assert m.iou == pytest.approx(np.array([[0.6, 0], [0.4, 0], [0, 1]]))
+    assert m.match.tolist() == [[True, False], [False, False], [False, True]]
+    assert (m.gt_area.tolist(), m.pred_area.tolist(), m.pred_on_void.tolist()) == ([6, 4, 5], [10, 5], [0, 0])
 
 def test_merge_of_two_equal_halves_matches_neither():
     gt = [[1, 1, 2, 2],

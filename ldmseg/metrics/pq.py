@@ -235,20 +235,33 @@ def _flat_ids(ids: np.ndarray, name: str) -> np.ndarray:
     return ids.astype(np.uint32, copy=False).ravel()
 
 
-def pq_image_stats(gt_ids: np.ndarray, gt_segments: Sequence[Mapping[str, Any]], pred_ids: np.ndarray,
+@dataclass
+class SegmentMatching:
+    """How the segments of one image match (the rules of the module docstring), before counting.
+
+    Arrays over the GT segments (kg, JSON order) and predicted segments (kp, JSON order):
+    ``inter`` (kg, kp) int64 pixel intersections, ``iou`` (kg, kp) float64 (0 where not a
+    candidate: no overlap, a crowd GT or another category), ``match`` (kg, kp) bool (IoU > 0.5),
+    ``gt_area`` (kg,) int64 (JSON area, else pixels), ``pred_area`` (kp,) int64 pixels and
+    ``pred_on_void`` (kp,) int64 predicted pixels on GT void. ``gt`` / ``pred`` hold the segments'
+    ids, categories (:data:`AGNOSTIC_CATEGORY_ID` in class-agnostic mode) and crowd flags.
+    """
+
+    gt: _Segments
+    pred: _Segments
+    inter: np.ndarray
+    iou: np.ndarray
+    match: np.ndarray
+    gt_area: np.ndarray
+    pred_area: np.ndarray
+    pred_on_void: np.ndarray
+
+
+def match_segments(gt_ids: np.ndarray, gt_segments: Sequence[Mapping[str, Any]], pred_ids: np.ndarray,
                    pred_segments: Sequence[Mapping[str, Any]],
                    categories: Optional[Mapping[int, Any] | Sequence[Mapping[str, Any]]] = None,
-                   class_agnostic: bool = False, *, image_id: Any = None) -> PQStat:
-    """Per-category TP/FP/FN/IoU of one image (see the module docstring for the rules).
-
-    ``gt_ids`` / ``pred_ids``: (H, W) integer id maps (uint32 fastest; 0 = void);
-    ``*_segments``: the JSON ``segments_info`` lists (``id``, ``category_id``, ``iscrowd``,
-    ``area``); ``categories``: the GT categories (ids checked in class-aware mode; ``None`` skips
-    the check); ``image_id`` only names the image in errors.
-
-    Raises :class:`PQInputError` when the maps disagree in size, a predicted PNG holds an id not
-    in its ``segments_info`` or the reverse, or an id is listed twice.
-    """
+                   class_agnostic: bool = False, *, image_id: Any = None) -> SegmentMatching:
+    """Match the segments of one image; the arguments and errors are those of :func:`pq_image_stats`."""
     where = f"image {image_id}" if image_id is not None else "image"
     g_map, p_map = _flat_ids(gt_ids, "gt_ids"), _flat_ids(pred_ids, "pred_ids")
     if np.shape(gt_ids) != np.shape(pred_ids):
@@ -291,7 +304,27 @@ def pq_image_stats(gt_ids: np.ndarray, gt_segments: Sequence[Mapping[str, Any]],
     union = pred_area[None, :] + gt_area[:, None] - inter - pred_on_void[None, :]
     iou = np.zeros(inter.shape, dtype=np.float64)
     np.divide(inter, union, out=iou, where=candidate & (union > 0))
-    match = iou > MATCH_IOU
+    return SegmentMatching(gt, pred, inter, iou, iou > MATCH_IOU, gt_area, pred_area, pred_on_void)
+
+
+def pq_image_stats(gt_ids: np.ndarray, gt_segments: Sequence[Mapping[str, Any]], pred_ids: np.ndarray,
+                   pred_segments: Sequence[Mapping[str, Any]],
+                   categories: Optional[Mapping[int, Any] | Sequence[Mapping[str, Any]]] = None,
+                   class_agnostic: bool = False, *, image_id: Any = None) -> PQStat:
+    """Per-category TP/FP/FN/IoU of one image (see the module docstring for the rules).
+
+    ``gt_ids`` / ``pred_ids``: (H, W) integer id maps (uint32 fastest; 0 = void);
+    ``*_segments``: the JSON ``segments_info`` lists (``id``, ``category_id``, ``iscrowd``,
+    ``area``); ``categories``: the GT categories (ids checked in class-aware mode; ``None`` skips
+    the check); ``image_id`` only names the image in errors.
+
+    Raises :class:`PQInputError` when the maps disagree in size, a predicted PNG holds an id not
+    in its ``segments_info`` or the reverse, or an id is listed twice.
+    """
+    m = match_segments(gt_ids, gt_segments, pred_ids, pred_segments, categories, class_agnostic, image_id=image_id)
+    gt, pred, inter, iou, match = m.gt, m.pred, m.inter, m.iou, m.match
+    pred_area, pred_on_void = m.pred_area, m.pred_on_void
+    kg, kp = len(gt.ids), len(pred.ids)
     g_tp, p_tp = np.nonzero(match)
     fn = ~match.any(axis=1) & ~gt.crowd
 
