@@ -102,6 +102,21 @@ def test_mask_ae_coco_size_matches_paper():
     assert abs(n_params(ae) - 2.0e6) <= 0.03 * 2.0e6  # paper: 2.02 M
 
 
+def overfit(ae: MaskAutoencoder, bits: torch.Tensor, slot_map: torch.Tensor, valid: torch.Tensor, steps: int
+            ) -> tuple[float, float]:
+    """``steps`` Adam steps (lr 2e-3) of ``mask_ae_loss`` on one batch → (first loss, last loss)."""
+    opt = torch.optim.Adam(ae.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        loss, parts = mask_ae_loss(ae(bits), slot_map, valid, ae.cfg, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(parts["loss"])
+    return losses[0], losses[-1]
+
+
 def test_mask_ae_overfits_synthetic_masks():
     """The tiny AE reconstructs 8 synthetic maps (64², 32 slots) after 300 Adam steps (~35 s)."""
     torch.manual_seed(0)
@@ -111,16 +126,8 @@ def test_mask_ae_overfits_synthetic_masks():
     slot_map[~valid] = 0
     bits = to_bits(slot_map, 5)
     ae = MaskAutoencoder(TINY.mask_ae, num_slots=32)
-    opt = torch.optim.Adam(ae.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    first = None
-    for _ in range(300):
-        loss, parts = mask_ae_loss(ae(bits), slot_map, valid, TINY.mask_ae, generator=g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first = parts["loss"] if first is None else first
-    assert parts["loss"] < 0.2 * first
+    first, last = overfit(ae, bits, slot_map, valid, steps=300)
+    assert last < 0.2 * first
 
     with torch.no_grad():
         pred = ae(bits).argmax(1)
@@ -165,6 +172,7 @@ def _loss_inputs(seed: int = 0):
     logits = torch.randn(2, 16, 32, 32, generator=gen)
     return logits, slot_map, valid
 
+
 def thin_line_maps(n: int, size: int, seed: int) -> np.ndarray:
     """(n, size, size) int64 maps of 1 px lines (ids 2-7, rows and columns) on a background (id 1)."""
     rng = np.random.default_rng(seed)
@@ -192,13 +200,7 @@ def test_mask_ae_full_resolution_decoder_draws_1px_lines():
         cfg = dataclasses.replace(TINY.mask_ae, decoder_full_resolution=full)
         ae = MaskAutoencoder(cfg, num_slots=8)
         assert ae.final_upsample == (1 if full else 2)
-        opt = torch.optim.Adam(ae.parameters(), lr=2e-3)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(300):
-            loss, _ = mask_ae_loss(ae(bits), slot_map, valid, cfg, generator=g)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        overfit(ae, bits, slot_map, valid, steps=300)
         with torch.no_grad():
             logits = ae(bits)
         assert logits.shape == (8, 8, 32, 32)
