@@ -168,6 +168,12 @@ class DiffusionConfig:
     self_condition_prob: float = 0.5
     ae_aux_weight: float = 0.0
     """Weight of an auxiliary cross-entropy through the frozen AE decoder on x̂₀ (0: off)."""
+    slot_order: Literal["random", "raster"] = "random"
+    """How the diffusion targets number an image's segments. ``random``: the stored slots,
+    re-permuted per sample (the paper; the model learns that id values mean nothing). ``raster``:
+    slots 1, 2, … in reading order of each segment's first pixel, so the target is a function of
+    the segmentation alone (:func:`ldmseg.data.encoding.raster_slots`). The mask AE is trained on
+    random slots either way."""
 
 
 @dataclass

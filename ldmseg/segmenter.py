@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from ldmseg.checkpoint import LoadedModel, load_model
 from ldmseg.config import Config, SamplingConfig
-from ldmseg.data.encoding import ResizeInfo, ids_to_bits, image_to_tensor, remap_ids, resize_pad, restore_size
+from ldmseg.data.encoding import (ResizeInfo, ids_to_bits, image_to_tensor, raster_slot_lut, remap_ids, resize_pad,
+                                   restore_size)
 from ldmseg.data.ids import encode_panoptic_png
 from ldmseg.diffusion.sampling import decode_latents, sample_latents
 from ldmseg.postprocess import postprocess
@@ -264,7 +265,8 @@ class Segmenter:
                 is known void); ``None``: known where ``partial_id_map > 0``.
 
         The known segments get id slots by a permutation seeded with ``seed`` (beyond S − 1 known
-        segments, the smallest are encoded as void but still pasted back), the partial map is
+        segments, the smallest are encoded as void but still pasted back; a model trained with
+        ``diffusion.slot_order: raster`` numbers them in reading order instead), the partial map is
         encoded by the mask AE at the training resolution, latent cells whose pixels are all
         known (padding counts as known void, as in training) are kept during sampling, and the
         decoded, post-processed prediction fills the unknown pixels. Known pixels keep their
@@ -289,6 +291,11 @@ class Segmenter:
 
         remap = remap_ids(known_ids, self.cfg.data.num_slots, np.random.default_rng(seed))
         image_r, slots_r, valid, info = resize_pad(image, remap.slot_map, res, mode)
+        slots = remap.slots
+        if self.cfg.diffusion.slot_order == "raster":  # number the known segments as in training
+            lut = raster_slot_lut(torch.from_numpy(slots_r.astype(np.int64))[None], self.cfg.data.num_slots)[0].numpy()
+            slots_r = lut[slots_r]
+            slots = {int(lut[s]): sid for s, sid in slots.items() if lut[s] > 0}
         _, known_r, _, _ = resize_pad(None, known_px.astype(np.int64), res, mode)
         known_r = (known_r > 0) | ~valid
         bits = ids_to_bits(torch.from_numpy(slots_r)[None].to(self.device), self.mask_ae.num_bits)
@@ -303,7 +310,7 @@ class Segmenter:
         lut = np.zeros(len(segments) + 1, dtype=np.int64)
         scores = {}
         for seg in segments:
-            given = remap.slots.get(seg["slot"])
+            given = slots.get(seg["slot"])
             if given is None:
                 given, next_id = next_id, next_id + 1
             lut[seg["id"]] = given

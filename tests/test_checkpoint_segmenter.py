@@ -273,6 +273,30 @@ def test_inpainting_keeps_known_ids_and_adds_fresh_ones(segmenter):
     assert all(flags[i] for i in known_ids) and not any(flags[i] for i in new_ids)
 
 
+@pytest.mark.parametrize("order", ["random", "raster"])
+def test_inpainting_numbers_known_segments_as_the_model_was_trained(trained, tmp_path, order):
+    import dataclasses
+
+    folder, cfg, parts, scale = trained
+    cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, slot_order=order))
+    save_model(tmp_path / "ldm", cfg, parts, latent_scale=scale, extra={"stage": "ldm", "step": 80})
+    seg = Segmenter.from_pretrained(tmp_path / "ldm", device="cpu")
+    scene = scenes(1, size=32, seed=7)[0]
+    truth = clean_segments(scene.id_map, scene.segments_info, 10).id_map
+    known = np.zeros(truth.shape, dtype=bool)
+    known[:20] = True
+    partial = np.where(known, truth, 0)
+    flipped = np.where(partial > 0, partial.max() + 1 - partial, 0)  # the same segments, ids reversed
+    opts = dict(seed=2, count_th=0.0, mask_th=0.0, overlap_th=0.0)
+    a = seg.inpaint(scene.image, partial, known, **opts).id_map
+    b = seg.inpaint(scene.image, flipped, known, **opts).id_map
+    assert np.array_equal(a[known], partial[known]) and np.array_equal(b[known], flipped[known])
+    # the same partition of the unknown pixels iff the known slots do not depend on the id values
+    pairs = set(zip(a[~known].tolist(), b[~known].tolist()))
+    same = len(pairs) == len({p[0] for p in pairs}) == len({p[1] for p in pairs})
+    assert same == (order == "raster")
+
+
 def test_to_coco_prediction_round_trips(segmenter):
     image = scenes(1, size=40, seed=8)[0].image
     res = segmenter.segment([image], seed=0, count_th=0.0)[0]

@@ -158,6 +158,24 @@ def test_ldm_loss_falls_on_a_fixed_batch():
     assert 0.3 < np.mean(fractions) < 0.7  # self-conditioning on about half of the samples
 
 
+
+@pytest.mark.parametrize("order", ["random", "raster"])
+def test_raster_slot_order_makes_the_loss_blind_to_the_slot_permutation(order):
+    cfg = tiny_cfg(f"diffusion.slot_order={order}")
+    batch = scene_batch(cfg, 6, seed=3)
+    other = scene_batch(cfg, 6, seed=3)  # the same scenes ...
+    rng = np.random.default_rng(99)
+    other["slot_map"] = torch.from_numpy(np.stack(  # ... with other random slots
+        [remap_ids(m, cfg.data.num_slots, rng).slot_map for m in batch["slot_map"].numpy()]))
+    assert not torch.equal(other["slot_map"], batch["slot_map"])
+    comps = ldm_components(cfg, batch)
+    losses = [float(training.ldm_loss(comps, b, cfg, generator=torch.Generator().manual_seed(0))[0])
+              for b in (batch, other)]
+    if order == "raster":
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    else:
+        assert abs(losses[0] - losses[1]) > 1e-4 * losses[0]
+
 @pytest.mark.parametrize("prob", [0.0, 1.0])
 def test_self_conditioning_probability_extremes(prob):
     cfg = tiny_cfg(f"diffusion.self_condition_prob={prob}")

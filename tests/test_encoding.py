@@ -19,6 +19,8 @@ from ldmseg.data.encoding import (
     eval_generator,
     ids_to_bits,
     image_to_tensor,
+    raster_slot_lut,
+    raster_slots,
     remap_ids,
     resize_pad,
     restore_size,
@@ -163,6 +165,36 @@ def test_remap_properties_on_random_maps():
         inverse = {v: k for k, v in res.slots.items()}
         for sid in present:  # each segment's pixels map to exactly its slot
             assert (res.slot_map[ids == sid] == inverse[sid]).all()
+
+
+def test_raster_slots_number_segments_in_reading_order():
+    slot_map = torch.tensor([[[0, 5, 5, 2],
+                              [3, 3, 5, 2],
+                              [0, 7, 7, 7]]])
+    assert raster_slots(slot_map, 8).tolist() == [[[0, 1, 1, 2],
+                                                   [3, 3, 1, 2],
+                                                   [0, 4, 4, 4]]]
+    assert raster_slot_lut(slot_map, 8).tolist() == [[0, 0, 2, 3, 0, 1, 0, 4]]  # absent slots → 0
+    assert raster_slots(torch.zeros(2, 3, 3, dtype=torch.long), 8).abs().sum() == 0
+
+
+def test_raster_slots_forget_the_permutation():
+    rng = np.random.default_rng(4)
+    maps = [random_id_map(rng, 20, 24, int(k)) for k in rng.integers(1, 30, size=6)]
+    for trial in range(3):  # fresh random slots per trial: the raster numbering is the same
+        slots = torch.from_numpy(np.stack([remap_ids(m, 32, np.random.default_rng(trial)).slot_map for m in maps]))
+        out = raster_slots(slots, 32)
+        if trial == 0:
+            first = out
+        assert torch.equal(out, first)
+    for m, r in zip(maps, first.numpy()):
+        k = len(set(np.unique(m).tolist()) - {0})
+        assert sorted(set(np.unique(r).tolist()) - {0}) == list(range(1, k + 1))
+        assert ((r == 0) == (m == 0)).all()
+        for sid in set(np.unique(m).tolist()) - {0}:  # each segment keeps one slot of its own
+            assert len(np.unique(r[m == sid])) == 1
+        firsts = [int(np.flatnonzero(r.ravel() == s)[0]) for s in range(1, k + 1)]
+        assert firsts == sorted(firsts)  # slot s starts before slot s + 1
 
 
 def test_remap_fresh_per_call_and_deterministic_for_eval():

@@ -6,6 +6,8 @@ The path of one panoptic map to the mask autoencoder's input:
 2. :func:`resize_pad` brings image and id map to R×R (aspect kept, padded; or squashed).
 3. :func:`remap_ids` gives the K non-void segments distinct random id slots in 1..S−1
    (void stays 0); validation uses :func:`eval_generator` so the permutation is fixed per image.
+   With ``diffusion.slot_order: raster`` the diffusion stage renumbers them in reading order
+   instead (:func:`raster_slots`).
 4. :func:`ids_to_bits` writes log2(S) bit planes in {−1, +1} (void: 0 in every plane);
    :func:`bits_to_ids` inverts it.
 
@@ -298,6 +300,42 @@ def repermute_slots(slot_map: np.ndarray, num_slots: int, generator: np.random.G
     lut = np.zeros(num_slots, dtype=slot_map.dtype)
     lut[present] = generator.permutation(num_slots - 1)[: present.size] + 1
     return lut[slot_map]
+
+
+def raster_slot_lut(slot_map: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Renumbering of each map's segments in raster (reading) order of their first pixel.
+
+    Args:
+        slot_map: (B, H, W) int64 slots in [0, S), 0 = void.
+        num_slots: S.
+
+    Returns (B, S) int64 ``lut``: ``lut[b, s]`` is 1, 2, … for the present non-void slots of map
+    ``b``, ordered by the flat index of their first pixel, and 0 for void and absent slots. The
+    result depends only on which pixels share a slot, not on the slot values.
+    """
+    import torch
+
+    if slot_map.ndim != 3:
+        raise ValueError(f"slot_map must be (B, H, W), got shape {tuple(slot_map.shape)}")
+    b = slot_map.shape[0]
+    flat = slot_map.reshape(b, -1).long()
+    n = flat.shape[1]
+    pos = torch.arange(n, device=flat.device).expand(b, n)
+    first = torch.full((b, num_slots), n, dtype=torch.long, device=flat.device)
+    first.scatter_reduce_(1, flat, pos, reduce="amin")
+    first[:, 0] = n  # void is never numbered
+    order = first.argsort(dim=1, stable=True)  # present slots first, by first pixel
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(num_slots, device=flat.device).expand(b, num_slots))
+    return torch.where(first < n, rank + 1, torch.zeros_like(rank))
+
+
+def raster_slots(slot_map: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(B, H, W) int64 slots → the same segmentation with slots 1..K in raster order of each
+    segment's first pixel (void stays 0); see :func:`raster_slot_lut`. Any permutation of the
+    input's non-void slots gives the same output."""
+    lut = raster_slot_lut(slot_map, num_slots)
+    return lut.gather(1, slot_map.reshape(slot_map.shape[0], -1).long()).reshape(slot_map.shape)
 
 
 def slots_to_ids(slot_map: np.ndarray, slots: dict[int, int]) -> np.ndarray:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmseg.config import Config, TrainConfig
-from ldmseg.data.encoding import ids_to_bits
+from ldmseg.data.encoding import ids_to_bits, raster_slots
 from ldmseg.data.random_maps import random_slot_maps
 from ldmseg.diffusion.noise import make_train_scheduler, min_snr_weights, prediction_target, predict_x0
 from ldmseg.diffusion.sampling import unwrap
@@ -350,10 +350,13 @@ def ldm_loss(
     gives x̂₀, which (detached) is the self-conditioning input of the second pass. The loss is
     :func:`masked_mse` between the prediction and its target (ε, x₀ or v) with Min-SNR-γ
     sample weights, plus ``ae_aux_weight`` × cross-entropy of the frozen AE decoder on x̂₀ / scale
-    against the slot map (void and padding ignored).
+    against the slot map (void and padding ignored). With ``diffusion.slot_order: raster`` the
+    batch's slots are first renumbered in reading order (:func:`raster_slots`).
     """
     dcfg = cfg.diffusion
     scheduler = scheduler or make_train_scheduler(dcfg)
+    if dcfg.slot_order == "raster":
+        batch = {**batch, "slot_map": raster_slots(batch["slot_map"], cfg.data.num_slots)}
     x0, image_latent, weights = encode_targets(components, batch)
     b, device = x0.shape[0], x0.device
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
