@@ -158,7 +158,6 @@ def test_ldm_loss_falls_on_a_fixed_batch():
     assert 0.3 < np.mean(fractions) < 0.7  # self-conditioning on about half of the samples
 
 
-
 @pytest.mark.parametrize("order", ["random", "raster"])
 def test_raster_slot_order_makes_the_loss_blind_to_the_slot_permutation(order):
     cfg = tiny_cfg(f"diffusion.slot_order={order}")
@@ -175,6 +174,7 @@ def test_raster_slot_order_makes_the_loss_blind_to_the_slot_permutation(order):
         assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     else:
         assert abs(losses[0] - losses[1]) > 1e-4 * losses[0]
+
 
 @pytest.mark.parametrize("prob", [0.0, 1.0])
 def test_self_conditioning_probability_extremes(prob):

@@ -97,7 +97,6 @@ def test_merged_segments():
     check(summary(gt, cat, pred, {1: PERSON, 3: PERSON}), 0.64, 0.8, 0.8, 2, 0, 1)
 
 
-
 def test_match_segments_exposes_the_pairs_pq_counts():
     """The merged-segments case, pair by pair: the matching pq_image_stats counts from."""
     gt = np.array([[1, 1, 1, 2, 2],
@@ -111,6 +110,7 @@ def test_match_segments_exposes_the_pairs_pq_counts():
     assert m.iou == pytest.approx(np.array([[0.6, 0], [0.4, 0], [0, 1]]))
     assert m.match.tolist() == [[True, False], [False, False], [False, True]]
     assert (m.gt_area.tolist(), m.pred_area.tolist(), m.pred_on_void.tolist()) == ([6, 4, 5], [10, 5], [0, 0])
+
 
 def test_merge_of_two_equal_halves_matches_neither():
     gt = [[1, 1, 2, 2],
