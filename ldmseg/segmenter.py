@@ -39,6 +39,7 @@ from ldmseg.postprocess import postprocess
 
 THRESHOLDS = ("mask_th", "count_th", "overlap_th")
 SAMPLING_OPTIONS = ("timestep_spacing", "sigma_schedule", "eta", "self_condition")
+KNOWN_SLOTS = ("given", "predicted")
 
 
 @dataclass
@@ -89,6 +90,44 @@ def choose_medoid(maps: Sequence[np.ndarray]) -> tuple[int, np.ndarray]:
     best = int(np.argmax(scores))
     agreeing = sum(agree[best, j].astype(np.float32) for j in range(n) if j != best)
     return best, (1.0 - agreeing / (n - 1)).astype(np.float32)
+
+
+def match_known_slots(known_slots: np.ndarray, predicted_slots: np.ndarray, num_slots: int) -> np.ndarray:
+    """Give each known segment the slot of the predicted segment it overlaps most.
+
+    Args:
+        known_slots: (H, W) int64 slots of the known segments in [0, S), 0 = void or unknown.
+        predicted_slots: (H, W) int64 slots of the model's own prediction in [0, S), 0 = void.
+        num_slots: S.
+
+    Returns ``lut`` (S,) int64, known slot → new slot, one-to-one on the present known slots and
+    ``lut[0] = 0``. Pairs (known, predicted) are taken by decreasing overlap in pixels, each slot at
+    most once on either side (ties: lower known slot, then lower predicted slot); known segments
+    left without an overlapping free predicted slot get the unused slots in increasing order.
+    """
+    s = int(num_slots)
+    known = np.asarray(known_slots, dtype=np.int64).ravel()
+    pred = np.asarray(predicted_slots, dtype=np.int64).ravel()
+    if known.shape != pred.shape:
+        raise ValueError(f"known_slots and predicted_slots must have the same shape, got {np.shape(known_slots)} "
+                         f"and {np.shape(predicted_slots)}")
+    overlap = np.bincount(known * s + pred, minlength=s * s).reshape(s, s)
+    overlap[0, :] = 0
+    overlap[:, 0] = 0
+    lut = np.zeros(s, dtype=np.int64)
+    taken = np.zeros(s, dtype=bool)
+    for flat in np.argsort(-overlap, axis=None, kind="stable"):
+        k, p = divmod(int(flat), s)
+        if overlap[k, p] == 0:
+            break
+        if lut[k] == 0 and not taken[p]:
+            lut[k], taken[p] = p, True
+    free = iter(np.flatnonzero(~taken[1:]) + 1)
+    for k in np.unique(known):
+        if k > 0 and lut[k] == 0:
+            lut[k] = next(free)
+            taken[lut[k]] = True
+    return lut
 
 
 def to_coco_prediction(result: SegmentResult, image_id: int, file_name: str) -> tuple[bytes, dict]:
@@ -254,6 +293,7 @@ class Segmenter:
         sampler: str | None = None,
         steps: int | None = None,
         seed: int = 0,
+        known_slots: str = "given",
         **options: Any,
     ) -> SegmentResult:
         """Complete a partial panoptic map (METHOD.md, "Inpainting"; zero-shot).
@@ -266,7 +306,10 @@ class Segmenter:
 
         The known segments get id slots by a permutation seeded with ``seed`` (beyond S − 1 known
         segments, the smallest are encoded as void but still pasted back; a model trained with
-        ``diffusion.slot_order: raster`` numbers them in reading order instead), the partial map is
+        ``diffusion.slot_order: raster`` numbers them in reading order instead; with
+        ``known_slots="predicted"`` the image is first sampled without hints and each known segment
+        takes the slot of the predicted segment it overlaps most, :func:`match_known_slots`, at
+        twice the sampling cost), the partial map is
         encoded by the mask AE at the training resolution, latent cells whose pixels are all
         known (padding counts as known void, as in training) are kept during sampling, and the
         decoded, post-processed prediction fills the unknown pixels. Known pixels keep their
@@ -284,6 +327,8 @@ class Segmenter:
         known_px = partial > 0 if known_mask_pixels is None else np.asarray(known_mask_pixels, dtype=bool)
         if known_px.shape != partial.shape:
             raise ValueError(f"known_mask_pixels must be (H, W) = {partial.shape}, got {known_px.shape}")
+        if known_slots not in KNOWN_SLOTS:
+            raise ValueError(f"known_slots must be one of {KNOWN_SLOTS}, got {known_slots!r}")
         known_ids = np.where(known_px, partial, 0)
         sampling, th = self._options(sampler, steps, options)
         res, mode = self.cfg.data.resolution, self.cfg.data.resize_mode
@@ -292,8 +337,15 @@ class Segmenter:
         remap = remap_ids(known_ids, self.cfg.data.num_slots, np.random.default_rng(seed))
         image_r, slots_r, valid, info = resize_pad(image, remap.slot_map, res, mode)
         slots = remap.slots
-        if self.cfg.diffusion.slot_order == "raster":  # number the known segments as in training
+        if self.cfg.diffusion.slot_order == "raster" or known_slots == "predicted":
+            # reading order: as in training for raster models, and a numbering-free tie-break for matching
             lut = raster_slot_lut(torch.from_numpy(slots_r.astype(np.int64))[None], self.cfg.data.num_slots)[0].numpy()
+            slots_r = lut[slots_r]
+            slots = {int(lut[s]): sid for s, sid in slots.items() if lut[s] > 0}
+        if known_slots == "predicted":  # the slots the model itself gives these segments
+            free = self._sample([image_r], [int(seed)], sampling)
+            predicted = decode_latents(self.mask_ae, free, self.latent_scale)[0].argmax(0).cpu().numpy()
+            lut = match_known_slots(slots_r, predicted, self.cfg.data.num_slots)
             slots_r = lut[slots_r]
             slots = {int(lut[s]): sid for s, sid in slots.items() if lut[s] > 0}
         _, known_r, _, _ = resize_pad(None, known_px.astype(np.int64), res, mode)

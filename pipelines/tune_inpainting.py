@@ -21,6 +21,7 @@ from pipelines.tune import (_say, collect_results, log_summary, make_tuner, mark
                             save_pq_plot, scored_trial)
 
 KINDS = ("sparse", "global")
+KNOWN_SLOTS = ("given", "predicted")  # Segmenter.inpaint(known_slots=...); not imported here to keep --help light
 DEFAULT_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75)
 METRICS = ("pq", "sq", "rq", "pq_unknown", "sq_unknown", "rq_unknown", "known_fraction", "n_unknown_segments",
            "seconds_per_image")
@@ -33,8 +34,8 @@ def inpainting_trial(config: dict[str, Any]) -> None:
     from pipelines.tune import _segmenter
 
     params = {"kind": config["kind"], "fraction": config["fraction"], "sampler": config.get("sampler"),
-              "steps": config.get("steps")}
-    options = {k: config[k] for k in ("sampler", "steps") if config.get(k) is not None}
+              "steps": config.get("steps"), "known_slots": config.get("known_slots", "given")}
+    options = {k: config[k] for k in ("sampler", "steps", "known_slots") if config.get(k) is not None}
     scored_trial(config, "inpainting-trial", params,
                  lambda: inpainting_scores(_segmenter(config["model_dir"]), coco.load_coco_panoptic(config["gt"]),
                                            config["kind"], config["fraction"], seed=config.get("seed", 0),
@@ -59,7 +60,8 @@ def plot_inpainting(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str], fractions: list[float],
-                         sampler: str | None = None, steps: int | None = None, max_images: int | None = None,
+                         sampler: str | None = None, steps: int | None = None, known_slots: str = "given",
+                         max_images: int | None = None,
                          max_concurrent: int = 2, name: str | None = None, tracking_uri: str | None = None,
                          seed: int = 0, address: str | None = None) -> dict[str, Any]:
     import ray.tune as tune
@@ -67,13 +69,16 @@ def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str]
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise SystemExit(f"ldmseg tune inpainting: unknown mask kind(s) {bad}; choose from {', '.join(KINDS)}")
+    if known_slots not in KNOWN_SLOTS:
+        raise SystemExit(f"ldmseg tune inpainting: --known-slots must be one of {', '.join(KNOWN_SLOTS)}, "
+                         f"got {known_slots!r}")
     bad = [f for f in fractions if not 0.0 <= f < 1.0]
     if bad:
         raise SystemExit(f"ldmseg tune inpainting: known fractions must lie in [0, 1), got {bad} "
                          "(write 25 % as 0.25)")
     out, uri, sweep_id, space = prepare_model_sweep("inpainting", model, data, output, name=name, max_images=max_images,
                                                     seed=seed, tracking_uri=tracking_uri, address=address)
-    space.update(sampler=sampler, steps=steps, kind=tune.grid_search(kinds), fraction=tune.grid_search(fractions))
+    space.update(sampler=sampler, steps=steps, known_slots=known_slots, kind=tune.grid_search(kinds), fraction=tune.grid_search(fractions))
     tuner = make_tuner(inpainting_trial, space, out, sweep_id, metric="pq", max_concurrent=max_concurrent)
     _say(f"sweep {sweep_id}: inpainting with {kinds} masks at known fractions {fractions}; MLflow {uri}")
     grid = tuner.fit()
@@ -86,7 +91,7 @@ def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str]
         plot_inpainting(rows, out / "inpainting.png", f"{sweep_id}: PQ vs known fraction")
     headline = {f"pq_{r['kind']}_{round(100 * r['fraction'])}": r["pq"] for r in rows}
     log_summary(uri, out, sweep_id, "inpainting-summary", {"model": model, "data": data, "sampler": sampler,
-                                                            "steps": steps}, headline,
+                                                            "steps": steps, "known_slots": known_slots}, headline,
                 ["table.md", "results.json", "inpainting.png"])
     _say(f"{len(rows)} trials scored, {len(failed)} failed; table {out / 'table.md'}")
     return {"sweep_id": sweep_id, "trials": rows, "failed": failed, "output": str(out)}
@@ -101,6 +106,11 @@ def add_arguments(parser) -> None:
                         help="comma list of known fractions in [0, 1) (default: %(default)s)")
     parser.add_argument("--sampler", default=None, help="sampler (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--known-slots", choices=KNOWN_SLOTS, default="given",
+                        help="id slots of the known segments: 'given' (a seeded permutation, or reading order "
+                             "for raster-slot models) or 'predicted' (sample once without hints and give each "
+                             "known segment the slot of the predicted segment it overlaps most; twice the "
+                             "sampling time) (default: %(default)s)")
     parser.add_argument("--max-images", type=int, default=None, help="score on the first N images only")
     parser.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default: %(default)s)")
     parser.add_argument("--name", default=None, help="sweep id; re-use it to resume an interrupted sweep")
@@ -114,5 +124,5 @@ def run(args) -> dict[str, Any]:
 
     return run_inpainting_sweep(args.model, args.data, args.output, kinds=_parse_list(args.kinds, str),
                                 fractions=_parse_list(args.fractions, float), sampler=args.sampler, steps=args.steps,
-                                max_images=args.max_images, max_concurrent=args.max_concurrent, name=args.name,
+                                known_slots=args.known_slots, max_images=args.max_images, max_concurrent=args.max_concurrent, name=args.name,
                                 tracking_uri=args.tracking_uri, seed=args.seed, address=args.address)

@@ -273,8 +273,9 @@ def test_inpainting_keeps_known_ids_and_adds_fresh_ones(segmenter):
     assert all(flags[i] for i in known_ids) and not any(flags[i] for i in new_ids)
 
 
-@pytest.mark.parametrize("order", ["random", "raster"])
-def test_inpainting_numbers_known_segments_as_the_model_was_trained(trained, tmp_path, order):
+@pytest.mark.parametrize("order,known_slots", [("random", "given"), ("raster", "given"), ("random", "predicted"),
+                                                ("raster", "predicted")])
+def test_inpainting_numbers_known_segments_as_the_model_was_trained(trained, tmp_path, order, known_slots):
     import dataclasses
 
     folder, cfg, parts, scale = trained
@@ -287,14 +288,31 @@ def test_inpainting_numbers_known_segments_as_the_model_was_trained(trained, tmp
     known[:20] = True
     partial = np.where(known, truth, 0)
     flipped = np.where(partial > 0, partial.max() + 1 - partial, 0)  # the same segments, ids reversed
-    opts = dict(seed=2, count_th=0.0, mask_th=0.0, overlap_th=0.0)
+    opts = dict(seed=2, count_th=0.0, mask_th=0.0, overlap_th=0.0, known_slots=known_slots)
     a = seg.inpaint(scene.image, partial, known, **opts).id_map
     b = seg.inpaint(scene.image, flipped, known, **opts).id_map
     assert np.array_equal(a[known], partial[known]) and np.array_equal(b[known], flipped[known])
     # the same partition of the unknown pixels iff the known slots do not depend on the id values
     pairs = set(zip(a[~known].tolist(), b[~known].tolist()))
     same = len(pairs) == len({p[0] for p in pairs}) == len({p[1] for p in pairs})
-    assert same == (order == "raster")
+    assert same == (order == "raster" or known_slots == "predicted")
+
+
+def test_match_known_slots_follows_the_largest_overlaps():
+    from ldmseg.segmenter import match_known_slots
+
+    known = np.array([[1, 1, 1, 2, 2, 3],
+                      [1, 1, 1, 2, 2, 3],
+                      [0, 0, 4, 4, 0, 0]])
+    pred = np.array([[5, 5, 6, 6, 6, 6],
+                     [5, 5, 5, 6, 6, 0],
+                     [7, 7, 7, 7, 7, 7]])
+    lut = match_known_slots(known, pred, 8)
+    # 1 overlaps 5 (5 px) > 2 overlaps 6 (4 px) > 4 overlaps 7 (2 px); 1's overlap with 6 (1 px) comes
+    # after 6 is taken; 3 overlaps only 6 (taken) and void, so it takes the lowest unused slot, 1
+    assert lut.tolist() == [0, 5, 6, 1, 7, 0, 0, 0]
+    with pytest.raises(ValueError, match="same shape"):
+        match_known_slots(known, pred[:2], 8)
 
 
 def test_to_coco_prediction_round_trips(segmenter):

@@ -99,7 +99,7 @@ def test_inpainting_sweep_writes_table_plot_and_runs(tiny_model, tmp_path, ray_s
 
     model, scenes, _ = tiny_model
     res = run_inpainting_sweep(model, scenes, str(tmp_path / "inp"), kinds=["sparse", "global"], fractions=[0.0, 0.5],
-                               steps=1, max_images=3, name="inp-test")
+                               steps=1, max_images=3, name="inp-test", known_slots="predicted")
     assert not res["failed"] and len(res["trials"]) == 4
     by = {(t["kind"], t["fraction"]): t for t in res["trials"]}
     assert by["global", 0.0]["known_fraction"] == 0.0 and by["global", 0.5]["known_fraction"] == pytest.approx(0.5)
@@ -111,6 +111,7 @@ def test_inpainting_sweep_writes_table_plot_and_runs(tiny_model, tmp_path, ray_s
                               filter_string="tags.`ldmseg.sweep` = 'inp-test'")
     kinds = sorted(r.data.tags["ldmseg.kind"] for r in runs)
     assert kinds == ["inpainting-summary"] + ["inpainting-trial"] * 4
+    assert {r.data.params["known_slots"] for r in runs} == {"predicted"}
 
 
 def test_schedule_sweep_under_asha_reports_validation_pq(tiny_model, tmp_path, ray_session):
