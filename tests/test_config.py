@@ -12,6 +12,20 @@ def test_tiny_and_coco_load():
     assert coco.mask_ae.widths == (32, 64, 128, 256)
 
 
+@pytest.mark.parametrize("name", ["tiny", "quickstart", "bench"])
+def test_shipped_cpu_configs_build_a_mask_ae_of_their_shapes(name):
+    import torch
+
+    from ldmseg.models.mask_autoencoder import MaskAutoencoder
+
+    cfg = load_config(REPO / f"conf/{name}.yaml")
+    ae = MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots)
+    r, f = cfg.data.resolution, ae.downsample_factor
+    z = ae.encode(torch.zeros(1, cfg.data.num_bits, r, r))
+    assert tuple(z.shape) == (1, cfg.mask_ae.latent_channels, r // f, r // f)
+    assert tuple(ae.decode(z).shape) == (1, cfg.data.num_slots, r, r)
+
+
 def test_overrides_apply_with_types():
     cfg = load_config(REPO / "conf/tiny.yaml", ["train_ae.lr=3e-4", "data.num_slots=8", "sampling.sampler=euler",
                                                   "mask_ae.widths=[8,16]", "image_encoder.pretrained=null"])
