@@ -6,8 +6,9 @@
 Each folder's masks are resized to the model's training resolution, segments left under
 ``data.min_segment_area`` pixels there made void, and reconstructed by the AE
 (:func:`ldmseg.validation.ae_reconstruction_pq`); one line of PQ/SQ/RQ per folder and
-``count_th``, and with several folders one more over all their images together. Score the AE alone at ``count_th`` = min_segment_area / resolution² (0.0025 at 64²
-with 10 px): a sampling config's larger ``count_th`` drops real segments by itself.
+``count_th``, and with several folders one more over all their images together. Score the AE
+alone at ``count_th`` = min_segment_area / resolution² (0.0025 at 64² with 10 px): a sampling
+config's larger ``count_th`` drops real segments by itself.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -67,10 +67,12 @@ def main() -> int:
     print(f"model {args.model}: resolution {cfg.data.resolution}, {cfg.data.num_slots} slots")
     for count_th in args.count_th or [cfg.sampling.count_th]:
         scored = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, count_th=count_th))
-        datasets = {folder: SimpleNamespace(records=coco.load_coco_panoptic(folder).records[:args.max_images])
-                    for folder in args.data}
+        datasets = {}
+        for folder in args.data:
+            d = coco.load_coco_panoptic(folder)
+            datasets[folder] = dataclasses.replace(d, records=d.records[:args.max_images])
         if len(datasets) > 1:  # every image of every folder in one PQ (segments pooled, not folders averaged)
-            datasets["all folders"] = SimpleNamespace(records=[r for d in datasets.values() for r in d.records])
+            datasets["all folders"] = dataclasses.replace(d, records=[r for x in datasets.values() for r in x.records])
         for name, dataset in datasets.items():
             r = ae_reconstruction_pq(ae, dataset, scored)
             print(f"count_th {count_th:g}  {name}: PQ {100 * r['pq']:.1f}  SQ {100 * r['sq']:.1f}  "

@@ -336,18 +336,21 @@ class Segmenter:
 
         remap = remap_ids(known_ids, self.cfg.data.num_slots, np.random.default_rng(seed))
         image_r, slots_r, valid, info = resize_pad(image, remap.slot_map, res, mode)
-        slots = remap.slots
-        if self.cfg.diffusion.slot_order == "raster" or known_slots == "predicted":
-            # reading order: as in training for raster models, and a numbering-free tie-break for matching
-            lut = raster_slot_lut(torch.from_numpy(slots_r.astype(np.int64))[None], self.cfg.data.num_slots)[0].numpy()
+        slots = remap.slots  # slot → the known segment's id
+
+        def renumber(lut: np.ndarray) -> None:
+            nonlocal slots_r, slots
             slots_r = lut[slots_r]
             slots = {int(lut[s]): sid for s, sid in slots.items() if lut[s] > 0}
+
+        if self.cfg.diffusion.slot_order == "raster" or known_slots == "predicted":
+            # reading order: as in training for raster models, and a numbering-free tie-break for matching
+            raster = raster_slot_lut(torch.from_numpy(slots_r.astype(np.int64))[None], self.cfg.data.num_slots)
+            renumber(raster[0].numpy())
         if known_slots == "predicted":  # the slots the model itself gives these segments
             free = self._sample([image_r], [int(seed)], sampling)
             predicted = decode_latents(self.mask_ae, free, self.latent_scale)[0].argmax(0).cpu().numpy()
-            lut = match_known_slots(slots_r, predicted, self.cfg.data.num_slots)
-            slots_r = lut[slots_r]
-            slots = {int(lut[s]): sid for s, sid in slots.items() if lut[s] > 0}
+            renumber(match_known_slots(slots_r, predicted, self.cfg.data.num_slots))
         _, known_r, _, _ = resize_pad(None, known_px.astype(np.int64), res, mode)
         known_r = (known_r > 0) | ~valid
         bits = ids_to_bits(torch.from_numpy(slots_r)[None].to(self.device), self.mask_ae.num_bits)

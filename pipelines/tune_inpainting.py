@@ -61,9 +61,8 @@ def plot_inpainting(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str], fractions: list[float],
                          sampler: str | None = None, steps: int | None = None, known_slots: str = "given",
-                         max_images: int | None = None,
-                         max_concurrent: int = 2, name: str | None = None, tracking_uri: str | None = None,
-                         seed: int = 0, address: str | None = None) -> dict[str, Any]:
+                         max_images: int | None = None, max_concurrent: int = 2, name: str | None = None,
+                         tracking_uri: str | None = None, seed: int = 0, address: str | None = None) -> dict[str, Any]:
     import ray.tune as tune
 
     bad = [k for k in kinds if k not in KINDS]
@@ -78,7 +77,8 @@ def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str]
                          "(write 25 % as 0.25)")
     out, uri, sweep_id, space = prepare_model_sweep("inpainting", model, data, output, name=name, max_images=max_images,
                                                     seed=seed, tracking_uri=tracking_uri, address=address)
-    space.update(sampler=sampler, steps=steps, known_slots=known_slots, kind=tune.grid_search(kinds), fraction=tune.grid_search(fractions))
+    space.update(sampler=sampler, steps=steps, known_slots=known_slots, kind=tune.grid_search(kinds),
+                 fraction=tune.grid_search(fractions))
     tuner = make_tuner(inpainting_trial, space, out, sweep_id, metric="pq", max_concurrent=max_concurrent)
     _say(f"sweep {sweep_id}: inpainting with {kinds} masks at known fractions {fractions}; MLflow {uri}")
     grid = tuner.fit()
@@ -124,5 +124,6 @@ def run(args) -> dict[str, Any]:
 
     return run_inpainting_sweep(args.model, args.data, args.output, kinds=_parse_list(args.kinds, str),
                                 fractions=_parse_list(args.fractions, float), sampler=args.sampler, steps=args.steps,
-                                known_slots=args.known_slots, max_images=args.max_images, max_concurrent=args.max_concurrent, name=args.name,
-                                tracking_uri=args.tracking_uri, seed=args.seed, address=args.address)
+                                known_slots=args.known_slots, max_images=args.max_images,
+                                max_concurrent=args.max_concurrent, name=args.name, tracking_uri=args.tracking_uri,
+                                seed=args.seed, address=args.address)
