@@ -82,6 +82,20 @@ def test_two_worker_ae_and_ldm_report_metrics_and_checkpoints(shards, tmp_path, 
     assert client.get_model_version_by_alias("ldmseg-ldm", "current").run_id == ldm.mlflow_run_id
 
 
+def test_a_budget_stop_on_a_checkpoint_step_still_saves_a_validated_final_model(shards, tmp_path):
+    """With a checkpoint after every step the time budget always ends the run on a checkpoint step,
+    one saved as intermediate (not validated); the final model must still be validated and marked final."""
+    from pipelines.train import run_train
+
+    res = run_train("ae", cfg_with("train_ae.iterations=100000", "train_ae.report_every=1",
+                                   "train_ae.checkpoint_every=1", "train_ae.time_budget_s=2"),
+                    data=shards, run_dir=tmp_path)
+    assert 0 < res.metrics["step"] < 100000
+    assert 0.0 <= res.metrics["val_recon_pq"] <= 1.0
+    meta = read_model_json(res.model_dir)
+    assert meta["step"] == res.metrics["step"] and meta["extra"]["final"] is True
+
+
 def test_killed_run_resumes_from_its_checkpoint(shards, ray_session, tmp_path):
     from pipelines.train import run_name, run_train
 
