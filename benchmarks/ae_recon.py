@@ -65,14 +65,16 @@ def main() -> int:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_slots=args.num_slots or cfg.data.num_slots))
         ae = PerfectAE(cfg.data.num_slots)
     print(f"model {args.model}: resolution {cfg.data.resolution}, {cfg.data.num_slots} slots")
+    datasets = {}
+    for folder in args.data:
+        d = coco.load_coco_panoptic(folder)
+        datasets[folder] = dataclasses.replace(d, records=d.records[:args.max_images])
+    if len(datasets) > 1:  # every image of every folder in one PQ (segments pooled, not folders averaged);
+        # only the records are read, and each names its own files
+        pooled = [r for x in datasets.values() for r in x.records]
+        datasets["all folders"] = dataclasses.replace(datasets[args.data[0]], records=pooled)
     for count_th in args.count_th or [cfg.sampling.count_th]:
         scored = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, count_th=count_th))
-        datasets = {}
-        for folder in args.data:
-            d = coco.load_coco_panoptic(folder)
-            datasets[folder] = dataclasses.replace(d, records=d.records[:args.max_images])
-        if len(datasets) > 1:  # every image of every folder in one PQ (segments pooled, not folders averaged)
-            datasets["all folders"] = dataclasses.replace(d, records=[r for x in datasets.values() for r in x.records])
         for name, dataset in datasets.items():
             r = ae_reconstruction_pq(ae, dataset, scored)
             print(f"count_th {count_th:g}  {name}: PQ {100 * r['pq']:.1f}  SQ {100 * r['sq']:.1f}  "

@@ -208,7 +208,7 @@ def train_worker(config: dict) -> None:
         return metrics
 
     t_start = time.time()
-    state = {"t": time.time(), "step": start_step, "last_ckpt": None, "last_final": False}
+    state = {"t": time.time(), "step": start_step, "final_saved": False}
 
     def save_checkpoint(step: int, metrics: dict, final: bool) -> None:
         if final:
@@ -217,7 +217,7 @@ def train_worker(config: dict) -> None:
         if stage == "ae":  # every rank draws the same number of batches (keeps the shards in step)
             scale = training.measure_latent_scale(model, (next(batches) for _ in range(4)), cfg.data.num_slots)
         metrics = {**metrics, "latent_scale": float(scale)}
-        state["last_ckpt"], state["last_final"] = step, final
+        state["final_saved"] = final
         if rank != 0:
             ray.train.report(metrics)
             return
@@ -258,9 +258,9 @@ def train_worker(config: dict) -> None:
     final_step = training.train_loop(step_fn, batches, tcfg.iterations, start_step=start_step,
                                      on_report=on_report, report_every=tcfg.report_every,
                                      time_budget_s=budget)
-    if state["last_ckpt"] != final_step or not state["last_final"]:
-        # stopped between checkpoints (time budget, off-grid end), or by the budget right on a
-        # checkpoint step, which was saved as an intermediate one: save the final model, validated
+    if not state["final_saved"]:
+        # the time budget (or an off-grid end) stopped the loop; a checkpoint already saved at this
+        # very step was an intermediate one: save the final model, validated
         save_checkpoint(final_step, {"step": final_step, "resumed_from": start_step,
                                      "stopped_early": float(final_step < tcfg.iterations)}, final=True)
     if rank == 0:
