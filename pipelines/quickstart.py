@@ -15,20 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+from ldmseg.config import ConfigError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "quickstart.yaml"
 
 
 def _say(msg: str) -> None:
     print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
-
-
-def synth_args(cfg, out: Path, seed: int, num_images: int) -> list[str]:
-    """The ``ldmseg synth`` command-line words that make these scenes."""
-    s = cfg.synth
-    return ["ldmseg", "synth", str(out), "--num-images", str(num_images), "--size", str(s.size),
-            "--seed", str(seed), "--min-things", str(s.min_things), "--max-things", str(s.max_things),
-            "--max-stuff", str(s.max_stuff), "--void-fraction", str(s.void_fraction), "--crowd-prob", str(s.crowd_prob),
-            "--shared-colour-prob", str(s.shared_colour_prob)]
 
 
 def write_overlays(gt_dir: Path, pred_dir: Path, out: Path, count: int = 8) -> None:
@@ -52,17 +45,25 @@ def write_overlays(gt_dir: Path, pred_dir: Path, out: Path, count: int = 8) -> N
         Image.fromarray(overlay_panel(images, gts, preds)).save(out)
 
 
-def run_quickstart(workdir: Path, config: str | None, overrides: list[str], *, num_eval: int,
+def run_quickstart(workdir: Path, config: str | None, overrides: list[str], *, num_test: int,
                    address: str | None = None) -> dict:
-    import ldmseg.cli
+    """Synthesise, preprocess, train both stages, then segment and score the test scenes.
+
+    The three data roles (:mod:`ldmseg.data.roles`): the training scenes (their ``val`` split,
+    ``preprocess.val_fraction``, is held out of training and read by the in-training
+    validation), and ``num_test`` test scenes of the seed ``synth.seed + TEST_SEED_OFFSET``,
+    scored once at the end and used for nothing else.
+    """
     from ldmseg.config import load_config
     from ldmseg.data import coco
+    from ldmseg.data.roles import role_synth_config, synth_command
+    from ldmseg.data.synthetic import write_scenes_from_config
     from ldmseg.evaluation import predict_dataset
     from ldmseg.metrics.pq import evaluate_folders
     from ldmseg.segmenter import Segmenter
     from pipelines import ray_compat
     from pipelines.preprocess import run_preprocess
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.tracking import redact_uri, resolve_tracking_uri
     from pipelines.train import run_train
 
     t_all = time.time()
@@ -70,6 +71,9 @@ def run_quickstart(workdir: Path, config: str | None, overrides: list[str], *, n
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    if cfg.preprocess.val_fraction <= 0:
+        raise ConfigError(f"{config or DEFAULT_CONFIG}: the quickstart needs a val split for its in-training "
+                          "validation: set preprocess.val_fraction > 0 (e.g. preprocess.val_fraction=0.0625)")
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, workdir)
 
     t = time.time()
@@ -78,75 +82,98 @@ def run_quickstart(workdir: Path, config: str | None, overrides: list[str], *, n
     timings["ray_start"] = time.time() - t
 
     t = time.time()
-    train_scenes, eval_scenes = workdir / "scenes" / "train", workdir / "scenes" / "eval"
-    train_words = synth_args(cfg, train_scenes, cfg.synth.seed, cfg.synth.num_images)
-    eval_words = synth_args(cfg, eval_scenes, cfg.synth.seed + 1_000_003, num_eval)
-    for words in (train_words, eval_words):
-        _say(" ".join(words))
-        ldmseg.cli.main(words[1:])
+    train_scenes, test_scenes = workdir / "scenes" / "train", workdir / "scenes" / "test"
+    train_synth = role_synth_config(cfg.synth, "train")
+    test_synth = role_synth_config(cfg.synth, "test", num_test)
+    for synth, out in ((train_synth, train_scenes), (test_synth, test_scenes)):
+        _say(synth_command(synth, str(out)))
+        _say(write_scenes_from_config(out, synth).line())
     timings["synth"] = time.time() - t
 
     t = time.time()
-    _say("preprocessing the training scenes with Ray Data")
+    _say(f"preprocessing the training scenes with Ray Data ({cfg.preprocess.val_fraction:.1%} held out as 'val')")
     run_preprocess(cfg, output=str(workdir / "shards"), source=str(train_scenes))
     timings["preprocess"] = time.time() - t
 
-    _say(f"training the mask autoencoder ({cfg.train_ae.iterations} steps)")
+    _say(f"training the mask autoencoder ({_budget(cfg.train_ae)})")
     ae = run_train("ae", cfg, data=str(workdir / "shards"), run_dir=workdir, tracking_uri=uri)
     timings["train_ae"] = ae.seconds
-    _say(f"training the latent diffusion model ({cfg.train_ldm.iterations} steps"
-         + (f", at most {cfg.train_ldm.time_budget_s:.0f} s" if cfg.train_ldm.time_budget_s else "") + ")")
+    _say(f"training the latent diffusion model ({_budget(cfg.train_ldm)})")
     ldm = run_train("ldm", cfg, data=str(workdir / "shards"), run_dir=workdir, ae_model=ae.model_dir,
                     tracking_uri=uri)
     timings["train_ldm"] = ldm.seconds
 
     t = time.time()
-    _say(f"segmenting {num_eval} held-out scenes ({cfg.sampling.sampler}, {cfg.sampling.steps} steps)")
+    _say(f"segmenting {num_test} test scenes ({cfg.sampling.sampler}, {cfg.sampling.steps} steps)")
     segmenter = Segmenter.from_pretrained(ldm.model_dir)
     pred_dir = workdir / "predictions"
-    stats = predict_dataset(segmenter, coco.load_coco_panoptic(str(eval_scenes)), pred_dir,
+    stats = predict_dataset(segmenter, coco.load_coco_panoptic(str(test_scenes)), pred_dir,
                             seed=cfg.sampling.seed, batch_size=cfg.sampling.batch_size)
-    pq = evaluate_folders(str(eval_scenes), str(pred_dir), class_agnostic=True)
+    pq = evaluate_folders(str(test_scenes), str(pred_dir), class_agnostic=True)
     timings["evaluate"] = time.time() - t
     overlays = workdir / "overlays.png"
-    write_overlays(eval_scenes, pred_dir, overlays, count=8)
+    write_overlays(test_scenes, pred_dir, overlays, count=8)
     timings["total"] = time.time() - t_all
 
+    def stage_summary(res, tcfg, keys):
+        m = res.metrics
+        return {"steps": m.get("step"), "iterations": tcfg.iterations,
+                "stopped_by_time_budget": bool(m.get("stopped_early")),
+                "train_seconds": m.get("train_seconds"), "steps_per_s": m.get("train_steps_per_s"),
+                "validation": {k: m[k] for k in keys if k in m}}
+
+    safe_uri = redact_uri(uri)
     summary = {
-        "pq": pq["All"]["pq"], "sq": pq["All"]["sq"], "rq": pq["All"]["rq"],
-        "tp": pq["All"]["tp"], "fp": pq["All"]["fp"], "fn": pq["All"]["fn"], "n_images": pq["n_images"],
+        "test": {"pq": pq["All"]["pq"], "sq": pq["All"]["sq"], "rq": pq["All"]["rq"],
+                 "tp": pq["All"]["tp"], "fp": pq["All"]["fp"], "fn": pq["All"]["fn"], "n_images": pq["n_images"],
+                 "scenes": synth_command(test_synth, str(test_scenes)), "seed": test_synth.seed},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "model": ldm.model_dir, "ae_model": ae.model_dir, "predictions": str(pred_dir), "overlays": str(overlays),
-        "validation": {k: ldm.metrics[k] for k in ("val_pq", "val_sq", "val_rq") if k in ldm.metrics},
-        "ae_validation": {k: ae.metrics[k] for k in ("val_recon_pq", "val_recon_sq", "val_recon_rq")
-                          if k in ae.metrics},
-        "ldm_steps": ldm.metrics.get("step"), "ae_steps": ae.metrics.get("step"),
-        "mlflow_tracking_uri": uri, "mlflow_ui": f"mlflow ui --backend-store-uri {uri}",
-        "eval_scenes": eval_words[1:], "train_scenes": train_words[1:],
+        "ae": stage_summary(ae, cfg.train_ae, ("val_recon_pq", "val_recon_sq", "val_recon_rq")),
+        "ldm": stage_summary(ldm, cfg.train_ldm, ("val_pq", "val_sq", "val_rq")),
+        "validation_split": f"{cfg.preprocess.val_fraction:.2%} of the training scenes, held out of training",
+        "mlflow_tracking_uri": safe_uri, "mlflow_ui": f"mlflow ui --backend-store-uri {safe_uri}",
+        "train_scenes": synth_command(train_synth, str(train_scenes)),
         "sampling": {"sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps,
                      "seconds_per_image": stats["seconds_per_image"]},
-        "config": str(config or DEFAULT_CONFIG),
+        "config": str(config or DEFAULT_CONFIG), "overrides": list(overrides),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
+def _budget(tcfg) -> str:
+    cap = f", stopped early after {tcfg.time_budget_s:.0f} s" if tcfg.time_budget_s else ""
+    return f"{tcfg.iterations} steps{cap}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs/quickstart", help="where everything goes (default: %(default)s)")
     parser.add_argument("--config", default=None, help="YAML config (default: conf/quickstart.yaml)")
-    parser.add_argument("--num-eval", type=int, default=32, help="held-out scenes to evaluate (default: %(default)s)")
+    parser.add_argument("--num-test", "--num-eval", dest="num_test", type=int, default=32,
+                        help="test scenes to segment and score at the end (default: %(default)s)")
     parser.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train_ldm.iterations=200")
 
 
 def run(args: argparse.Namespace) -> int:
-    s = run_quickstart(Path(args.workdir), args.config, args.overrides, num_eval=args.num_eval,
+    s = run_quickstart(Path(args.workdir), args.config, args.overrides, num_test=args.num_test,
                        address=args.address)
-    t = s["timings_s"]
+    t, test = s["timings_s"], s["test"]
+
+    def stage_line(name: str) -> str:
+        st = s[name]
+        early = "  STOPPED BY ITS TIME BUDGET" if st["stopped_by_time_budget"] else ""
+        rate = f"{st['steps_per_s']:.2f} steps/s" if st["steps_per_s"] else "rate unknown"
+        return f"{name} steps:    {st['steps']}/{st['iterations']} ({rate}){early}"
+
     print("\n".join([
         "",
-        f"LDMSeg quickstart: held-out class-agnostic PQ {100 * s['pq']:.1f}  SQ {100 * s['sq']:.1f}  "
-        f"RQ {100 * s['rq']:.1f}  on {s['n_images']} scenes (TP {s['tp']}, FP {s['fp']}, FN {s['fn']})",
+        f"LDMSeg quickstart: test class-agnostic PQ {100 * test['pq']:.1f}  SQ {100 * test['sq']:.1f}  "
+        f"RQ {100 * test['rq']:.1f}  on {test['n_images']} test scenes of seed {test['seed']} "
+        f"(TP {test['tp']}, FP {test['fp']}, FN {test['fn']})",
+        stage_line("ae"),
+        stage_line("ldm"),
         "timings (s): " + ", ".join(f"{k} {v}" for k, v in t.items()),
         f"model:        {s['model']}",
         f"predictions:  {s['predictions']}",
@@ -154,6 +181,6 @@ def run(args: argparse.Namespace) -> int:
         "artifacts of the MLflow runs)",
         f"summary:      {Path(args.workdir) / 'summary.json'}",
         f"MLflow UI:    {s['mlflow_ui']}",
-        "more held-out scenes of this kind:  " + " ".join(s["eval_scenes"]).replace("synth ", "ldmseg synth ", 1),
+        f"test scenes:  {test['scenes']}",
     ]))
     return 0

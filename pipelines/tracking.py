@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ldmseg.config import redact_uri
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
@@ -66,7 +68,7 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as exc:  # unreachable server, bad URI, ...: warn once, go on
             self.disabled = True
-            print(f"[mlflow] tracking at {self.tracking_uri} failed during {what} ({type(exc).__name__}: "
+            print(f"[mlflow] tracking at {redact_uri(self.tracking_uri)} failed during {what} ({type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:200]}); training goes on without tracking",
                   file=sys.stderr, flush=True)
             return None

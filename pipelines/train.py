@@ -212,7 +212,9 @@ def train_worker(config: dict) -> None:
 
     def save_checkpoint(step: int, metrics: dict, final: bool) -> None:
         if final:
-            metrics = {**metrics, **validate(step)}
+            seconds = time.time() - t_start
+            metrics = {**metrics, **validate(step), "train_seconds": seconds,
+                       "train_steps_per_s": (step - start_step) / max(seconds, 1e-9)}
         scale = comps.latent_scale if comps is not None else None
         if stage == "ae":  # every rank draws the same number of batches (keeps the shards in step)
             scale = training.measure_latent_scale(model, (next(batches) for _ in range(4)), cfg.data.num_slots)
@@ -247,20 +249,24 @@ def train_worker(config: dict) -> None:
             tracker.log_metrics(metrics, step)
             _log(f"{stage} step {step}/{tcfg.iterations}  loss {metrics.get('loss', float('nan')):.4f}  "
                  f"{metrics['samples_per_s']:.1f} samples/s  lr {metrics.get('lr', 0):.2e}")
-        if tcfg.validate_every and step % tcfg.validate_every == 0 and step < tcfg.iterations:
-            metrics.update(validate(step))
-        if step % tcfg.checkpoint_every == 0 or step >= tcfg.iterations:
-            save_checkpoint(step, metrics, final=step >= tcfg.iterations)
-        else:
-            ray.train.report(metrics)
+        ray.train.report(metrics)
 
-    budget = tcfg.time_budget_s
+    def on_checkpoint(step: int, metrics: dict) -> None:
+        metrics = {**{k: float(v) for k, v in metrics.items()}, "step": step, "resumed_from": start_step}
+        save_checkpoint(step, metrics, final=step >= tcfg.iterations)
+
+    def on_validate(step: int) -> None:
+        if step < tcfg.iterations:  # the final step is validated with the final model
+            validate(step)
+
     final_step = training.train_loop(step_fn, batches, tcfg.iterations, start_step=start_step,
                                      on_report=on_report, report_every=tcfg.report_every,
-                                     time_budget_s=budget)
+                                     on_checkpoint=on_checkpoint, checkpoint_every=tcfg.checkpoint_every,
+                                     on_validate=on_validate, validate_every=tcfg.validate_every or None,
+                                     time_budget_s=tcfg.time_budget_s)
     if not state["final_saved"]:
-        # the time budget (or an off-grid end) stopped the loop; a checkpoint already saved at this
-        # very step was an intermediate one: save the final model, validated
+        # the time budget stopped the loop; a checkpoint already saved at this very step was an
+        # intermediate one: save the final model, validated
         save_checkpoint(final_step, {"step": final_step, "resumed_from": start_step,
                                      "stopped_early": float(final_step < tcfg.iterations)}, final=True)
     if rank == 0:

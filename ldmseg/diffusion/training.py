@@ -450,13 +450,17 @@ def train_loop(
     report_every: int = 50,
     on_checkpoint: Callable[[int, dict[str, float]], None] | None = None,
     checkpoint_every: int | None = None,
+    on_validate: Callable[[int], None] | None = None,
+    validate_every: int | None = None,
     time_budget_s: float | None = None,
 ) -> int:
     """Run ``step_fn(batch)`` from ``start_step`` until ``iterations`` steps; returns the last step.
 
     After every ``report_every``-th step, ``on_report(step, metrics)`` gets the mean of each
     float metric over the steps since the previous report; after every ``checkpoint_every``-th
-    step and after the final step, ``on_checkpoint(step, metrics)`` gets the last step's metrics.
+    step and after the final step, ``on_checkpoint(step, metrics)`` gets the last step's metrics;
+    after every ``validate_every``-th step, ``on_validate(step)``. The three intervals are
+    independent: each callback runs at the multiples of its own interval, whatever the others are.
     Besides ``step_fn``'s metrics these hold ``data_seconds`` (waiting for the batch) and
     ``step_seconds`` (inside ``step_fn``).
     ``batches`` is cycled when it runs out (it must then be re-iterable, e.g. a list or a
@@ -466,8 +470,9 @@ def train_loop(
     """
     if report_every < 1:
         raise ValueError(f"report_every must be >= 1, got {report_every}")
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1 or None, got {checkpoint_every}")
+    for name, every in (("checkpoint_every", checkpoint_every), ("validate_every", validate_every)):
+        if every is not None and every < 1:
+            raise ValueError(f"{name} must be >= 1 or None, got {every}")
     step = int(start_step)
     iterator = iter(batches)
     t0 = time.monotonic()
@@ -499,6 +504,8 @@ def train_loop(
         if on_report is not None and step % report_every == 0:
             on_report(step, {k: v / count for k, v in sums.items()})
             sums, count = {}, 0
+        if on_validate is not None and validate_every and step % validate_every == 0:
+            on_validate(step)
         if on_checkpoint is not None and checkpoint_every and (step % checkpoint_every == 0 or step == iterations):
             on_checkpoint(step, dict(metrics))
     return step
