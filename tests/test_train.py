@@ -196,32 +196,49 @@ def test_checkpoints_and_artifacts_on_s3_and_a_real_mlflow_server(trained_ae, sh
 
 
 def test_quickstart_end_to_end_with_a_tiny_budget(ray_session, tmp_path, capsys):
-    """The README's command 1, shrunk: every stage runs, the summary is complete and honest."""
+    """The README's command 1, shrunk: every stage runs, the summary is complete and honest, and the
+    three data roles stay apart (val held out of training, test scenes of their own seed)."""
     import filecmp
+    import shlex
+
+    import pyarrow.parquet as pq
 
     from ldmseg.cli import main
+    from ldmseg.data.roles import TEST_SEED_OFFSET
+    from ldmseg.metrics.pq import evaluate_folders
 
     work = tmp_path / "qs"
-    code = main(["quickstart", "--workdir", str(work), "--num-eval", "4", "synth.num_images=48",
+    code = main(["quickstart", "--workdir", str(work), "--num-test", "4", "synth.num_images=48",
                  "train_ae.iterations=12", "train_ae.report_every=6", "train_ae.checkpoint_every=12",
                  "train_ldm.iterations=8", "train_ldm.report_every=4", "train_ldm.checkpoint_every=8",
                  "train_ldm.batch_size=8", "train_ae.batch_size=8", "train_ldm.validate_every=4",
-                 "train_ldm.validate_images=4", "train_ldm.validate_steps=2", "sampling.steps=2"])
+                 "train_ldm.validate_images=4", "train_ldm.validate_steps=2", "sampling.steps=2",
+                 "preprocess.val_fraction=0.25"])
     assert code == 0
     printed = capsys.readouterr().out
     summary = json.loads((work / "summary.json").read_text())
-    assert summary["n_images"] == 4 and summary["tp"] + summary["fn"] > 0
-    assert 0.0 <= summary["pq"] <= 1.0 and summary["ldm_steps"] == 8 and summary["ae_steps"] == 12
-    assert set(summary["validation"]) == {"val_pq", "val_sq", "val_rq"}
-    assert 0.0 <= summary["ae_validation"]["val_recon_pq"] <= 1.0
-    assert f"PQ {100 * summary['pq']:.1f}" in printed and Path(summary["model"], "model.json").is_file()
+    test = summary["test"]
+    # the summary's PQ is the test scenes' PQ, re-computed here from the written predictions
+    again = evaluate_folders(str(work / "scenes" / "test"), summary["predictions"], class_agnostic=True)
+    assert test["n_images"] == 4 and (test["tp"], test["fp"], test["fn"]) == (
+        again["All"]["tp"], again["All"]["fp"], again["All"]["fn"])
+    assert test["pq"] == pytest.approx(again["All"]["pq"]) and test["seed"] == 0 + TEST_SEED_OFFSET
+    assert summary["ldm"]["steps"] == 8 and summary["ae"]["steps"] == 12
+    assert summary["ldm"]["steps_per_s"] > 0 and not summary["ldm"]["stopped_by_time_budget"]
+    assert set(summary["ldm"]["validation"]) == {"val_pq", "val_sq", "val_rq"}
+    assert f"PQ {100 * test['pq']:.1f}" in printed and Path(summary["model"], "model.json").is_file()
     assert (work / "overlays.png").stat().st_size > 1000
     assert {"synth", "preprocess", "train_ae", "train_ldm", "evaluate", "total"} <= set(summary["timings_s"])
-    # the printed synth arguments make the same held-out scenes again
-    words = summary["eval_scenes"]
-    assert words[0] == "synth"
-    words[1] = str(tmp_path / "again")
-    assert main(words) == 0
-    same = filecmp.dircmp(work / "scenes" / "eval" / "images", tmp_path / "again" / "images")
+    # the validation split is held out of training
+    def ids(split):
+        return {i for f in (work / "shards" / split).glob("*.parquet") for i in pq.read_table(f)["image_id"].to_pylist()}
+    train_ids, val_ids = ids("train"), ids("val")
+    assert val_ids and train_ids and not train_ids & val_ids and len(train_ids | val_ids) == 48
+    # the printed synth command makes the same test scenes again
+    words = shlex.split(test["scenes"])
+    assert words[:2] == ["ldmseg", "synth"]
+    words[2] = str(tmp_path / "again")
+    assert main(words[1:]) == 0
+    same = filecmp.dircmp(work / "scenes" / "test" / "images", tmp_path / "again" / "images")
     assert same.left_list and not same.diff_files and not same.left_only
-    assert (work / "scenes" / "eval" / "panoptic.json").read_bytes() == (tmp_path / "again" / "panoptic.json").read_bytes()
+    assert (work / "scenes" / "test" / "panoptic.json").read_bytes() == (tmp_path / "again" / "panoptic.json").read_bytes()
