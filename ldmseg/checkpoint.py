@@ -17,6 +17,7 @@ weights are never bundled (the official code's 3.3 GB pickles).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from torch import nn
 
-from ldmseg.config import Config, from_dict, to_dict
+from ldmseg.config import Config, from_dict, public_dict
 
 FORMAT = "ldmseg-model"
 FORMAT_VERSION = 1
@@ -90,7 +91,7 @@ def save_model(
 
     Args:
         directory: local folder or fsspec URL (``s3://...``; written via a temporary folder).
-        cfg: the resolved config the components were built from (stored with ``to_dict``).
+        cfg: the resolved config the components were built from (stored with ``public_dict``: secrets redacted).
         components: name → module, names from :data:`COMPONENTS`; DDP wrappers are unwrapped.
             A model that :class:`~ldmseg.segmenter.Segmenter` can use needs ``mask_autoencoder``
             and ``denoiser`` (``image_encoder`` is rebuilt from the config when absent).
@@ -142,7 +143,7 @@ def save_model(
         "components": entries,
         "extra": extra,
         "versions": {"torch": torch.__version__, "diffusers": _version("diffusers")},
-        "config": to_dict(cfg),
+        "config": public_dict(cfg),
     }
     (out / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return str(directory)
@@ -169,6 +170,19 @@ def read_meta(directory: str | Path) -> dict:
         raise ValueError(f"{path}: format version {meta['format_version']} is newer than this ldmseg "
                          f"({FORMAT_VERSION}); upgrade ldmseg")
     return meta
+
+
+def weights_hash(directory: str | Path, component: str = "mask_autoencoder") -> str:
+    """Short SHA-256 of a local model folder's ``<component>.safetensors`` bytes: the identity of
+    trained weights (an LDM run includes its AE's, so a new AE never resumes an old denoiser)."""
+    path = _local(directory) / f"{component}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {directory} is not a model folder with a {component}")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
 
 
 def build_components(cfg: Config, *, load_pretrained: bool = True) -> dict[str, nn.Module]:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from ldmseg.config import Config, config_hash, load_config, to_dict
@@ -332,6 +333,9 @@ def run_preprocess(cfg: Config, *, output: str, source: str | None = None, image
     _log(f"done in {dt:.1f} s: {manifest.inputs} inputs = {sum(manifest.written.values())} written "
          f"{manifest.written} + {manifest.quarantined} quarantined; "
          f"{sum(len(v) for v in manifest.files.values())} shards; {len(records) / max(dt, 1e-9):.1f} images/s")
+    _log("segments turned void while cleaning: " + "; ".join(
+        f"{split}: {c['n_small']} under data.min_segment_area px, {c['n_crowd']} crowd, {c['n_merged']} merged "
+        f"beyond {cfg.data.num_slots - 1} slots" for split, c in manifest.cleaned.items()))
     return manifest
 
 
@@ -389,6 +393,20 @@ def _remove_partial(fs, root: str, prefix: str) -> None:
         fs.rm(path, recursive=True)
 
 
+CLEANING_COLUMNS = ("n_small", "n_crowd", "n_merged")
+
+
+def _cleaning_counts(fs, root: str, paths: list[str]) -> dict[str, int]:
+    """Segments turned void while cleaning, summed over the rows of ``paths`` (three columns read)."""
+    totals = dict.fromkeys(CLEANING_COLUMNS, 0)
+    for rel in paths:
+        with fs.open(posixpath.join(root, rel), "rb") as f:
+            table = pq.read_table(f, columns=list(CLEANING_COLUMNS))
+        for c in CLEANING_COLUMNS:
+            totals[c] += int(pa.compute.sum(table[c]).as_py() or 0)
+    return totals
+
+
 def _finalise(fs, root: str, manifest: Manifest, n_inputs: int) -> Manifest:
     fs.invalidate_cache()  # Ray workers wrote files this process's listing cache has not seen
     written: dict[str, int] = {}
@@ -412,6 +430,7 @@ def _finalise(fs, root: str, manifest: Manifest, n_inputs: int) -> Manifest:
     manifest.written = {s: n for s, n in written.items() if n}
     manifest.quarantined = quarantined
     manifest.files = files
+    manifest.cleaned = {split: _cleaning_counts(fs, root, paths) for split, paths in files.items() if split != ERRORS}
     manifest.complete = True
     if not manifest.reconciles():
         raise RuntimeError(f"counts do not reconcile: {n_inputs} inputs != {written} + {quarantined}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import shutil
 import tempfile
@@ -26,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ldmseg.config import Config, config_hash, from_dict, load_config, to_dict
+from ldmseg.config import Config, config_hash, from_dict, load_config, public_dict, redact_uri, to_dict
 
 STAGES = ("ae", "ldm")
 REGISTERED = {"ae": "ldmseg-ae", "ldm": "ldmseg-ldm"}
 TRAINER_STATE = "trainer_state.pt"
+INPUTS_JSON = "ldmseg_inputs.json"
 MATERIALIZE_BELOW_BYTES = 2 << 30
 MODEL_ALIAS = "current"  # MLflow reserves "latest"; models:/NAME/latest also resolves to the newest version
 
@@ -45,8 +47,100 @@ def stage_sections(stage: str) -> list[str]:
     return common + ["train_ae"] if stage == "ae" else common + ["image_encoder", "denoiser", "diffusion", "train_ldm"]
 
 
-def run_name(stage: str, cfg: Config, extra: str = "") -> str:
-    return f"{stage}-{config_hash(cfg, stage_sections(stage))}{extra}"
+@dataclass
+class StageInputs:
+    """What a stage trains on, resolved and checked before Ray starts (:func:`check_inputs`)."""
+
+    data: str
+    """Preprocessed output, absolute path or URL (workers run in Ray's own working folder)."""
+    data_fingerprint: str
+    """:func:`ldmseg.data.manifest.data_fingerprint` of ``data``."""
+    train_files: list[str]
+    val_split: str
+    """``val`` if the shards have one, else ``train`` (then validation only monitors training rows)."""
+    cleaned: dict
+    ae_model: str | None = None
+    """LDM stage: the trained AE's local folder (``models:/`` URIs downloaded)."""
+    ae_hash: str | None = None
+    """LDM stage: :func:`ldmseg.checkpoint.weights_hash` of the AE."""
+
+    def identity(self) -> dict[str, str | None]:
+        return {"data": self.data, "data_fingerprint": self.data_fingerprint, "ae_model": self.ae_model,
+                "ae_hash": self.ae_hash}
+
+
+def run_name(stage: str, cfg: Config, inputs: StageInputs, extra: str = "") -> str:
+    """``<stage>-<hash of the config sections it depends on>-<hash of its data (and AE)>``.
+
+    The same command on the same inputs resumes its run; other data or another AE is another run.
+    """
+    blob = f"{inputs.data_fingerprint}:{inputs.ae_hash or ''}"
+    return f"{stage}-{config_hash(cfg, stage_sections(stage))}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}{extra}"
+
+
+def check_inputs(stage: str, cfg: Config, *, data: str, ae_model: str | None, run_dir: Path,
+                 tracking_uri: str) -> StageInputs:
+    """Resolve and check a stage's inputs without Ray: the shards exist and were made with this
+    config's ``data`` section, the AE (LDM stage) is a model folder; fingerprints for the run name."""
+    from ldmseg.checkpoint import weights_hash
+    from ldmseg.config import ConfigError
+    from ldmseg.data.manifest import check_data_config, data_fingerprint, list_split_files, open_fs, read_manifest
+
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    data = absolute_path(data)
+    fs, root = open_fs(data)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"--data {data}: no such folder; pass the --output folder of 'ldmseg preprocess'")
+    manifest = read_manifest(fs, root)
+    if manifest is not None:
+        if not manifest.complete:
+            raise ConfigError(f"--data {data}: preprocessing did not finish ({root}/_manifest.json says "
+                              "complete: false); re-run the same 'ldmseg preprocess' command to finish it")
+        check_data_config(manifest, cfg.data, f"--data {data}")
+    train_files = list_split_files(fs, root, "train")
+    if not train_files:
+        raise FileNotFoundError(f"--data {data}: the train split has no Parquet files")
+    try:
+        val_split = "val" if list_split_files(fs, root, "val") else "train"
+    except FileNotFoundError:
+        val_split = "train"
+    inputs = StageInputs(data=data, data_fingerprint=data_fingerprint(fs, root), train_files=train_files,
+                         val_split=val_split, cleaned=dict(manifest.cleaned) if manifest is not None else {})
+    if stage == "ldm":
+        if not ae_model:
+            raise ConfigError("the ldm stage needs --ae MODEL (a trained AE folder or models:/ldmseg-ae@current)")
+        if ae_model.startswith(("models:/", "runs:/")):
+            from pipelines.tracking import download_model
+
+            ae_model = str(download_model(ae_model, run_dir / "downloads" / "ae", tracking_uri))
+        inputs.ae_model = absolute_path(ae_model)
+        inputs.ae_hash = weights_hash(inputs.ae_model, "mask_autoencoder")
+    return inputs
+
+
+def _note_other_runs(storage: str, name: str, inputs: StageInputs) -> None:
+    """Record this run's inputs next to its checkpoints; say which input changed when the same
+    config ran before in this storage on other data or another AE (that run is left as it is)."""
+    from ldmseg.data.manifest import open_fs, write_json
+
+    fs, root = open_fs(storage)
+    prefix = name.rsplit("-", 1)[0] + "-"
+    if fs.isdir(root):
+        for other in sorted(fs.ls(root, detail=False)):
+            other_name = other.rstrip("/").split("/")[-1]
+            path = f"{other}/{INPUTS_JSON}"
+            if other_name == name or not other_name.startswith(prefix) or not fs.exists(path):
+                continue
+            with fs.open(path, "r") as f:
+                before = json.load(f)
+            changed = [f"{k} {before.get(k)} -> {v}" for k, v in inputs.identity().items()
+                       if k.endswith(("fingerprint", "hash")) and before.get(k) != v]
+            if changed:
+                _log(f"run {other_name} of this config used other inputs ({'; '.join(changed)}): "
+                     f"starting a new run {name} instead of resuming it")
+    fs.makedirs(f"{root}/{name}", exist_ok=True)
+    write_json(fs, f"{root}/{name}/{INPUTS_JSON}", inputs.identity())
 
 
 @dataclass
@@ -231,7 +325,8 @@ def train_worker(config: dict) -> None:
                           "denoiser": denoiser}
         with tempfile.TemporaryDirectory() as tmp:
             save_model(tmp, cfg, components, latent_scale=float(scale),
-                       extra={"stage": stage, "step": step, "final": final})
+                       extra={"stage": stage, "step": step, "final": final,
+                              "inputs": {k: redact_uri(v) for k, v in config.get("inputs", {}).items()}})
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "lr_scheduler": lr_scheduler.state_dict(), "step": step,
                         "ema": ema.state_dict() if ema is not None else None}, Path(tmp) / TRAINER_STATE)
@@ -321,42 +416,45 @@ def absolute_path(path: str) -> str:
 def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_model: str | None = None,
               storage_path: str | None = None, tracking_uri: str | None = None, address: str | None = None,
               name_suffix: str = "") -> StageResult:
-    """Run one stage to completion (resuming if a run of the same name exists); returns the model."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    """Run one stage to completion (resuming if a run of the same name exists); returns the model.
 
-    from ldmseg.data.manifest import list_split_files, open_fs
-    from ldmseg.data.parquet_dataset import TRAIN_COLUMNS
-    from pipelines import ray_compat
-    from pipelines.tracking import Tracker, download_model, local_artifact_root, resolve_tracking_uri
-
-    if stage not in STAGES:
-        raise SystemExit(f"ldmseg train: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    Inputs are checked (:func:`check_inputs`) before Ray starts; the run name covers the config
+    sections the stage depends on, the data's fingerprint and (LDM stage) the AE's weights.
+    """
     t0 = time.time()
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    # workers run in Ray's own working folder: local paths they open must be absolute
-    data = absolute_path(data)
-    ae_model = absolute_path(ae_model) if ae_model else ae_model
+    from pipelines.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri, run_dir)
+    inputs = check_inputs(stage, cfg, data=data, ae_model=ae_model, run_dir=run_dir, tracking_uri=uri)
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ldmseg.data.manifest import open_fs
+    from ldmseg.data.parquet_dataset import TRAIN_COLUMNS
+    from pipelines import ray_compat
+    from pipelines.tracking import Tracker, local_artifact_root
+
     ray_compat.init_ray(address)
     tcfg = cfg.train_ae if stage == "ae" else cfg.train_ldm
-    name = run_name(stage, cfg, name_suffix)
-    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri, run_dir)
+    name = run_name(stage, cfg, inputs, name_suffix)
+    data, ae_model, files, val_split = inputs.data, inputs.ae_model, inputs.train_files, inputs.val_split
     tracker = Tracker(uri, artifact_root=local_artifact_root(uri, run_dir))
-    if stage == "ldm":
-        if not ae_model:
-            raise SystemExit("ldmseg train ldm: pass --ae MODEL (a checkpoint folder or models:/ldmseg-ae@current)")
-        if ae_model.startswith(("models:/", "runs:/")):
-            ae_model = str(download_model(ae_model, run_dir / "downloads" / "ae", uri))
-    run_id = tracker.start(cfg.tracking.experiment, name, params=to_dict(cfg),
-                           tags={"ldmseg.stage": stage, "ldmseg.data": data})
+    run_id = tracker.start(cfg.tracking.experiment, name, params=public_dict(cfg),
+                           tags={"ldmseg.stage": stage, "ldmseg.data": redact_uri(data),
+                                 "ldmseg.data_fingerprint": inputs.data_fingerprint,
+                                 "ldmseg.ae_hash": inputs.ae_hash or "", "ldmseg.validation_split": val_split})
+    for split, counts in inputs.cleaned.items():
+        _log(f"shards {split}: segments turned void while cleaning: {counts['n_small']} small, "
+             f"{counts['n_crowd']} crowd, {counts['n_merged']} merged beyond {cfg.data.num_slots - 1} slots")
+        tracker.set_tags({f"ldmseg.cleaned.{split}.{k}": str(v) for k, v in counts.items()})
+    if val_split == "train" and tcfg.validate_images > 0:
+        _log(f"{data} has no val split: the in-training validation reads training rows (it monitors fitting, "
+             "not generalisation); preprocess with preprocess.val_fraction > 0 for a held-out val split")
 
     fs, root = open_fs(data)
-    files = list_split_files(fs, root, "train")
-    try:
-        val_split = "val" if list_split_files(fs, root, "val") else "train"
-    except FileNotFoundError:
-        val_split = "train"
     proto = "" if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
     dataset = ray_compat.read_parquet([proto + f for f in files], columns=TRAIN_COLUMNS)
     total_bytes = sum(fs.size(f) for f in files)
@@ -371,21 +469,21 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
         # client uses multipart uploads that some S3-compatible servers reject)
         import pyarrow.fs as pafs
 
-        from ldmseg.data.manifest import open_fs as _open_fs
-
-        remote_fs, remote_root = _open_fs(storage)
+        remote_fs, remote_root = open_fs(storage)
         storage_fs = pafs.PyFileSystem(pafs.FSSpecHandler(remote_fs))
+    _note_other_runs(storage, name, inputs)
     resume = latest_checkpoint(storage, name, storage_fs)
     if resume is not None:
         _log(f"found checkpoint {resume.path} of an earlier run of {name}: resuming from it")
     _log(f"stage {stage}: run {name}, {len(files)} shard files, {tcfg.num_workers} worker(s), "
-         f"storage {storage}, MLflow {uri}")
+         f"storage {redact_uri(storage)}, MLflow {redact_uri(uri)}")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "stage": stage, "ae_model": ae_model,
                            "tracking_uri": uri, "mlflow_run_id": run_id,
                            "resume_from": resume.path if resume is not None else None,
-                           "storage_url": storage, "val_data": data, "val_split": val_split},
+                           "storage_url": storage, "val_data": data, "val_split": val_split,
+                           "inputs": inputs.identity()},
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(

@@ -309,6 +309,20 @@ def test_train_loop_cycles_reports_means_and_checkpoints():
         training.train_loop(step_fn, iter([1, 2]), 5)
 
 
+def test_train_loop_reports_validates_and_checkpoints_each_at_its_own_interval():
+    """Three independent cadences: none waits for a step that is a multiple of another's interval."""
+    events = []
+    training.train_loop(lambda b: {"loss": 1.0}, [0], 12, report_every=3, checkpoint_every=4, validate_every=5,
+                        on_report=lambda s, m: events.append(("report", s)),
+                        on_checkpoint=lambda s, m: events.append(("checkpoint", s)),
+                        on_validate=lambda s: events.append(("validate", s)))
+    assert [s for e, s in events if e == "report"] == [3, 6, 9, 12]
+    assert [s for e, s in events if e == "checkpoint"] == [4, 8, 12]
+    assert [s for e, s in events if e == "validate"] == [5, 10]
+    with pytest.raises(ValueError, match="validate_every"):
+        training.train_loop(lambda b: {}, [0], 2, validate_every=0)
+
+
 @pytest.mark.parametrize("fraction", [0.5, 1.0])
 def test_ae_train_step_mixes_in_random_maps(fraction):
     """``mask_ae.random_map_fraction`` replaces the last maps of the batch (the caller's batch is

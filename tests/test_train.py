@@ -96,8 +96,94 @@ def test_a_budget_stop_on_a_checkpoint_step_still_saves_a_validated_final_model(
     assert meta["step"] == res.metrics["step"] and meta["extra"]["final"] is True
 
 
+@pytest.fixture(scope="module")
+def other_shards(ray_session, tmp_path_factory):
+    """Shards of other scenes, made with the same config as ``shards``."""
+    from pipelines.preprocess import run_preprocess
+
+    root = tmp_path_factory.mktemp("other_data")
+    write_scenes(root / "scenes", num_images=24, size=32, seed=12, max_things=4)
+    run_preprocess(cfg_with(), output=str(root / "shards"), source=str(root / "scenes"))
+    return str(root / "shards")
+
+
+def checkpoint_steps(run_dir: Path, stage: str) -> list[int]:
+    return sorted(read_model_json(d.parent)["step"] for d in run_dir.glob(f"ray_results/{stage}-*/checkpoint_*/model.json"))
+
+
+def test_other_data_starts_a_new_run_and_checkpoints_keep_their_own_interval(shards, other_shards, tmp_path, capsys):
+    """Run identity covers the data: the same command on other shards in the same --run-dir trains
+    a new run from step 0 (it used to resume the finished run and return it unchanged). Checkpoints
+    come every checkpoint_every steps, whatever report_every is (they used to wait for lcm of both)."""
+    from pipelines.train import run_train
+
+    cfg = cfg_with("train_ae.iterations=4", "train_ae.report_every=3", "train_ae.checkpoint_every=2",
+                   "train_ae.num_to_keep=5", "train_ae.validate_images=0")
+    first = run_train("ae", cfg, data=shards, run_dir=tmp_path)
+    assert checkpoint_steps(tmp_path, "ae") == [2, 4]
+    second = run_train("ae", cfg, data=other_shards, run_dir=tmp_path)
+    assert second.run_name != first.run_name and second.run_name.rsplit("-", 1)[0] == first.run_name.rsplit("-", 1)[0]
+    assert second.metrics["resumed_from"] == 0 and second.metrics["step"] == 4
+    assert checkpoint_steps(tmp_path, "ae") == [2, 2, 4, 4]
+    assert "used other inputs (data_fingerprint" in capsys.readouterr().out
+    inputs = read_model_json(second.model_dir)["extra"]["inputs"]
+    assert inputs["data"] == str(Path(other_shards).resolve()) and inputs["ae_hash"] is None
+
+
+def test_another_ae_is_another_ldm_run(shards, trained_ae, tmp_path):
+    """An LDM run's identity includes its AE's weights: another AE never resumes an old denoiser."""
+    import shutil
+
+    from pipelines.train import check_inputs, run_name
+
+    other_ae = tmp_path / "other_ae"
+    shutil.copytree(trained_ae.model_dir, other_ae)
+    weights = other_ae / "mask_autoencoder.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # another float in the last tensor: other weights, same shapes
+    weights.write_bytes(bytes(data))
+    cfg = cfg_with()
+    a = check_inputs("ldm", cfg, data=shards, ae_model=trained_ae.model_dir, run_dir=tmp_path, tracking_uri="")
+    b = check_inputs("ldm", cfg, data=shards, ae_model=str(other_ae), run_dir=tmp_path, tracking_uri="")
+    assert a.ae_hash != b.ae_hash and a.data_fingerprint == b.data_fingerprint
+    assert run_name("ldm", cfg, a) != run_name("ldm", cfg, b)
+    assert run_name("ldm", cfg, a) == run_name("ldm", cfg, check_inputs(
+        "ldm", cfg, data=shards, ae_model=trained_ae.model_dir, run_dir=tmp_path, tracking_uri=""))
+
+
+def test_shards_of_another_slot_count_fail_before_ray_starts(shards, tmp_path, monkeypatch):
+    """Shards of 8 slots trained with data.num_slots=16 (or another resolution) fail up front,
+    naming the stored value and the fix; Ray is never started."""
+    from ldmseg.config import ConfigError
+    from pipelines import ray_compat
+    from pipelines.train import run_train
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started before the inputs were checked")
+
+    monkeypatch.setattr(ray_compat, "init_ray", no_ray)
+    with pytest.raises(ConfigError, match=r"data.num_slots=8 \(this config: 16\).*pass data.num_slots=8"):
+        run_train("ae", cfg_with("data.num_slots=16"), data=shards, run_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"data.resolution=32 \(this config: 64\)"):
+        run_train("ae", cfg_with("data.resolution=64"), data=shards, run_dir=tmp_path)
+
+
+def test_manifest_sums_the_cleaning_counts_of_its_rows(shards):
+    """``_manifest.json`` carries, per split, the segments cleaning turned void, summed over the rows."""
+    import pyarrow.parquet as pq
+
+    from ldmseg.data.manifest import open_fs, read_manifest
+
+    fs, root = open_fs(shards)
+    manifest = read_manifest(fs, root)
+    for split, counts in manifest.cleaned.items():
+        table = pq.read_table([f"{root}/{f}" for f in manifest.files[split]], columns=list(counts))
+        assert counts == {k: int(sum(table[k].to_pylist())) for k in counts}
+    assert sum(sum(c.values()) for c in manifest.cleaned.values()) > 0  # these scenes have crowd and tiny segments
+
+
 def test_killed_run_resumes_from_its_checkpoint(shards, ray_session, tmp_path):
-    from pipelines.train import run_name, run_train
+    from pipelines.train import run_train
 
     overrides = ["train_ae.iterations=400", "train_ae.report_every=5", "train_ae.checkpoint_every=5"]
     cfg = cfg_with(*overrides)
@@ -106,13 +192,12 @@ def test_killed_run_resumes_from_its_checkpoint(shards, ray_session, tmp_path):
            "--run-dir", str(tmp_path), "--address", address, *TINY, *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    storage = tmp_path / "ray_results" / run_name("ae", cfg)
     deadline = time.time() + 240
-    while time.time() < deadline and len(list(storage.glob("checkpoint_*"))) < 2:
+    while time.time() < deadline and len(list((tmp_path / "ray_results").glob("ae-*/checkpoint_*"))) < 2:
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert list(storage.glob("checkpoint_*")), "no checkpoint before the kill"
+    assert list((tmp_path / "ray_results").glob("ae-*/checkpoint_*")), "no checkpoint before the kill"
     # the re-run of the same command resumes: its first report continues the step counter
     res = run_train("ae", cfg, data=shards, run_dir=tmp_path)
     assert res.metrics["step"] == 400

@@ -10,6 +10,7 @@ Layout of an output folder (local or ``s3://``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,10 @@ class Manifest:
     files: dict[str, list[str]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     complete: bool = False
+    cleaned: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per split, segments turned void while cleaning, summed over the rows: ``n_small`` (under
+    ``data.min_segment_area`` px at the training resolution), ``n_crowd``, ``n_merged`` (beyond
+    ``data.num_slots - 1`` segments)."""
 
     def reconciles(self) -> bool:
         return self.inputs == sum(self.written.values()) + self.quarantined
@@ -63,6 +68,39 @@ def write_json(fs, path: str, data: Any) -> None:
 
 def write_manifest(fs, root: str, manifest: Manifest) -> None:
     write_json(fs, posixpath.join(root, MANIFEST), asdict(manifest))
+
+
+DATA_KEYS = ("resolution", "num_slots", "min_segment_area", "resize_mode")
+"""``data`` fields baked into the shards: training with other values would read wrong targets."""
+
+
+def check_data_config(manifest: Manifest, data_cfg: Any, where: str) -> None:
+    """Raise :class:`~ldmseg.config.ConfigError` if ``data_cfg`` disagrees with the shards' ``data`` section.
+
+    Shards made with 32 slots read with ``data.num_slots=8`` would turn slots >= 8 void; other
+    resolutions or area floors would train on targets the config does not describe.
+    """
+    from ldmseg.config import ConfigError
+
+    stored = manifest.config.get("data", {})
+    diffs = [f"data.{k}={stored[k]!r} (this config: {getattr(data_cfg, k)!r})"
+             for k in DATA_KEYS if k in stored and stored[k] != getattr(data_cfg, k)]
+    if diffs:
+        fix = " ".join(f"data.{k}={stored[k]}" for k in DATA_KEYS if k in stored and stored[k] != getattr(data_cfg, k))
+        raise ConfigError(f"{where} was preprocessed with {', '.join(diffs)}; pass {fix}, or run "
+                          "'ldmseg preprocess' again with this config into a new --output")
+
+
+def data_fingerprint(fs, root: str) -> str:
+    """Identity of a preprocessed output: its manifest's config hash, source fingerprint and counts
+    (or, without a manifest, the names and sizes of its Parquet files). Training runs include it."""
+    manifest = read_manifest(fs, root)
+    if manifest is not None:
+        blob = json.dumps([manifest.config_hash, manifest.source_fingerprint, manifest.written], sort_keys=True)
+    else:
+        files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+        blob = json.dumps([[posixpath.relpath(p, root), fs.size(p)] for p in files])
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def list_split_files(fs, root: str, split: str) -> list[str]:
