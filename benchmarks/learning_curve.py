@@ -23,13 +23,15 @@ def main() -> int:
 
     from mlflow.tracking import MlflowClient
 
+    from pipelines.tracking import filter_value
+
     client = MlflowClient(args.tracking_uri)
     exp = client.get_experiment_by_name(args.experiment)
     if exp is None:
         raise SystemExit(f"no experiment {args.experiment!r} at {args.tracking_uri}")
-    filt = f"tags.`ldmseg.stage` = '{args.stage}'"
+    filt = f"tags.`ldmseg.stage` = {filter_value(args.stage)}"
     if args.run_name:
-        filt += f" and tags.`mlflow.runName` = '{args.run_name}'"
+        filt += f" and tags.`mlflow.runName` = {filter_value(args.run_name)}"
     runs = client.search_runs([exp.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"],
                               max_results=1)
     if not runs:

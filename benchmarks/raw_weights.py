@@ -27,7 +27,7 @@ def main() -> int:
     from ldmseg.checkpoint import load_model, save_model
 
     loaded = load_model(args.model)
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["model"]
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["model"]
     loaded.components["denoiser"].load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     save_model(args.output, loaded.cfg, loaded.components, latent_scale=loaded.latent_scale)
     print(f"raw weights of {args.checkpoint} saved as {args.output}")

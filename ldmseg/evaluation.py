@@ -9,11 +9,22 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ldmseg.data import coco
 from ldmseg.segmenter import to_coco_prediction
+
+
+def prediction_names(records: list[coco.PanopticRecord]) -> dict[int, str]:
+    """Image id → PNG name in a prediction folder: the ground truth's mask name, prefixed with the
+    image id when two records share that name (inputs in different folders), so no prediction
+    overwrites another."""
+    names = {r.image_id: Path(r.segments_file).with_suffix(".png").name for r in records}
+    counts = Counter(names.values())
+    return {i: n if counts[n] == 1 else f"{i:012d}-{n}" for i, n in names.items()}
 
 
 def predict_dataset(segmenter, dataset: coco.CocoPanoptic, out_dir: str | Path, *, sampler: str | None = None,
@@ -29,6 +40,7 @@ def predict_dataset(segmenter, dataset: coco.CocoPanoptic, out_dir: str | Path, 
     annotations, skipped = [], []
     t0 = time.time()
     records = dataset.records
+    names = prediction_names(records)
     done = 0
     for i in range(0, len(records), batch_size):
         chunk, images = [], []
@@ -42,7 +54,7 @@ def predict_dataset(segmenter, dataset: coco.CocoPanoptic, out_dir: str | Path, 
             continue
         results = segmenter.segment(images, sampler=sampler, steps=steps, seed=seed, **thresholds)
         for rec, res in zip(chunk, results):
-            png_name = Path(rec.segments_file).with_suffix(".png").name
+            png_name = names[rec.image_id]
             png, ann = to_coco_prediction(res, rec.image_id, png_name)
             (out / "panoptic" / png_name).write_bytes(png)
             annotations.append(ann)
@@ -59,3 +71,82 @@ def predict_dataset(segmenter, dataset: coco.CocoPanoptic, out_dir: str | Path, 
                                                    "categories": categories}))
     return {"n_images": len(records), "n_predicted": len(annotations), "skipped": skipped,
             "seconds": seconds, "seconds_per_image": seconds / max(len(annotations), 1)}
+
+
+@dataclass
+class GroundTruth:
+    """What ``evaluate`` scores against: a COCO panoptic source and, for shards, their split's image ids."""
+
+    root: str | None
+    images: str | None = None
+    masks: str | None = None
+    json_path: str | None = None
+    image_ids: list[int] | None = None
+    description: str = ""
+
+    def load(self) -> coco.CocoPanoptic:
+        """The records to segment (only ``image_ids`` when set)."""
+        dataset = coco.load_coco_panoptic(self.root, images=self.images, masks=self.masks, json_path=self.json_path)
+        if self.image_ids is not None:
+            wanted = set(self.image_ids)
+            dataset.records = [r for r in dataset.records if r.image_id in wanted]
+        return dataset
+
+    def pq_args(self) -> dict[str, Any]:
+        """The ground-truth arguments of :func:`ldmseg.metrics.pq.evaluate_folders`."""
+        return {"gt": self.root, "gt_json": self.json_path, "gt_masks": self.masks}
+
+
+def resolve_ground_truth(data: str, workdir: Path, split: str | None = None) -> GroundTruth:
+    """The ground truth for ``--data``: a COCO panoptic folder as given; for Parquet shards, the
+    *source* COCO data the manifest records, restricted to the images of ``split`` (default
+    ``val``). A training split is scored only when asked for (``split="train"``); when the source
+    is not reachable, the shards' cleaned ground truth at the training resolution is exported
+    and scored instead, and the description says so.
+    """
+    from ldmseg.config import ConfigError
+    from ldmseg.data.manifest import open_fs, read_manifest
+
+    fs, root = open_fs(data)
+    manifest = read_manifest(fs, root)
+    if manifest is None:
+        if split is not None:
+            raise ConfigError(f"--split {split} applies to Parquet shards; {data} is a COCO panoptic folder "
+                              "(drop --split)")
+        root_path = data if "://" in data else str(Path(data).resolve())  # Ray workers run elsewhere
+        return GroundTruth(root=root_path, description=f"COCO panoptic folder {data}")
+    split = split or "val"
+    if not manifest.written.get(split):
+        have = ", ".join(sorted(manifest.written)) or "none"
+        hint = ("pass --split train to score the training images (a figure of fit, not a held-out result), or "
+                "--data a COCO panoptic folder the model never saw") if split == "val" else "pass --split val"
+        raise ConfigError(f"--data {data}: the shards have no {split!r} split (splits: {have}); {hint}")
+    import pyarrow.parquet as pq
+
+    ids: list[int] = []
+    for f in manifest.files[split]:
+        with fs.open(f"{root}/{f}", "rb") as fh:
+            ids.extend(int(i) for i in pq.read_table(fh, columns=["image_id"])["image_id"].to_pylist())
+    role = "training images, not a held-out result" if split == "train" else "held out of training"
+    src = dict(manifest.source_paths) or {"source": manifest.source}
+    try:
+        coco.load_coco_panoptic(src.get("source"), images=src.get("images"), masks=src.get("masks"),
+                                json_path=src.get("annotations"))
+        return GroundTruth(root=src.get("source"), images=src.get("images"), masks=src.get("masks"),
+                           json_path=src.get("annotations"), image_ids=ids,
+                           description=f"split {split!r} of {data} ({len(ids)} images, {role}), scored against "
+                                       f"its source {src.get('source') or src.get('annotations')} at full resolution")
+    except coco.DataError as exc:
+        reason = exc.reason
+    from ldmseg.data.shards import write_coco_from_rows
+
+    rows = []
+    for f in manifest.files[split]:
+        with fs.open(f"{root}/{f}", "rb") as fh:
+            rows.extend(pq.read_table(fh).to_pylist())
+    out = workdir / f"gt-{split}"
+    write_coco_from_rows(rows, str(out))
+    return GroundTruth(root=str(out), image_ids=ids,
+                       description=f"split {split!r} of {data} ({len(ids)} images, {role}), scored against the "
+                                   f"shards' CLEANED ground truth at the training resolution (small and crowd "
+                                   f"segments void), because the source is not readable here: {reason}")

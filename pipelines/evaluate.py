@@ -1,8 +1,10 @@
 """Segment a dataset with a trained model and report PQ (one JSON object on stdout).
 
 ``--model`` is a checkpoint folder or ``models:/NAME@ALIAS``; ``--data`` is a COCO panoptic
-folder or the Parquet output of ``ldmseg preprocess`` (then PQ is measured at the training
-resolution, on the stored ground truth). Predictions (COCO panoptic PNGs + JSON) and per-image
+folder or the Parquet output of ``ldmseg preprocess``. For shards, the images of one split
+(``--split``, default ``val``; ``train`` only when asked) are scored against the source COCO data
+their manifest records; if that source is not readable, against the shards' cleaned ground
+truth, and the output says so. Predictions (COCO panoptic PNGs + JSON) and per-image
 statistics are written to ``--output``; PQ/SQ/RQ (class-agnostic, and class-aware when the
 ground truth has categories) go to stdout and MLflow. Progress goes to stderr.
 
@@ -34,52 +36,31 @@ def resolve_model(uri: str, workdir: Path, tracking_uri: str | None = None) -> s
     return uri
 
 
-def resolve_gt(data: str, workdir: Path) -> str:
-    """A COCO panoptic folder for ``data`` (exporting Parquet shards' ``val`` or ``train`` split)."""
-    from ldmseg.data.manifest import open_fs, read_manifest
-
-    fs, root = open_fs(data)
-    manifest = read_manifest(fs, root)
-    if manifest is None:
-        return data
-    import pyarrow.parquet as pq
-
-    from ldmseg.data.shards import write_coco_from_rows
-
-    split = "val" if "val" in manifest.written else "train"
-    rows = []
-    for f in manifest.files[split]:
-        with fs.open(f"{root}/{f}", "rb") as fh:
-            rows.extend(pq.read_table(fh).to_pylist())
-    out = workdir / f"gt-{split}"
-    write_coco_from_rows(rows, str(out))
-    print(f"[evaluate] {len(rows)} images of split {split!r} exported from {data}", file=sys.stderr)
-    return str(out)
-
-
 def evaluate(model: str, data: str, output: str, *, sampler: str | None, steps: int | None, seed: int,
              batch_size: int | None = None, max_images: int | None = None, thresholds: dict | None = None,
-             tracking_uri: str | None = None, log_mlflow: bool = True) -> dict[str, Any]:
-    from ldmseg.data import coco
-    from ldmseg.evaluation import predict_dataset
+             tracking_uri: str | None = None, log_mlflow: bool = True, split: str | None = None) -> dict[str, Any]:
+    from ldmseg.evaluation import predict_dataset, resolve_ground_truth
     from ldmseg.metrics.pq import evaluate_folders
     from ldmseg.segmenter import Segmenter
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="ldmseg-eval-", dir=out))
-    model_dir = resolve_model(model, work, tracking_uri)
-    gt = resolve_gt(data, work)
-    dataset = coco.load_coco_panoptic(gt)
-    if max_images:
-        dataset.records = dataset.records[:max_images]
-    segmenter = Segmenter.from_pretrained(model_dir)
-    stats = predict_dataset(segmenter, dataset, out / "predictions", sampler=sampler, steps=steps, seed=seed,
-                            batch_size=batch_size or segmenter.cfg.sampling.batch_size, **(thresholds or {}))
-    agnostic = evaluate_folders(gt, str(out / "predictions"), class_agnostic=True, missing="void",
-                                image_ids=[r.image_id for r in dataset.records])
+    with tempfile.TemporaryDirectory(prefix="ldmseg-eval-", dir=out) as tmp:
+        work = Path(tmp)
+        model_dir = resolve_model(model, work, tracking_uri)
+        gt = resolve_ground_truth(data, work, split)
+        print(f"[evaluate] scoring {gt.description}", file=sys.stderr, flush=True)
+        dataset = gt.load()
+        if max_images:
+            dataset.records = dataset.records[:max_images]
+        segmenter = Segmenter.from_pretrained(model_dir)
+        stats = predict_dataset(segmenter, dataset, out / "predictions", sampler=sampler, steps=steps, seed=seed,
+                                batch_size=batch_size or segmenter.cfg.sampling.batch_size, **(thresholds or {}))
+        agnostic = evaluate_folders(pred=str(out / "predictions"), class_agnostic=True, missing="void",
+                                    image_ids=[r.image_id for r in dataset.records], **gt.pq_args())
     result: dict[str, Any] = {
-        "model": model, "data": data, "sampler": sampler or segmenter.cfg.sampling.sampler,
+        "model": model, "data": data, "scored": gt.description,
+        "sampler": sampler or segmenter.cfg.sampling.sampler,
         "steps": steps or segmenter.cfg.sampling.steps, "seed": seed,
         "pq": agnostic["All"]["pq"], "sq": agnostic["All"]["sq"], "rq": agnostic["All"]["rq"],
         "class_agnostic": agnostic, "n_images": agnostic["n_images"],
@@ -94,7 +75,8 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None, steps: 
         t = Tracker(uri, artifact_root=local_artifact_root(uri, out))
         if t.start("ldmseg-evaluate", f"evaluate-{Path(out).name}",
                    params={"model": model, "data": data, "sampler": result["sampler"], "steps": result["steps"],
-                           "seed": seed, **(thresholds or {})}):
+                           "seed": seed, "split": split or "", **(thresholds or {})}):
+            t.set_tags({"ldmseg.scored": gt.description[:5000]})
             t.log_metrics({k: result[k] for k in ("pq", "sq", "rq", "seconds_per_image")}, step=0)
             t.log_artifact(out / "metrics.json")
             t.finish()
@@ -104,6 +86,9 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None, steps: 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder or models:/ldmseg-ldm@current")
     parser.add_argument("--data", required=True, help="COCO panoptic folder or Parquet shards (ldmseg preprocess)")
+    parser.add_argument("--split", choices=("val", "train"), default=None,
+                        help="with shards: the split to score (default val; train only when asked: a figure of "
+                             "fit, not a held-out result). Scored against the shards' source COCO data")
     parser.add_argument("--output", default="runs/evaluate", help="predictions and metrics.json (default: %(default)s)")
     parser.add_argument("--sampler", default=None, help="sampler name (default: the model's config)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's config)")
@@ -122,6 +107,6 @@ def run(args: argparse.Namespace) -> int:
                                     ("overlap_th", args.overlap_th)) if v is not None}
     res = evaluate(args.model, args.data, args.output, sampler=args.sampler, steps=args.steps, seed=args.seed,
                    batch_size=args.batch_size, max_images=args.max_images, thresholds=thresholds,
-                   tracking_uri=args.tracking_uri, log_mlflow=not args.no_mlflow)
+                   tracking_uri=args.tracking_uri, log_mlflow=not args.no_mlflow, split=args.split)
     print(json.dumps(res))
     return 0

@@ -267,6 +267,8 @@ def run_preprocess(cfg: Config, *, output: str, source: str | None = None, image
 
     manifest = Manifest(schema_version=shards.SCHEMA_VERSION, config_hash=cfg_hash,
                         source=source or annotations or "", source_fingerprint=fingerprint,
+                        source_paths={k: _absolute(v) for k, v in (("source", source), ("images", images),
+                                                                    ("masks", masks), ("annotations", annotations))},
                         config={k: v for k, v in to_dict(cfg).items() if k in ("data", "preprocess")})
     fs.makedirs(root, exist_ok=True)
     write_manifest(fs, root, manifest)  # claims the folder for this config before any shard
@@ -405,6 +407,13 @@ def _cleaning_counts(fs, root: str, paths: list[str]) -> dict[str, int]:
         for c in CLEANING_COLUMNS:
             totals[c] += int(pa.compute.sum(table[c]).as_py() or 0)
     return totals
+
+
+def _absolute(path: str | None) -> str | None:
+    """A local path made absolute (URLs unchanged): the manifest's record of the source."""
+    import os
+
+    return path if path is None or "://" in path else os.path.abspath(path)
 
 
 def _finalise(fs, root: str, manifest: Manifest, n_inputs: int) -> Manifest:

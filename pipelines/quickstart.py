@@ -1,8 +1,9 @@
 """The whole pipeline on synthetic scenes with a local Ray, in minutes on a laptop CPU.
 
-Makes training and held-out scenes (COCO panoptic format), preprocesses them with Ray Data,
+Makes training and test scenes (COCO panoptic format; :mod:`ldmseg.data.roles`), preprocesses the
+training scenes with Ray Data (holding out a ``val`` split for the in-training validation),
 trains the mask autoencoder and then the latent diffusion model with Ray Train (tracked in a
-local sqlite MLflow store), segments the held-out scenes and prints PQ/SQ/RQ. Everything lives
+local sqlite MLflow store), segments the test scenes and prints their PQ/SQ/RQ. Everything lives
 under ``--workdir`` (default ``./runs/quickstart``), including ``summary.json``.
 """
 
@@ -25,17 +26,20 @@ def _say(msg: str) -> None:
 
 
 def write_overlays(gt_dir: Path, pred_dir: Path, out: Path, count: int = 8) -> None:
-    """image | ground truth | prediction for the first ``count`` held-out scenes, as one PNG."""
+    """image | ground truth | prediction for the first ``count`` test scenes, as one PNG."""
     from PIL import Image
 
     from ldmseg.data import coco
     from ldmseg.data.ids import decode_panoptic_png
+    from ldmseg.evaluation import prediction_names
     from ldmseg.validation import overlay_panel
 
     images, gts, preds = [], [], []
-    for rec in coco.load_coco_panoptic(str(gt_dir)).records[:count]:
+    records = coco.load_coco_panoptic(str(gt_dir)).records
+    names = prediction_names(records)
+    for rec in records[:count]:
         sample = coco.read_sample(rec)
-        pred_png = pred_dir / "panoptic" / Path(rec.segments_file).with_suffix(".png").name
+        pred_png = pred_dir / "panoptic" / names[rec.image_id]
         if not pred_png.is_file():
             continue
         images.append(sample.image)

@@ -18,6 +18,18 @@ from ldmseg.config import redact_uri
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def filter_value(value: str) -> str:
+    """``value`` quoted as a string literal of an MLflow search filter (never pasted in raw: a
+    name with a quote would break the filter or change its meaning)."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both quote characters, which MLflow's search filters cannot express; "
+                     "choose a name without one of them")
+
+
 def resolve_tracking_uri(configured: str | None, run_dir: str | Path) -> str:
     """``MLFLOW_TRACKING_URI`` > the config's ``tracking.tracking_uri`` > sqlite in ``run_dir``."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
@@ -101,7 +113,7 @@ class Tracker:
                     exp_id = exp.experiment_id
             else:
                 exp_id = exp.experiment_id
-            found = self.client.search_runs([exp_id], filter_string=f"tags.mlflow.runName = '{run_name}'",
+            found = self.client.search_runs([exp_id], filter_string=f"tags.mlflow.runName = {filter_value(run_name)}",
                                             max_results=1)
             if found:
                 run_id = found[0].info.run_id

@@ -20,6 +20,7 @@ A failing trial (exception, NaN) is recorded and the sweep goes on; re-running w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ldmseg.config import redact_uri
 
 REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
 SAMPLING_KEYS = ("sampler", "steps", "timestep_spacing", "sigma_schedule", "mask_th", "count_th", "overlap_th",
@@ -81,20 +84,21 @@ def _segmenter(model_dir: str):
     return _SEGMENTERS[model_dir]
 
 
-def score_sampling(model_dir: str, gt: str, out: Path, params: dict[str, Any], *, seed: int = 0,
+def score_sampling(model_dir: str, gt: dict[str, Any], out: Path, params: dict[str, Any], *, seed: int = 0,
                    max_images: int | None = None) -> dict[str, float]:
-    """Segment ``gt`` with the sampling ``params``; → pq, sq, rq, seconds_per_image."""
-    from ldmseg.data import coco
-    from ldmseg.evaluation import predict_dataset
+    """Segment the ground truth ``gt`` (a :class:`~ldmseg.evaluation.GroundTruth` as a dict) with the
+    sampling ``params``; → pq, sq, rq, seconds_per_image."""
+    from ldmseg.evaluation import GroundTruth, predict_dataset
     from ldmseg.metrics.pq import evaluate_folders
 
     seg = _segmenter(model_dir)
-    dataset = coco.load_coco_panoptic(gt)
+    truth = GroundTruth(**gt)
+    dataset = truth.load()
     if max_images:
         dataset.records = dataset.records[:max_images]
     stats = predict_dataset(seg, dataset, out, seed=seed, progress=False, **params)
-    res = evaluate_folders(gt, str(out), class_agnostic=True, missing="void", workers=1,
-                           image_ids=[r.image_id for r in dataset.records])
+    res = evaluate_folders(pred=str(out), class_agnostic=True, missing="void", workers=1,
+                           image_ids=[r.image_id for r in dataset.records], **truth.pq_args())
     metrics = {"pq": res["All"]["pq"], "sq": res["All"]["sq"], "rq": res["All"]["rq"],
                "seconds_per_image": stats["seconds_per_image"], "n_images": res["n_images"]}
     if any(isinstance(v, float) and math.isnan(v) for v in metrics.values()):
@@ -256,17 +260,19 @@ def prepare_model_sweep(kind: str, model: str, data: str, output: str, *, name: 
     """Common start of a sweep over a trained model: output folder, Ray, the model folder, the
     ground-truth folder, MLflow URI and experiment → (out, uri, sweep id, base param space)."""
     from pipelines import ray_compat
-    from pipelines.evaluate import resolve_gt, resolve_model
+    from ldmseg.evaluation import resolve_ground_truth
+    from pipelines.evaluate import resolve_model
     from pipelines.tracking import Tracker, local_artifact_root, resolve_tracking_uri
 
     out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ray_compat.init_ray(address)
     model_dir = resolve_model(model, out, tracking_uri)
-    gt = resolve_gt(data, out)
+    gt = resolve_ground_truth(data, out)
+    print(f"[tune] scoring {gt.description}", file=sys.stderr, flush=True)
     uri = resolve_tracking_uri(tracking_uri, out)
     sweep_id = name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    space: dict[str, Any] = {"model_dir": str(Path(model_dir).resolve()), "gt": str(Path(gt).resolve()),
+    space: dict[str, Any] = {"model_dir": str(Path(model_dir).resolve()), "gt": dataclasses.asdict(gt),
                              "tracking_uri": uri, "artifact_root": local_artifact_root(uri, out),
                              "experiment": "ldmseg-tune", "sweep_id": sweep_id, "max_images": max_images, "seed": seed}
     Tracker(uri, artifact_root=space["artifact_root"]).ensure_experiment(space["experiment"])
@@ -308,7 +314,7 @@ def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str
     tuner = make_tuner(sampling_trial, space, out, sweep_id, metric="pq", num_samples=num_samples,
                        search_alg=search_alg, max_concurrent=max_concurrent)
     _say(f"sweep {sweep_id}: {search} search over samplers {samplers}, steps {steps}"
-         + (f", {extra}" if extra else "") + f"; MLflow {uri}")
+         + (f", {extra}" if extra else "") + f"; MLflow {redact_uri(uri)}")
     grid = tuner.fit()
 
     rows, failed = collect_results(grid, SAMPLING_KEYS, ("pq", "sq", "rq", "seconds_per_image"), "pq")

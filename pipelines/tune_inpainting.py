@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ldmseg.config import redact_uri
 from pipelines.tune import (_say, collect_results, log_summary, make_tuner, markdown_table, prepare_model_sweep,
                             save_pq_plot, scored_trial)
 
@@ -29,7 +30,7 @@ METRICS = ("pq", "sq", "rq", "pq_unknown", "sq_unknown", "rq_unknown", "known_fr
 
 def inpainting_trial(config: dict[str, Any]) -> None:
     """One Tune trial: inpaint the held-out set at one (kind, fraction) and log an MLflow run."""
-    from ldmseg.data import coco
+    from ldmseg.evaluation import GroundTruth
     from ldmseg.inpainting_eval import inpainting_scores
     from pipelines.tune import _segmenter
 
@@ -37,7 +38,7 @@ def inpainting_trial(config: dict[str, Any]) -> None:
               "steps": config.get("steps"), "known_slots": config.get("known_slots", "given")}
     options = {k: config[k] for k in ("sampler", "steps", "known_slots") if config.get(k) is not None}
     scored_trial(config, "inpainting-trial", params,
-                 lambda: inpainting_scores(_segmenter(config["model_dir"]), coco.load_coco_panoptic(config["gt"]),
+                 lambda: inpainting_scores(_segmenter(config["model_dir"]), GroundTruth(**config["gt"]).load(),
                                            config["kind"], config["fraction"], seed=config.get("seed", 0),
                                            max_images=config.get("max_images"), **options))
 
@@ -80,7 +81,7 @@ def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str]
     space.update(sampler=sampler, steps=steps, known_slots=known_slots, kind=tune.grid_search(kinds),
                  fraction=tune.grid_search(fractions))
     tuner = make_tuner(inpainting_trial, space, out, sweep_id, metric="pq", max_concurrent=max_concurrent)
-    _say(f"sweep {sweep_id}: inpainting with {kinds} masks at known fractions {fractions}; MLflow {uri}")
+    _say(f"sweep {sweep_id}: inpainting with {kinds} masks at known fractions {fractions}; MLflow {redact_uri(uri)}")
     grid = tuner.fit()
 
     rows, failed = collect_results(grid, ("kind", "fraction"), METRICS, "pq")

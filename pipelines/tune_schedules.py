@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ldmseg.config import redact_uri
 from pipelines.tune import _say, collect_results, failed_trial, log_summary, make_tuner, markdown_table, trial_tracker
 from pipelines.train import absolute_path
 
@@ -144,7 +145,7 @@ def run_schedule_sweep(data: str, ae: str, output: str, *, config: str | None = 
                        search_alg=tune.search.BasicVariantGenerator(random_state=seed), scheduler=scheduler,
                        max_concurrent=max_concurrent)
     _say(f"sweep {sweep_id}: {num_samples} schedules, up to {max_steps} steps each, validation every {eval_every} "
-         f"steps under ASHA; MLflow {uri}")
+         f"steps under ASHA; MLflow {redact_uri(uri)}")
     grid = tuner.fit()
 
     rows, failed = collect_results(grid, SPACE, ("step", "val_pq", "val_sq", "val_rq", "loss"), "val_pq")

@@ -52,15 +52,49 @@ def test_evaluate_writes_predictions_metrics_and_mlflow(tiny_model, tmp_path, ca
     assert len(runs) == 1 and runs[0].data.metrics["pq"] == pytest.approx(out["pq"])
 
 
-def test_evaluate_on_parquet_shards(tiny_model, tmp_path, ray_session):
+def test_evaluate_on_parquet_shards_scores_a_held_out_split_against_the_source(tiny_model, tmp_path, ray_session):
+    """Shards are scored against the source COCO data their manifest records, on the val split by
+    default; a training split only when asked; without a readable source, the cleaned ground
+    truth, said loudly. No temporary folder is left behind."""
+    import shutil
+
+    from ldmseg.config import ConfigError
+    from ldmseg.metrics.pq import evaluate_folders
     from pipelines.evaluate import evaluate
     from pipelines.preprocess import run_preprocess
 
     model, scenes, cfg = tiny_model
-    run_preprocess(cfg, output=str(tmp_path / "shards"), source=scenes)
+    run_preprocess(cfg, output=str(tmp_path / "shards"), source=scenes)  # no val split
+    with pytest.raises(ConfigError, match="no 'val' split.*--split train"):
+        evaluate(model, str(tmp_path / "shards"), str(tmp_path / "ev0"), sampler="ddim", steps=1, seed=0,
+                 log_mlflow=False)
     res = evaluate(model, str(tmp_path / "shards"), str(tmp_path / "ev"), sampler="ddim", steps=1, seed=0,
+                   log_mlflow=False, split="train")
+    assert res["n_images"] == 6 and "training images, not a held-out result" in res["scored"]
+    assert "source" in res["scored"] and "CLEANED" not in res["scored"]
+    again = evaluate_folders(scenes, res["predictions"], class_agnostic=True)  # full resolution, source GT
+    assert (again["All"]["tp"], again["All"]["fn"]) == (res["class_agnostic"]["All"]["tp"],
+                                                      res["class_agnostic"]["All"]["fn"])
+    assert not list((tmp_path / "ev").glob("ldmseg-eval-*"))
+
+    val_cfg = load_config(REPO / "conf/tiny.yaml", [*TINY, "preprocess.val_fraction=0.5"])
+    run_preprocess(val_cfg, output=str(tmp_path / "shards_val"), source=scenes)
+    moved = tmp_path / "moved"
+    res = evaluate(model, str(tmp_path / "shards_val"), str(tmp_path / "ev2"), sampler="ddim", steps=1, seed=0,
                    log_mlflow=False)
-    assert res["n_images"] == 6 and 0.0 <= res["pq"] <= 1.0
+    import pyarrow.parquet as pq
+
+    val_ids = {i for f in (tmp_path / "shards_val" / "val").glob("*.parquet")
+               for i in pq.read_table(f)["image_id"].to_pylist()}
+    assert 0 < res["n_images"] == len(val_ids) < 6 and "held out of training" in res["scored"]
+    shutil.copytree(scenes, moved)
+    shutil.rmtree(moved / "panoptic")  # the source is no longer readable: cleaned shards GT, said so
+    manifest = json.loads((tmp_path / "shards_val" / "_manifest.json").read_text())
+    manifest["source_paths"]["source"] = str(moved)
+    (tmp_path / "shards_val" / "_manifest.json").write_text(json.dumps(manifest))
+    res = evaluate(model, str(tmp_path / "shards_val"), str(tmp_path / "ev3"), sampler="ddim", steps=1, seed=0,
+                   log_mlflow=False)
+    assert res["n_images"] == len(val_ids) and "CLEANED ground truth at the training resolution" in res["scored"]
 
 
 def test_sampling_sweep_records_trials_summary_and_survives_a_failing_trial(tiny_model, tmp_path, ray_session):

@@ -39,7 +39,7 @@ import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ldmseg.data.ids import MAX_ID, decode_panoptic_png, panoptic_rgb
+from ldmseg.data.ids import MAX_ID, decode_panoptic_png, is_crowd, panoptic_rgb
 
 # Ids listed in a message before it says "and N more".
 _MAX_LISTED = 8
@@ -493,6 +493,10 @@ def _check_segments_info(record: PanopticRecord, categories: dict[int, dict] | N
         ids.add(seg_id)
         if categories is not None and seg.get("category_id") not in categories:
             problems.append(f"segment {seg_id} has category_id {seg.get('category_id')!r}, not in 'categories'")
+        try:
+            is_crowd(seg)
+        except ValueError as exc:
+            problems.append(str(exc))
     if seen_twice:
         problems.append(f"segments_info lists ids more than once: {_listed(seen_twice)}")
     return ids

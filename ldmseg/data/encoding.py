@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import numpy as np
 from PIL import Image
 
+from ldmseg.data.ids import is_crowd
+
 if TYPE_CHECKING:
     import torch
 
@@ -134,7 +136,7 @@ def _filter_segments(segments_info: list[dict], area_of: Callable[[int], int], m
         sid = int(seg["id"])
         if sid == 0:
             continue  # an entry for void carries no segment
-        if seg.get("iscrowd", 0):
+        if is_crowd(seg):
             n_crowd += 1
         elif area_of(sid) < min_area:
             n_small += 1

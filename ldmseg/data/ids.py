@@ -13,6 +13,20 @@ from PIL import Image
 MAX_ID = 256**3 - 1
 
 
+def is_crowd(segment: dict) -> bool:
+    """A ``segments_info`` entry's ``iscrowd`` (COCO: 0 or 1; absent = 0) as a bool.
+
+    The one reading of the flag everywhere (cleaning, PQ, validation): anything but 0, 1, true or
+    false raises ``ValueError`` (the string ``"0"`` is not silently a crowd).
+    """
+    value = segment.get("iscrowd", 0)
+    if value is None or isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    if isinstance(value, float) and value in (0.0, 1.0):
+        return bool(value)
+    raise ValueError(f"segment {segment.get('id')!r} has iscrowd {value!r}; COCO allows 0 or 1")
+
+
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 → (H, W) int64 segment ids."""
     if rgb.ndim != 3 or rgb.shape[-1] != 3:

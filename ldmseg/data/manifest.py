@@ -41,6 +41,9 @@ class Manifest:
     files: dict[str, list[str]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     complete: bool = False
+    source_paths: dict[str, str | None] = field(default_factory=dict)
+    """The source as given to ``ldmseg preprocess`` (``source``, ``images``, ``masks``, ``annotations``;
+    local paths made absolute), so that evaluation can score against the original ground truth."""
     cleaned: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per split, segments turned void while cleaning, summed over the rows: ``n_small`` (under
     ``data.min_segment_area`` px at the training resolution), ``n_crowd``, ``n_merged`` (beyond

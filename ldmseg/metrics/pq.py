@@ -44,6 +44,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ldmseg.data.ids import is_crowd
 from ldmseg.metrics.pq_io import PanopticSet, PQInputError, load_panoptic_set, read_id_map
 
 AGNOSTIC_CATEGORY_ID = 1
@@ -166,7 +167,10 @@ def _segments(segments: Sequence[Mapping[str, Any]], role: str, where: str, clas
                                "ground truth's categories; use the ground truth's category ids")
         ids.append(int(sid))
         cats.append(int(cat))
-        crowd.append(int(seg.get("iscrowd", 0) or 0) == 1)
+        try:
+            crowd.append(is_crowd(seg))
+        except ValueError as exc:
+            raise PQInputError(f"{where}: {role} {exc}") from None
         a = seg.get("area")
         area.append(int(a) if isinstance(a, (int, float, np.integer, np.floating)) else -1)
     out = _Segments(np.asarray(ids, dtype=np.uint32), np.asarray(cats, dtype=np.int64),
