@@ -414,7 +414,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     values = _merge(values, parse_overrides(overrides or []))
