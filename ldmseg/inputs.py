@@ -49,7 +49,7 @@ def s3_credentials(flag: str, path: str | None) -> None:
 
 
 def folder(flag: str, path: str, fix: str) -> Path | None:
-    """An existing local folder (returned), or an URL (checked for credentials; ``None``)."""
+    """An existing local folder (returned), or a URL (only checked for credentials; ``None``)."""
     if _is_url(path):
         s3_credentials(flag, path)
         return None
@@ -62,7 +62,7 @@ def folder(flag: str, path: str, fix: str) -> Path | None:
 
 
 def file(flag: str, path: str, fix: str) -> None:
-    """An existing local file, or an URL (checked for credentials)."""
+    """An existing local file, or a URL (only checked for credentials)."""
     if _is_url(path):
         s3_credentials(flag, path)
         return
