@@ -3,12 +3,19 @@
 Commands are registered by module path and imported only when run, so ``ldmseg --help`` is fast
 and commands of the method layer never import Ray. Each command module defines
 ``add_arguments(parser)`` and ``run(args) -> int``.
+
+One error boundary around ``run``: an error caused by the call's inputs (a bad config key or
+override, a missing folder, a damaged model folder, missing S3 credentials; see
+:func:`bad_input_message`) becomes one line on stderr naming the input and the fix, exit status 2.
+Any other exception is a bug and keeps its traceback. ``--debug`` (before or after the command)
+shows the traceback of input errors too.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # name -> (module, one-line help)
@@ -25,19 +32,67 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DEBUG_FLAG = "--debug"
+DEBUG_HELP = "show the full traceback of an input error instead of one line"
+
+# errors matched by class name, so that their packages need not be installed (or imported)
+CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError")  # botocore
+SAFETENSORS_ERRORS = ("SafetensorError", "SafetensorHeaderError")
+_PATH_ERRORS = {FileNotFoundError: "no such file or folder", NotADirectoryError: "not a folder",
+                IsADirectoryError: "a folder, not a file"}
+_OWN_PREFIX = re.compile(r"^ldmseg(?: [\w-]+)*: ")  # "ldmseg tune: ..." of a SystemExit message
+
+
+def bad_input_message(exc: BaseException) -> str | None:
+    """The message of an error caused by a command's inputs, or ``None`` for anything else (a bug)."""
+    import yaml
+
+    from ldmseg.config import ConfigError
+    from ldmseg.data.coco import DataError
+    from ldmseg.inputs import InputError
+    from ldmseg.metrics.pq_io import PQInputError
+
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if isinstance(exc, SystemExit):  # raise SystemExit("ldmseg ...: message")
+        return exc.code if isinstance(exc.code, str) else None
+    if isinstance(exc, DataError):
+        return exc.reason
+    if isinstance(exc, (ConfigError, InputError, PQInputError)):
+        return str(exc)
+    if type(exc) in _PATH_ERRORS:
+        if exc.filename is None:
+            return str(exc)
+        return f"{exc.filename}: {_PATH_ERRORS[type(exc)]}; check the path"
+    if isinstance(exc, yaml.YAMLError):
+        return f"not valid YAML: {exc}"
+    if names & set(SAFETENSORS_ERRORS):
+        return f"unreadable safetensors weights ({exc}); the model folder is damaged: copy or train the model again"
+    if names & set(CREDENTIAL_ERRORS):
+        return (f"no AWS credentials found ({exc}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE), and AWS_ENDPOINT_URL for an S3-compatible server")
+    return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(_OWN_PREFIX.sub("", text).split())
+
+
 def _top_parser() -> argparse.ArgumentParser:
     lines = [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
     return argparse.ArgumentParser(
         prog="ldmseg",
         description="LDMSeg: latent diffusion panoptic segmentation on Ray.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(lines) + "\n\nRun 'ldmseg COMMAND --help' for a command's options.",
-        usage="ldmseg [-h] [--version] COMMAND ...",
+        epilog="commands:\n" + "\n".join(lines) + f"\n\n{DEBUG_FLAG}: {DEBUG_HELP} (before or after COMMAND)."
+               "\nRun 'ldmseg COMMAND --help' for a command's options.",
+        usage="ldmseg [-h] [--version] [--debug] COMMAND ...",
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a != DEBUG_FLAG]
     top = _top_parser()
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
@@ -61,11 +116,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"ldmseg {name}", description=(module.__doc__ or help_).strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)  # taken out of argv above
     try:  # options may come between positionals (``train ae --data X key=value``)
         args = parser.parse_intermixed_args(argv[1:])
     except TypeError:  # commands with sub-commands (``tune sampling``) cannot intermix
         args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (Exception, SystemExit) as exc:
+        message = None if debug else bad_input_message(exc)
+        if message is None:
+            raise
+        where = " ".join(x for x in ("ldmseg", name, getattr(args, "what", None)) if x)
+        print(f"{where}: {_one_line(message)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

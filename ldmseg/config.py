@@ -376,7 +376,12 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train_ae.lr=1e-3)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            reason = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({reason}); close its brackets or "
+                              "quote it, e.g. mask_ae.widths=[16,32] or name='a: b'") from exc
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
             try:
                 value = float(value)
@@ -409,7 +414,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     values = _merge(values, parse_overrides(overrides or []))

@@ -102,7 +102,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """The inputs of ``ldmseg evaluate``, checked before the model loads."""
+    from ldmseg import inputs
+
+    inputs.sampling_flags(args.sampler, args.steps, mask_th=args.mask_th, count_th=args.count_th,
+                          overlap_th=args.overlap_th)
+    inputs.model("--model", args.model)
+    inputs.dataset("--data", args.data)
+    inputs.output_folder("--output", args.output)
+
+
 def run(args: argparse.Namespace) -> int:
+    check_inputs(args)
     thresholds = {k: v for k, v in (("mask_th", args.mask_th), ("count_th", args.count_th),
                                     ("overlap_th", args.overlap_th)) if v is not None}
     res = evaluate(args.model, args.data, args.output, sampler=args.sampler, steps=args.steps, seed=args.seed,

@@ -460,12 +460,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. preprocess.rows_per_file=128")
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """The source and output of ``ldmseg preprocess``, checked before Ray starts."""
+    from ldmseg import inputs
+
+    if args.source:
+        inputs.coco_folder("--source", args.source)
+    else:
+        fix = "pass COCO's panoptic files (e.g. --annotations annotations/panoptic_val2017.json)"
+        inputs.folder("--images", args.images, fix)
+        inputs.folder("--masks", args.masks, fix)
+        inputs.file("--annotations", args.annotations, fix)
+    inputs.output_folder("--output", args.output)
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.source and not (args.images and args.masks and args.annotations):
         print("ldmseg preprocess: give --source FOLDER, or all of --images, --masks and --annotations",
               file=sys.stderr)
         return 2
     cfg = load_config(args.config, args.overrides)
+    check_inputs(args)
     ray_compat.init_ray(args.address)
     manifest = run_preprocess(cfg, output=args.output, source=args.source, images=args.images,
                               masks=args.masks, annotations=args.annotations, split=args.split,

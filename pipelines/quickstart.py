@@ -160,7 +160,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train_ldm.iterations=200")
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """The config and work folder of ``ldmseg quickstart``, checked before Ray starts."""
+    from ldmseg import inputs
+    from ldmseg.config import load_config
+
+    inputs.sampling_config(load_config(args.config or DEFAULT_CONFIG, args.overrides).sampling)
+    inputs.output_folder("--workdir", args.workdir)
+
+
 def run(args: argparse.Namespace) -> int:
+    check_inputs(args)
     s = run_quickstart(Path(args.workdir), args.config, args.overrides, num_test=args.num_test,
                        address=args.address)
     t, test = s["timings_s"], s["test"]

@@ -526,8 +526,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train_ae.iterations=500")
 
 
+def check_inputs(args: argparse.Namespace, cfg: Config) -> None:
+    """The inputs of ``ldmseg train``, checked before Ray starts."""
+    from ldmseg import inputs
+
+    inputs.sampling_config(cfg.sampling)  # the ldm stage's validation samples with it
+    inputs.shards("--data", args.data)
+    if args.stage == "ldm":
+        if not args.ae:
+            raise inputs.InputError("the ldm stage needs --ae MODEL (the model folder of 'ldmseg train ae', "
+                                    "or models:/ldmseg-ae@current)")
+        inputs.model("--ae", args.ae)
+    inputs.output_folder("--run-dir", args.run_dir)
+    if args.storage:
+        inputs.output_folder("--storage", args.storage)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_inputs(args, cfg)
     res = run_train(args.stage, cfg, data=args.data, run_dir=args.run_dir, ae_model=args.ae,
                     storage_path=args.storage, tracking_uri=args.tracking_uri, address=args.address)
     print(json.dumps({"stage": res.stage, "run_name": res.run_name, "model": res.model_dir,

@@ -41,10 +41,6 @@ def _say(msg: str) -> None:
     print(f"[tune] {msg}", file=sys.stderr, flush=True)
 
 
-def _parse_list(text: str, cast) -> list:
-    return [cast(x) for x in text.split(",") if x.strip()]
-
-
 def _bool(x: str) -> bool:
     if x.lower() in ("1", "true", "on", "yes"):
         return True
@@ -380,19 +376,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inpainting", help="PQ against the known fraction for sparse and global masks (table and plot)"))
 
 
+def check_sampling_inputs(args: argparse.Namespace) -> tuple[list[str], list[int], dict[str, list]]:
+    """The inputs of ``ldmseg tune sampling``, checked before Ray starts → samplers, steps and the
+    other searched values (key → list)."""
+    from ldmseg import inputs
+    from ldmseg.diffusion.sampling import SAMPLERS
+
+    extra: dict[str, list] = {}
+    for key, cast, what in (("mask_th", float, "numbers"), ("count_th", float, "numbers"),
+                            ("overlap_th", float, "numbers"), ("timestep_spacing", str, "names"),
+                            ("sigma_schedule", str, "names"), ("self_condition", _bool, "true/false")):
+        raw = getattr(args, key)
+        if raw:
+            extra[key] = inputs.parse_list("--" + key.replace("_", "-"), raw, cast, what)
+    samplers = inputs.parse_list("--samplers", args.samplers, str, "names") if args.samplers else list(SAMPLERS)
+    steps = inputs.parse_list("--steps", args.steps, int, "integers")
+    for s in samplers:
+        inputs.sampler(s, "--samplers")
+    for n in steps:
+        inputs.steps(n, "--steps")
+    for key in inputs.THRESHOLDS:
+        for value in extra.get(key, []):
+            inputs.threshold(value, "--" + key.replace("_", "-"))
+    inputs.model("--model", args.model)
+    inputs.dataset("--data", args.data)
+    inputs.output_folder("--output", args.output)
+    return samplers, steps, extra
+
+
 def run(args: argparse.Namespace) -> int:
     if args.what == "sampling":
-        from ldmseg.diffusion.sampling import SAMPLERS
-
-        extra: dict[str, list] = {}
-        for key, cast in (("mask_th", float), ("count_th", float), ("overlap_th", float),
-                          ("timestep_spacing", str), ("sigma_schedule", str), ("self_condition", _bool)):
-            raw = getattr(args, key)
-            if raw:
-                extra[key] = _parse_list(raw, cast)
-        res = run_sampling_sweep(args.model, args.data, args.output,
-                                 samplers=_parse_list(args.samplers, str) if args.samplers else list(SAMPLERS),
-                                 steps=_parse_list(args.steps, int), search=args.search, num_samples=args.num_samples,
+        samplers, steps, extra = check_sampling_inputs(args)
+        res = run_sampling_sweep(args.model, args.data, args.output, samplers=samplers,
+                                 steps=steps, search=args.search, num_samples=args.num_samples,
                                  space_extra=extra, max_images=args.max_images, max_concurrent=args.max_concurrent,
                                  name=args.name, save_best=args.save_best, tracking_uri=args.tracking_uri,
                                  seed=args.seed, address=args.address)

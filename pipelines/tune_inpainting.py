@@ -120,11 +120,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
 
 
-def run(args) -> dict[str, Any]:
-    from pipelines.tune import _parse_list
+def check_inputs(args) -> None:
+    """The model, data, sampler and steps of ``ldmseg tune inpainting``, checked before Ray starts
+    (mask kinds and known fractions: :func:`run_inpainting_sweep`, also before Ray)."""
+    from ldmseg import inputs
 
-    return run_inpainting_sweep(args.model, args.data, args.output, kinds=_parse_list(args.kinds, str),
-                                fractions=_parse_list(args.fractions, float), sampler=args.sampler, steps=args.steps,
+    inputs.sampling_flags(args.sampler, args.steps)
+    inputs.model("--model", args.model)
+    inputs.dataset("--data", args.data)
+    inputs.output_folder("--output", args.output)
+
+
+def run(args) -> dict[str, Any]:
+    from ldmseg import inputs
+
+    check_inputs(args)
+    return run_inpainting_sweep(args.model, args.data, args.output, kinds=inputs.parse_list("--kinds", args.kinds, str),
+                                fractions=inputs.parse_list("--fractions", args.fractions, float, "numbers"),
+                                sampler=args.sampler, steps=args.steps,
                                 known_slots=args.known_slots, max_images=args.max_images,
                                 max_concurrent=args.max_concurrent, name=args.name, tracking_uri=args.tracking_uri,
                                 seed=args.seed, address=args.address)

@@ -184,7 +184,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train_ldm.batch_size=32")
 
 
+def check_inputs(args) -> None:
+    """The inputs of ``ldmseg tune schedules``, checked before Ray starts."""
+    from ldmseg import inputs
+    from ldmseg.config import load_config
+
+    inputs.sampling_config(load_config(args.config, args.overrides).sampling)
+    inputs.steps(args.val_steps, "--val-steps")
+    inputs.shards("--data", args.data)
+    inputs.model("--ae", args.ae)
+    inputs.output_folder("--output", args.output)
+
+
 def run(args) -> dict[str, Any]:
+    check_inputs(args)
     return run_schedule_sweep(args.data, args.ae, args.output, config=args.config, overrides=args.overrides,
                               num_samples=args.num_samples, max_steps=args.max_steps, eval_every=args.eval_every,
                               grace_steps=args.grace_steps, val_images=args.val_images, val_steps=args.val_steps,

@@ -35,9 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldmseg import inputs
     from ldmseg.config import ConfigError, SynthConfig, load_config
     from ldmseg.data.synthetic import check_config, write_scenes_from_config
 
+    inputs.output_folder("OUT", args.out)
     try:
         cfg = load_config(args.config).synth if args.config else SynthConfig()
     except ConfigError as exc:

@@ -67,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
         print("ldmseg validate: give a dataset FOLDER, or all of --images, --masks and --annotations",
               file=sys.stderr)
         return 2
+    from ldmseg import inputs
+
+    for flag, path in (("FOLDER", args.folder), ("--images", args.images), ("--masks", args.masks),
+                       ("--annotations", args.annotations)):
+        inputs.s3_credentials(flag, path)
     try:
         coco = load_coco_panoptic(args.folder, images=args.images, masks=args.masks, json_path=args.annotations)
     except DataError as exc:
