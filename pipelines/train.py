@@ -49,7 +49,7 @@ def stage_sections(stage: str) -> list[str]:
 
 @dataclass
 class StageInputs:
-    """What a stage trains on, resolved and checked before Ray starts (:func:`check_inputs`)."""
+    """What a stage trains on, resolved and checked before Ray starts (:func:`resolve_inputs`)."""
 
     data: str
     """Preprocessed output, absolute path or URL (workers run in Ray's own working folder)."""
@@ -78,7 +78,7 @@ def run_name(stage: str, cfg: Config, inputs: StageInputs, extra: str = "") -> s
     return f"{stage}-{config_hash(cfg, stage_sections(stage))}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}{extra}"
 
 
-def check_inputs(stage: str, cfg: Config, *, data: str, ae_model: str | None, run_dir: Path,
+def resolve_inputs(stage: str, cfg: Config, *, data: str, ae_model: str | None, run_dir: Path,
                  tracking_uri: str) -> StageInputs:
     """Resolve and check a stage's inputs without Ray: the shards exist and were made with this
     config's ``data`` section, the AE (LDM stage) is a model folder; fingerprints for the run name."""
@@ -418,7 +418,7 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
               name_suffix: str = "") -> StageResult:
     """Run one stage to completion (resuming if a run of the same name exists); returns the model.
 
-    Inputs are checked (:func:`check_inputs`) before Ray starts; the run name covers the config
+    Inputs are checked (:func:`resolve_inputs`) before Ray starts; the run name covers the config
     sections the stage depends on, the data's fingerprint and (LDM stage) the AE's weights.
     """
     t0 = time.time()
@@ -427,7 +427,7 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
     from pipelines.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri, run_dir)
-    inputs = check_inputs(stage, cfg, data=data, ae_model=ae_model, run_dir=run_dir, tracking_uri=uri)
+    inputs = resolve_inputs(stage, cfg, data=data, ae_model=ae_model, run_dir=run_dir, tracking_uri=uri)
 
     import ray.train
     from ray.train.torch import TorchTrainer

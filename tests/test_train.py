@@ -134,7 +134,7 @@ def test_another_ae_is_another_ldm_run(shards, trained_ae, tmp_path):
     """An LDM run's identity includes its AE's weights: another AE never resumes an old denoiser."""
     import shutil
 
-    from pipelines.train import check_inputs, run_name
+    from pipelines.train import resolve_inputs, run_name
 
     other_ae = tmp_path / "other_ae"
     shutil.copytree(trained_ae.model_dir, other_ae)
@@ -143,11 +143,11 @@ def test_another_ae_is_another_ldm_run(shards, trained_ae, tmp_path):
     data[-1] ^= 0xFF  # another float in the last tensor: other weights, same shapes
     weights.write_bytes(bytes(data))
     cfg = cfg_with()
-    a = check_inputs("ldm", cfg, data=shards, ae_model=trained_ae.model_dir, run_dir=tmp_path, tracking_uri="")
-    b = check_inputs("ldm", cfg, data=shards, ae_model=str(other_ae), run_dir=tmp_path, tracking_uri="")
+    a = resolve_inputs("ldm", cfg, data=shards, ae_model=trained_ae.model_dir, run_dir=tmp_path, tracking_uri="")
+    b = resolve_inputs("ldm", cfg, data=shards, ae_model=str(other_ae), run_dir=tmp_path, tracking_uri="")
     assert a.ae_hash != b.ae_hash and a.data_fingerprint == b.data_fingerprint
     assert run_name("ldm", cfg, a) != run_name("ldm", cfg, b)
-    assert run_name("ldm", cfg, a) == run_name("ldm", cfg, check_inputs(
+    assert run_name("ldm", cfg, a) == run_name("ldm", cfg, resolve_inputs(
         "ldm", cfg, data=shards, ae_model=trained_ae.model_dir, run_dir=tmp_path, tracking_uri=""))
 
 
