@@ -120,3 +120,15 @@ def test_predictions_of_inputs_sharing_a_file_name_never_overwrite_each_other(tm
     pred_json = json.loads((tmp_path / "pred" / "panoptic.json").read_text())
     assert stats["n_predicted"] == 2 and written == sorted(names.values())
     assert sorted(a["file_name"] for a in pred_json["annotations"]) == written
+
+
+def test_inpainting_headline_is_the_gain_on_the_unknown_segments():
+    """The sweep reports each row's PQ on the mostly-unknown segments against its kind at 0 % known."""
+    from pipelines.tune_inpainting import add_unknown_gains
+
+    rows = [{"kind": "global", "fraction": 0.0, "pq": 0.40, "pq_unknown": 0.40},
+            {"kind": "global", "fraction": 0.5, "pq": 0.70, "pq_unknown": 0.45},
+            {"kind": "sparse", "fraction": 0.5, "pq": 0.90, "pq_unknown": 0.60}]
+    add_unknown_gains(rows)
+    assert rows[0]["gain_unknown"] == 0.0 and rows[1]["gain_unknown"] == pytest.approx(0.05)
+    assert rows[2]["gain_unknown"] is None  # no 0 % row of its kind: no gain to claim
