@@ -132,3 +132,15 @@ def test_inpainting_headline_is_the_gain_on_the_unknown_segments():
     add_unknown_gains(rows)
     assert rows[0]["gain_unknown"] == 0.0 and rows[1]["gain_unknown"] == pytest.approx(0.05)
     assert rows[2]["gain_unknown"] is None  # no 0 % row of its kind: no gain to claim
+
+
+def test_every_torch_load_in_the_project_unpickles_weights_only():
+    """A checkpoint is data: no ``torch.load`` of the project may run code from a file."""
+    import re
+
+    calls = []
+    for path in sorted(REPO.glob("*/**/*.py")):
+        if path.parts[len(REPO.parts)] in ("ldmseg", "pipelines", "benchmarks", "tests") and path.name != "test_trust.py":
+            calls += [(path.name, m.group(0)) for m in re.finditer(r"torch\.load\([^)]*\)", path.read_text())]
+    assert calls, "no torch.load found: the search is broken"
+    assert all("weights_only=True" in call for _, call in calls), calls
