@@ -141,6 +141,6 @@ def test_every_torch_load_in_the_project_unpickles_weights_only():
     calls = []
     for path in sorted(REPO.glob("*/**/*.py")):
         if path.parts[len(REPO.parts)] in ("ldmseg", "pipelines", "benchmarks", "tests") and path.name != "test_trust.py":
-            calls += [(path.name, m.group(0)) for m in re.finditer(r"torch\.load\([^)]*\)", path.read_text())]
+            calls += [(path.name, m.group(0)) for m in re.finditer(r"torch\.load\(.*", path.read_text())]
     assert calls, "no torch.load found: the search is broken"
     assert all("weights_only=True" in call for _, call in calls), calls
