@@ -119,15 +119,22 @@ def test_unknown_key_in_override(command, good, tmp_path, capsys):
     fails(argv, capsys, "train_ae.lrr", "valid keys")
 
 
+BAD_CONFIG_FILES = {"unknown key": ("data:\n  resolution: 32\n  num_slotz: 8\n", "data.num_slotz"),
+                    "yaml error": ("data: {resolution: 32\n", "not valid YAML")}
+
+
 @pytest.mark.parametrize("command", [*CONFIG_COMMANDS, "synth"])
-def test_unknown_key_in_yaml_file(command, good, tmp_path, capsys):
+@pytest.mark.parametrize("problem", list(BAD_CONFIG_FILES))
+def test_bad_config_file(problem, command, good, tmp_path, capsys):
+    """Rows 1 and 2 in the YAML file itself: an unknown key, a YAML syntax error."""
+    text, expected = BAD_CONFIG_FILES[problem]
     bad = tmp_path / "bad.yaml"
-    bad.write_text("data:\n  resolution: 32\n  num_slotz: 8\n")
+    bad.write_text(text)
     if command == "synth":
         argv = ["synth", str(tmp_path / "scenes"), "--config", str(bad)]
     else:
         argv = config_commands(good, tmp_path)[command](str(bad), [])
-    fails(argv, capsys, str(bad), "data.num_slotz")
+    fails(argv, capsys, str(bad), expected)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,17 +146,6 @@ def test_unknown_key_in_yaml_file(command, good, tmp_path, capsys):
 def test_yaml_error_in_override(command, good, tmp_path, capsys):
     argv = config_commands(good, tmp_path)[command](good["config"], ["train_ae.lr=[1,"])
     fails(argv, capsys, "train_ae.lr=[1,", "not valid YAML")
-
-
-@pytest.mark.parametrize("command", [*CONFIG_COMMANDS, "synth"])
-def test_yaml_error_in_config_file(command, good, tmp_path, capsys):
-    bad = tmp_path / "broken.yaml"
-    bad.write_text("data: {resolution: 32\n")
-    if command == "synth":
-        argv = ["synth", str(tmp_path / "scenes"), "--config", str(bad)]
-    else:
-        argv = config_commands(good, tmp_path)[command](str(bad), [])
-    fails(argv, capsys, str(bad), "not valid YAML")
 
 
 # --------------------------------------------------------------------------------------------

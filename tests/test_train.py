@@ -32,14 +32,19 @@ def cfg_with(*overrides):
     return load_config(REPO / "conf/tiny.yaml", [*TINY, *overrides])
 
 
-@pytest.fixture(scope="module")
-def shards(ray_session, tmp_path_factory):
+def make_shards(tmp_path_factory, name: str, num_images: int, seed: int) -> str:
+    """Scenes of ``seed`` preprocessed with the tiny config; → the shards folder."""
     from pipelines.preprocess import run_preprocess
 
-    root = tmp_path_factory.mktemp("train_data")
-    write_scenes(root / "scenes", num_images=32, size=32, seed=11, max_things=4)
+    root = tmp_path_factory.mktemp(name)
+    write_scenes(root / "scenes", num_images=num_images, size=32, seed=seed, max_things=4)
     run_preprocess(cfg_with(), output=str(root / "shards"), source=str(root / "scenes"))
     return str(root / "shards")
+
+
+@pytest.fixture(scope="module")
+def shards(ray_session, tmp_path_factory):
+    return make_shards(tmp_path_factory, "train_data", 32, seed=11)
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +104,7 @@ def test_a_budget_stop_on_a_checkpoint_step_still_saves_a_validated_final_model(
 @pytest.fixture(scope="module")
 def other_shards(ray_session, tmp_path_factory):
     """Shards of other scenes, made with the same config as ``shards``."""
-    from pipelines.preprocess import run_preprocess
-
-    root = tmp_path_factory.mktemp("other_data")
-    write_scenes(root / "scenes", num_images=24, size=32, seed=12, max_things=4)
-    run_preprocess(cfg_with(), output=str(root / "shards"), source=str(root / "scenes"))
-    return str(root / "shards")
+    return make_shards(tmp_path_factory, "other_data", 24, seed=12)
 
 
 def checkpoint_steps(run_dir: Path, stage: str) -> list[int]:
