@@ -1,7 +1,7 @@
-"""Mask AE reconstruction PQ on COCO panoptic folders (e.g. the real samples of shared/data).
+"""Mask AE reconstruction PQ on COCO panoptic folders (e.g. the real samples in tests/data/coco).
 
-    python benchmarks/ae_recon.py --model runs/bench/models/ae --data ../shared/data/coco-panoptic-sample \
-        --data ../shared/data/coco-val-examples --count-th 0.0025
+    python benchmarks/ae_recon.py --model runs/bench/models/ae --data tests/data/coco/coco-panoptic-sample \
+        --data tests/data/coco/coco-val-examples --count-th 0.0025
 
 Each folder's masks are resized to the model's training resolution, segments left under
 ``data.min_segment_area`` pixels there made void, and reconstructed by the AE

@@ -100,7 +100,7 @@ def replicate(source: Path, out: Path, copies: int) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "coco-val-examples"))
+    ap.add_argument("--source", default=str(REPO / "tests" / "data" / "coco" / "coco-val-examples"))
     ap.add_argument("--repeat", type=int, default=10, help="passes over the images for the reader timings")
     ap.add_argument("--copies", type=int, default=20, help="copies of each image for the preprocess timing")
     ap.add_argument("--rounds", type=int, default=3, help="timed preprocess runs (each after a bare loop)")

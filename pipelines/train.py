@@ -339,6 +339,7 @@ def train_worker(config: dict) -> None:
         metrics["resumed_from"] = start_step
         metrics["steps_per_s"] = (step - state["step"]) / max(now - state["t"], 1e-9)
         metrics["samples_per_s"] = metrics["steps_per_s"] * tcfg.batch_size
+        metrics["world_size"] = world  # DDP ranks in the worker group
         state.update(t=now, step=step)
         if tracker is not None:
             tracker.log_metrics(metrics, step)

@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the real COCO samples and one local Ray per test session."""
+"""Session fixtures: paths to the real COCO samples (tests/data/coco) and one local Ray per test session."""
 
 from __future__ import annotations
 
@@ -8,28 +8,39 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+COCO_DATA = REPO / "tests" / "data" / "coco"
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real COCO samples not found at {SHARED_DATA}")
-    return SHARED_DATA
+def coco_folder(name: str = "") -> Path:
+    """A folder of the real COCO samples that ship with the tests (tests/data/coco/README.md).
+
+    A missing folder is an error, not a skip: a test that reads real data must not pass silently
+    on a checkout without it.
+    """
+    path = COCO_DATA / name if name else COCO_DATA
+    if not path.is_dir():
+        pytest.fail(f"real COCO samples missing: {path} is not a folder (they ship with the "
+                    f"repository in tests/data/coco)", pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")
-def coco_sample(shared_data) -> Path:
-    return shared_data / "coco-panoptic-sample"
+def coco_data() -> Path:
+    return coco_folder()
 
 
 @pytest.fixture(scope="session")
-def coco_val_examples(shared_data) -> Path:
-    return shared_data / "coco-val-examples"
+def coco_sample() -> Path:
+    return coco_folder("coco-panoptic-sample")
+
+
+@pytest.fixture(scope="session")
+def coco_val_examples() -> Path:
+    return coco_folder("coco-val-examples")
 
 
 @pytest.fixture(scope="session")

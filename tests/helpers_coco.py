@@ -177,3 +177,21 @@ def write_coco_folder(root: str | Path, entries: Sequence[Entry], *, categories:
            "categories": categories if categories is not None else DEFAULT_CATEGORIES}
     paths.json_path.write_text(json.dumps(doc))
     return paths
+
+
+AGNOSTIC = [{"id": 1, "name": "object", "supercategory": "object", "isthing": THING}]
+
+
+def score_id_maps(root: str | Path, gts: Sequence[np.ndarray], preds: Sequence[np.ndarray]) -> dict:
+    """Class-agnostic PQ of predicted id maps against ground-truth id maps (0 = void), the long way
+    round: both are written as COCO panoptic folders under ``root`` and scored by
+    :func:`ldmseg.metrics.pq.evaluate_folders`. Returns its ``"All"`` group (pq, sq, rq, tp, fp, fn)."""
+    from ldmseg.metrics.pq import evaluate_folders
+
+    if len(gts) != len(preds):
+        raise ValueError(f"{len(gts)} ground-truth maps but {len(preds)} predictions")
+    root = Path(root)
+    for name, maps in (("gt", gts), ("pred", preds)):
+        write_coco_folder(root / name, [entry(i + 1, id_map=np.asarray(m, dtype=np.int64))
+                                        for i, m in enumerate(maps)], categories=AGNOSTIC)
+    return evaluate_folders(root / "gt", root / "pred", class_agnostic=True, workers=1)["All"]

@@ -13,12 +13,14 @@ from PIL import Image
 from conftest import REPO
 from ldmseg.checkpoint import build_components, load_model, save_model
 from ldmseg.config import load_config
-from ldmseg.data.encoding import clean_segments, image_to_tensor, remap_ids, resize_pad
+from ldmseg.data.encoding import (bits_to_ids, clean_segments, ids_to_bits, image_to_tensor, remap_ids, resize_pad,
+                                  tensor_to_image)
 from ldmseg.data.ids import rgb_to_id
 from ldmseg.data.synthetic import make_config, render_scene
 from ldmseg.diffusion import training
 from ldmseg.postprocess import postprocess
 from ldmseg.segmenter import Segmenter, choose_medoid, segment_agreement, to_coco_prediction
+from helpers_coco import score_id_maps
 
 TINY = [
     "data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "mask_ae.num_points=256",
@@ -91,7 +93,8 @@ def test_postprocess_thresholds_on_hand_made_logits():
     assert (ids[:, :5] == 1).all() and (ids[1:5, 5:] == 2).all() and (ids[0, 5:8] == 2).all()
     assert (ids[0, 8:] == 0).all()  # the 2-px segment was dropped
     assert (ids[5:, 5:] == 0).all()  # the mostly hidden segment (25 / 50 < 0.6) was dropped
-    assert all(0.5 <= d["score"] <= 1.0 for d in segs)
+    prob = logits.softmax(dim=0).max(dim=0).values.numpy()  # a segment's score: mean max-probability
+    assert [d["score"] for d in segs] == pytest.approx([float(prob[ids == d["id"]].mean()) for d in segs])
     # a lenient overlap threshold keeps slot 4; ids go by decreasing area
     _, segs = postprocess(logits, mask_th=0.5, count_th=0.05, overlap_th=0.4)
     assert [(d["id"], d["slot"], d["area"]) for d in segs] == [(1, 1, 50), (2, 4, 25), (3, 2, 23)]
@@ -367,7 +370,50 @@ def test_validate_ae_scores_reconstructions(trained):
     assert panel.shape == (8 * 130 - 2, 3 * 130 - 2, 3) and panel.dtype == np.uint8
 
 
-def test_validate_ldm_perfect_and_sampled(trained):
+class OracleDenoiser(torch.nn.Module):
+    """Predicts x₀ (prediction type ``sample``): the scaled AE latent of the ground truth of the
+    image whose latent is nearest to the one it is shown; no self-conditioning input."""
+
+    self_condition = False
+
+    def __init__(self, image_latents: torch.Tensor, x0: torch.Tensor):
+        super().__init__()
+        self.register_buffer("keys", image_latents.flatten(1))
+        self.register_buffer("x0", x0)
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # callers look up the device of a parameter
+
+    def forward(self, x_t, t, image_latent, x0_self=None):
+        nearest = torch.cdist(image_latent.flatten(1), self.keys).argmin(dim=1)
+        return self.x0[nearest]
+
+
+def check_validation_by_hand(metrics: dict, panel: np.ndarray, segmenter: Segmenter, batch: dict, seed: int,
+                             steps: int, root) -> dict:
+    """``validate_ldm``'s figures and panel against the same sampling done here (seed + i per image),
+    the predictions cut to the valid pixels, written as COCO folders with the ground truth and
+    scored by the folder evaluator; returns the by-hand scores."""
+    n = len(batch["image"])
+    valid = batch["valid"].numpy()
+    truth = [np.where(v, s, 0) for s, v in zip(batch["slot_map"].numpy(), valid)]
+    images = [tensor_to_image(im) for im in batch["image"]]
+    results = segmenter.segment(images, steps=steps, seed=[seed + i for i in range(n)])
+    preds = [np.where(v, r.id_map, 0) for r, v in zip(results, valid)]
+    by_hand = score_id_maps(root, truth, preds)
+    assert by_hand["tp"] + by_hand["fn"] == sum(len(np.unique(t[t > 0])) for t in truth)  # every GT segment
+    assert by_hand["tp"] + by_hand["fp"] == sum(len(np.unique(p[p > 0])) for p in preds) > 0
+    for k in ("pq", "sq", "rq"):
+        assert metrics[f"val_{k}"] == pytest.approx(by_hand[k], abs=1e-12), k
+    assert metrics["val_fp_per_image"] == by_hand["fp"] / n
+    # the panel shows those predictions: its third column is their colouring (32 px tiles shown at 128)
+    from ldmseg.validation import colorize
+
+    assert panel.shape == (n * 130 - 2, 3 * 130 - 2, 3)
+    for row, pred in enumerate(preds):
+        assert np.array_equal(panel[row * 130:row * 130 + 128:4, 260::4], colorize(pred)), row
+    return by_hand
+
+
+def test_validate_ldm_perfect_and_sampled(trained, tmp_path):
     from ldmseg import validation
 
     _, cfg, parts, scale = trained
@@ -382,10 +428,22 @@ def test_validate_ldm_perfect_and_sampled(trained):
     first, panel = validation.validate_ldm(*args, steps=2, seed=3)
     again, _ = validation.validate_ldm(*args, steps=2, seed=3)
     assert first == again  # seeded
-    assert all(0.0 <= first[k] <= 1.0 for k in ("val_pq", "val_sq", "val_rq"))
-    assert panel.shape == (4 * 130 - 2, 3 * 130 - 2, 3)
     assert parts["denoiser"].training  # the caller's mode is restored
+    # the random denoiser: PQ 0, but its false positives are counted
+    seg = Segmenter(cfg, parts["mask_autoencoder"], parts["image_encoder"], parts["denoiser"], scale)
+    check_validation_by_hand(first, panel, seg, batch, 3, 2, tmp_path / "random")
     parts["denoiser"].eval()
+    # a denoiser that knows the answer: the figures are the AE's reconstructions scored
+    oracle_cfg = tiny_cfg("diffusion.prediction_type=sample")
+    with torch.no_grad():
+        x0 = parts["mask_autoencoder"].encode(ids_to_bits(
+            torch.where(batch["valid"], batch["slot_map"], 0), parts["mask_autoencoder"].num_bits)) * scale
+        oracle = OracleDenoiser(parts["image_encoder"].encode(batch["image"]), x0)
+    told, panel = validation.validate_ldm(parts["mask_autoencoder"], parts["image_encoder"], oracle, scale, batch,
+                                          oracle_cfg, steps=2, seed=3)
+    seg = Segmenter(oracle_cfg, parts["mask_autoencoder"], parts["image_encoder"], oracle, scale)
+    by_hand = check_validation_by_hand(told, panel, seg, batch, 3, 2, tmp_path / "oracle")
+    assert by_hand["pq"] > 0.8 and by_hand["tp"] > 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,6 +481,20 @@ def test_inpainting_scores_rise_with_the_known_fraction(segmenter, tmp_path):
     assert most["pq"] > none["pq"] + 0.2  # the known 75 % are kept as given (random denoiser)
 
 
+class PerfectAE(torch.nn.Module):
+    """Stands in for the mask AE: bit planes (B, nb, H, W) → ±20 logits (B, S, H, W) of exactly the
+    slots they encode."""
+
+    def __init__(self, num_slots: int):
+        super().__init__()
+        self.num_slots, self.num_bits = num_slots, num_slots.bit_length() - 1
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # callers look up the device of a parameter
+
+    def forward(self, bits: torch.Tensor) -> torch.Tensor:
+        slots = bits_to_ids(bits)
+        return torch.nn.functional.one_hot(slots, self.num_slots).permute(0, 3, 1, 2).float() * 40 - 20
+
+
 def test_ae_reconstruction_pq_on_real_coco_masks(trained, coco_sample, tmp_path):
     from ldmseg.data import coco
     from ldmseg.data.synthetic import write_scenes
@@ -434,7 +506,16 @@ def test_ae_reconstruction_pq_on_real_coco_masks(trained, coco_sample, tmp_path)
     r = ae_reconstruction_pq(parts["mask_autoencoder"], real, cfg)
     assert r["n_images"] == 2 and r["n_segments"] > 2 * (cfg.data.num_slots - 1) > 0
     assert r["n_over_slots"] > 0  # real images hold more segments than 7 slots: those count as missed
-    assert 0.0 <= r["rq"] < 1.0
+    # segments beyond the slots are void in the AE's input: at most N − n of the N ground-truth
+    # segments can match (n = n_over_slots), so RQ = 2·TP / (TP + FP + N) <= 2·(N − n) / (2·N − n) ...
+    n, over = r["n_segments"], r["n_over_slots"]
+    ceiling = 2 * (n - over) / (2 * n - over)
+    assert r["rq"] <= ceiling
+    # ... and a perfect AE (no area floor in the post-processing) reaches it exactly: TP = N − n,
+    # FN = n, FP = 0, every match exact
+    perfect = ae_reconstruction_pq(PerfectAE(cfg.data.num_slots), real, tiny_cfg("sampling.count_th=0.0"))
+    assert (perfect["n_segments"], perfect["n_over_slots"]) == (n, over)
+    assert perfect["sq"] == 1.0 and perfect["rq"] == pytest.approx(ceiling, abs=1e-12)
     write_scenes(tmp_path / "scenes", num_images=6, size=32, seed=3, max_things=4)  # like the AE's training scenes
     scenes = coco.load_coco_panoptic(str(tmp_path / "scenes"))
     good = ae_reconstruction_pq(parts["mask_autoencoder"], scenes, cfg)

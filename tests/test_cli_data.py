@@ -132,7 +132,7 @@ def test_validate_progress_goes_to_stderr(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("folder, count", [("coco-panoptic-sample", 2), ("coco-val-examples", 12)])
-def test_validate_real_samples(shared_data, capsys, folder, count):
-    assert main(["validate", str(shared_data / folder), "--json"]) == 0
+def test_validate_real_samples(coco_data, capsys, folder, count):
+    assert main(["validate", str(coco_data / folder), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["summary"] == {"images": count, "ok": count, "with_problems": 0, "dataset_problems": 0}

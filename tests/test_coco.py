@@ -408,7 +408,8 @@ def test_real_coco_val_examples_validate_clean(coco_val_examples):
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    moto_server = pytest.importorskip("moto.server")
+    from moto import server as moto_server  # a dev dependency: missing is an error, not a skip
+
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

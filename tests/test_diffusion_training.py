@@ -16,6 +16,7 @@ from ldmseg.data.encoding import clean_segments, ids_to_bits, image_to_tensor, r
 from ldmseg.data.synthetic import make_config, render_scene
 from ldmseg.diffusion import training
 from ldmseg.diffusion.noise import make_train_scheduler, min_snr_weights, predict_x0, prediction_target
+from helpers_denoiser import RecordingDenoiser
 
 TINY = [
     "data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "mask_ae.num_points=256",
@@ -186,6 +187,35 @@ def test_self_conditioning_probability_extremes(prob):
     for _ in range(2):
         out = training.ldm_train_step(comps, batch, optimizer, cfg, generator=g)
         assert out["self_condition_fraction"] == prob and math.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("prob", [0.0, 0.5, 1.0])
+def test_self_conditioning_pass_gets_the_first_passs_detached_x0(prob):
+    """On the images chosen for self-conditioning a first pass without gradients (and without a
+    self-conditioning input) gives x̂₀; the trained pass gets exactly that x̂₀, detached, on those
+    images and zeros on the others (all of them when none is chosen)."""
+    cfg = tiny_cfg(f"diffusion.self_condition_prob={prob}")
+    batch = scene_batch(cfg, 6)
+    comps = ldm_components(cfg, batch)
+    comps.denoiser = stub = RecordingDenoiser()
+    optimizer, _ = training.make_optimizer(stub.parameters(), cfg.train_ldm)
+    out = training.ldm_train_step(comps, batch, optimizer, cfg, generator=torch.Generator().manual_seed(1))
+    *first, trained = stub.calls
+    assert trained["grad_enabled"] and trained["x0_self"] is not None
+    assert not trained["x0_self_requires_grad"], "the self-conditioning input must be detached"
+    expected = torch.zeros_like(trained["x_t"])
+    chosen: list[int] = []
+    if first:
+        (pre,) = first
+        assert not pre["grad_enabled"] and pre["x0_self"] is None
+        # the chosen images: the rows of the trained pass's x_t that the first pass saw
+        chosen = [j for j in range(6) if any(torch.equal(trained["x_t"][j], row) for row in pre["x_t"])]
+        assert len(chosen) == len(pre["x_t"]) and torch.equal(pre["t"], trained["t"][chosen])
+        alphas_cumprod = make_train_scheduler(cfg.diffusion).alphas_cumprod
+        expected[chosen] = predict_x0(cfg.diffusion.prediction_type, pre["out"], pre["x_t"], pre["t"], alphas_cumprod)
+    assert torch.equal(trained["x0_self"], expected), "self-conditioning input: x̂₀ on chosen images, zeros elsewhere"
+    assert out["self_condition_fraction"] == len(chosen) / 6
+    assert {0.0: len(chosen) == 0, 1.0: len(chosen) == 6}.get(prob, 0 < len(chosen) < 6)
 
 
 @pytest.mark.parametrize("kind", ["sample", "v_prediction"])

@@ -1,4 +1,4 @@
-"""ldmseg evaluate and the Ray Tune sampling sweep, on a tiny untrained model."""
+"""ldmseg evaluate and the Ray Tune sweeps, on a tiny model (mask AE trained for seconds, random denoiser)."""
 
 from __future__ import annotations
 
@@ -21,14 +21,52 @@ TINY = ["data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "i
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> tuple[str, str, object]:
+    """A model folder whose mask AE was trained for 60 steps on the 6 test scenes (so decoded
+    samples hold segments and the scores count false positives), random denoiser; the scenes."""
+    import numpy as np
     import torch
 
+    from ldmseg.data.encoding import clean_segments, image_to_tensor, remap_ids, resize_pad
+    from ldmseg.data.synthetic import make_config, render_scene
+    from ldmseg.diffusion import training
+
     torch.manual_seed(0)
-    cfg = load_config(REPO / "conf/tiny.yaml", TINY)
+    cfg = load_config(REPO / "conf/tiny.yaml", [*TINY, "train_ae.lr=3e-3", "train_ae.warmup=1"])
     root = tmp_path_factory.mktemp("tiny_model")
-    save_model(root / "model", cfg, build_components(cfg), latent_scale=1.0)
     write_scenes(root / "scenes", num_images=6, size=32, seed=21, max_things=3)
+    synth, rng = make_config(6, size=32, seed=21, max_things=3), np.random.default_rng(0)
+    images, slots, valids = [], [], []
+    for scene in (render_scene(synth, i) for i in range(6)):  # the scenes just written
+        clean = clean_segments(scene.id_map, scene.segments_info, cfg.data.min_segment_area)
+        image, ids, valid, _ = resize_pad(scene.image, clean.id_map, cfg.data.resolution)
+        images.append(image)
+        slots.append(remap_ids(ids, cfg.data.num_slots, rng).slot_map)
+        valids.append(valid)
+    batch = {"image": image_to_tensor(np.stack(images)), "slot_map": torch.from_numpy(np.stack(slots)),
+             "valid": torch.from_numpy(np.stack(valids))}
+    parts = build_components(cfg)
+    ae = parts["mask_autoencoder"]
+    optimizer, lr_scheduler = training.make_optimizer(ae.parameters(), cfg.train_ae)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        training.ae_train_step(ae, batch, optimizer, cfg, generator=generator, lr_scheduler=lr_scheduler)
+    scale = training.measure_latent_scale(ae.eval(), [batch], cfg.data.num_slots)
+    save_model(root / "model", cfg, parts, latent_scale=scale)
     return str(root / "model"), str(root / "scenes"), cfg
+
+
+def gt_segments(folder: str, per_image: bool = False) -> list:
+    """The non-crowd segments of a COCO panoptic folder, with their areas counted in its PNGs:
+    one list (or, ``per_image``, one list per image) of ``{"id", "area"}``."""
+    from ldmseg.metrics.pq_io import read_id_map
+
+    data = json.loads((Path(folder) / "panoptic.json").read_text())
+    images = []
+    for ann in data["annotations"]:
+        ids = read_id_map(Path(folder) / "panoptic" / ann["file_name"])
+        images.append([{"id": s["id"], "area": int((ids == s["id"]).sum())}
+                       for s in ann["segments_info"] if not s.get("iscrowd", 0)])
+    return images if per_image else [s for segs in images for s in segs]
 
 
 def test_evaluate_writes_predictions_metrics_and_mlflow(tiny_model, tmp_path, capsys):
@@ -41,11 +79,15 @@ def test_evaluate_writes_predictions_metrics_and_mlflow(tiny_model, tmp_path, ca
     code = main(["evaluate", "--model", model, "--data", scenes, "--steps", "2", "--output", str(tmp_path / "ev")])
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["n_images"] == 6 and out["steps"] == 2 and 0.0 <= out["pq"] <= 1.0
+    assert out["n_images"] == 6 and out["steps"] == 2
     assert len(list((tmp_path / "ev" / "predictions" / "panoptic").glob("*.png"))) == 6
-    # the reported PQ is the evaluator's on the written predictions
+    # every ground-truth segment is scored: matched or missed
+    counts = out["class_agnostic"]["All"]
+    assert counts["tp"] + counts["fn"] == len(gt_segments(scenes)) > 6 and counts["fp"] > 0
+    # the reported figures are the evaluator's on the written predictions
     again = evaluate_folders(scenes, str(tmp_path / "ev" / "predictions"), class_agnostic=True)
-    assert again["All"]["pq"] == pytest.approx(out["pq"])
+    assert (again["All"]["tp"], again["All"]["fp"], again["All"]["fn"]) == (counts["tp"], counts["fp"], counts["fn"])
+    assert again["All"]["pq"] == pytest.approx(out["pq"]) and again["All"]["sq"] == pytest.approx(out["sq"])
     client = MlflowClient(f"sqlite:///{(tmp_path / 'ev').resolve() / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ldmseg-evaluate")
     runs = client.search_runs([exp.experiment_id])
@@ -72,9 +114,11 @@ def test_evaluate_on_parquet_shards_scores_a_held_out_split_against_the_source(t
                    log_mlflow=False, split="train")
     assert res["n_images"] == 6 and "training images, not a held-out result" in res["scored"]
     assert "source" in res["scored"] and "CLEANED" not in res["scored"]
+    counts = res["class_agnostic"]["All"]
+    assert counts["tp"] + counts["fn"] == len(gt_segments(scenes))  # every non-crowd source segment
     again = evaluate_folders(scenes, res["predictions"], class_agnostic=True)  # full resolution, source GT
-    assert (again["All"]["tp"], again["All"]["fn"]) == (res["class_agnostic"]["All"]["tp"],
-                                                      res["class_agnostic"]["All"]["fn"])
+    assert (again["All"]["tp"], again["All"]["fp"], again["All"]["fn"]) == (counts["tp"], counts["fp"], counts["fn"])
+    assert again["All"]["pq"] == pytest.approx(res["pq"])
     assert not list((tmp_path / "ev").glob("ldmseg-eval-*"))
 
     val_cfg = load_config(REPO / "conf/tiny.yaml", [*TINY, "preprocess.val_fraction=0.5"])
@@ -160,11 +204,24 @@ def test_schedule_sweep_under_asha_reports_validation_pq(tiny_model, tmp_path, r
                              overrides=[*TINY, "train_ldm.batch_size=4", "train_ldm.warmup=1"], num_samples=4,
                              max_steps=4, eval_every=2, val_images=3, val_steps=1, name="sched-test")
     assert not res["failed"] and len(res["trials"]) == 4
-    assert all(set(SPACE) <= set(t) and t["steps"] in (2, 4) and 0.0 <= t["val_pq"] <= 1.0 for t in res["trials"])
+    assert all(set(SPACE) <= set(t) and t["steps"] in (2, 4) for t in res["trials"])
     assert max(t["steps"] for t in res["trials"]) == 4  # ASHA let the best go to the end
+    # PQ = SQ · RQ in every row (the three figures belong together)
+    assert all(t["val_pq"] == pytest.approx(t["val_sq"] * t["val_rq"], abs=1e-12) for t in res["trials"])
     client = MlflowClient(f"sqlite:///{(tmp_path / 'sched').resolve() / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ldmseg-tune").experiment_id],
                               filter_string="tags.`ldmseg.kind` = 'schedule-trial'")
     assert len(runs) == 4
-    history = client.get_metric_history(runs[0].info.run_id, "val_pq")
-    assert [m.step for m in history] in ([2], [2, 4])
+    histories = [client.get_metric_history(r.info.run_id, "val_pq") for r in runs]
+    assert all([m.step for m in h] in ([2], [2, 4]) for h in histories)
+    # each trial logged the false positives of its 3 validation images: a whole number per batch
+    fps = [client.get_metric_history(r.info.run_id, "val_fp_per_image") for r in runs]
+    for fp, h in zip(fps, histories):
+        assert [m.step for m in fp] == [m.step for m in h]
+        assert all(3 * m.value == pytest.approx(round(3 * m.value), abs=1e-9) for m in fp), fp
+    assert any(m.value > 0 for fp in fps for m in fp)  # the trained AE decodes segments: there are some
+    # each row holds its trial's last validation (the step ASHA stopped it at), as the trial logged it
+    last = sorted((h[-1].step, h[-1].value) for h in histories)
+    assert [s for s, _ in last] == sorted(t["steps"] for t in res["trials"])
+    assert [v for _, v in last] == pytest.approx(
+        [t["val_pq"] for t in sorted(res["trials"], key=lambda t: (t["steps"], t["val_pq"]))], abs=1e-12)

@@ -10,7 +10,10 @@ import torch
 from conftest import REPO
 from ldmseg.checkpoint import build_components
 from ldmseg.config import load_config
-from ldmseg.diffusion.sampling import SAMPLERS, SIGMA_SAMPLERS, decode_latents, make_sampler, sample_latents
+from ldmseg.diffusion.noise import make_train_scheduler, predict_x0
+from ldmseg.diffusion.sampling import (SAMPLERS, SIGMA_SAMPLERS, decode_latents, initial_noise, make_sampler,
+                                       sample_latents)
+from helpers_denoiser import RecordingDenoiser
 
 TINY = [
     "data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]",
@@ -126,6 +129,58 @@ def test_self_conditioning_feeds_the_next_step(denoiser):
     one = run(denoiser, cfg, lat, [0])
     cfg.sampling.self_condition = True
     assert torch.equal(run(denoiser, cfg, lat, [0]), one)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("name", ["ddim", "euler"])
+def test_self_conditioning_input_is_the_previous_steps_x0(name, kind):
+    """Step 1 gets zeros; every later step gets exactly the x̂₀ of the step before (not zeros, not
+    the first step's x̂₀): derived by hand from the recorded output and input of that step."""
+    cfg = tiny_cfg(f"sampling.sampler={name}", "sampling.steps=4", f"diffusion.prediction_type={kind}")
+    stub = RecordingDenoiser()
+    x0 = run(stub, cfg, image_latents(2), [0, 1])
+    calls = stub.calls
+    assert len(calls) == 4
+    assert torch.equal(calls[0]["x0_self"], torch.zeros(2, C, H, H))
+    alphas_cumprod = make_train_scheduler(cfg.diffusion).alphas_cumprod
+    for i, (prev, call) in enumerate(zip(calls, calls[1:]), start=1):
+        by_hand = predict_x0(kind, prev["out"], prev["x_t"], prev["t"], alphas_cumprod)
+        assert torch.equal(call["x0_self"], by_hand), f"step {i + 1} was not given the x̂₀ of step {i}"
+    last = calls[-1]
+    assert torch.equal(x0, predict_x0(kind, last["out"], last["x_t"], last["t"], alphas_cumprod))
+    # self-conditioning off: the denoiser gets no self-conditioning input at all
+    cfg.sampling.self_condition = False
+    off = RecordingDenoiser()
+    run(off, cfg, image_latents(2), [0, 1])
+    assert len(off.calls) == 4 and all(c["x0_self"] is None for c in off.calls)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler"])
+def test_inpainting_replaces_known_cells_before_every_step(name):
+    """Not only the final paste: at every step the denoiser sees, on known cells, the known latent
+    noised to that step's timestep with the image's own initial noise (on the DDPM scale, whatever
+    the sampler's scale), and the known latent as its self-conditioning input."""
+    cfg = tiny_cfg(f"sampling.sampler={name}", "sampling.steps=4")
+    seeds = [0, 1]
+    known_latent = torch.randn(2, C, H, H, generator=torch.Generator().manual_seed(7))
+    mask = torch.zeros(2, 1, H, H, dtype=torch.bool)
+    mask[0, :, : H // 2] = True
+    mask[1, :, :, H // 4:] = True
+    stub = RecordingDenoiser()
+    x0 = run(stub, cfg, image_latents(2), seeds, known_latent=known_latent, known_mask=mask)
+    noise, _ = initial_noise(seeds, (C, H, H), "cpu")
+    alphas_cumprod = make_train_scheduler(cfg.diffusion).alphas_cumprod
+    m = mask.expand(2, C, H, H)
+    assert len(stub.calls) == 4 and len({int(c["t"][0]) for c in stub.calls}) == 4
+    for i, call in enumerate(stub.calls):
+        a = alphas_cumprod[call["t"]].view(-1, 1, 1, 1)
+        noised = a.sqrt() * known_latent + (1 - a).sqrt() * noise
+        got = call["x_t"][m]
+        assert torch.allclose(got, noised[m], rtol=0, atol=1e-5 * float(noised.abs().max())), (
+            f"step {i + 1}: known cells of x_t are not the known latent noised to t={int(call['t'][0])}: "
+            f"max error {float((got - noised[m]).abs().max()):.3g}")
+        assert torch.equal(call["x0_self"][m], known_latent[m]), f"step {i + 1}: self-conditioning input"
+    assert torch.equal(x0[m], known_latent[m])
 
 
 @pytest.mark.parametrize("name", ["ddim", "dpmsolver++", "euler"])

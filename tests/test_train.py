@@ -11,9 +11,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO
+from helpers_coco import score_id_maps
 from ldmseg.config import load_config
 from ldmseg.data.synthetic import write_scenes
 
@@ -30,6 +32,11 @@ TINY = [
 
 def cfg_with(*overrides):
     return load_config(REPO / "conf/tiny.yaml", [*TINY, *overrides])
+
+
+# post-processing that keeps every argmax segment: the validation of a model trained for a few
+# steps then scores predicted segments (false positives at least), not an empty map
+KEEP_ALL = ["sampling.mask_th=0.0", "sampling.count_th=0.0", "sampling.overlap_th=0.0"]
 
 
 def make_shards(tmp_path_factory, name: str, num_images: int, seed: int) -> str:
@@ -61,6 +68,64 @@ def read_model_json(model_dir) -> dict:
     return json.loads((Path(model_dir) / "model.json").read_text())
 
 
+def validation_batch(shards: str, n: int, num_slots: int) -> dict:
+    """The batch a stage validates on: the first ``n`` rows of the shards' val split (train if none)."""
+    from ldmseg.data.manifest import list_split_files, open_fs
+    from pipelines.train import _validation_batch
+
+    try:
+        split = "val" if list_split_files(*open_fs(shards), "val") else "train"
+    except FileNotFoundError:
+        split = "train"
+    return _validation_batch(shards, split, n, num_slots, "cpu")
+
+
+def check_validation(metrics: dict, prefix: str, truth: list, preds: list, root) -> None:
+    """The reported ``{prefix}_pq/sq/rq/fp_per_image`` against the predictions scored by hand
+    (COCO folders through :func:`evaluate_folders`); every ground-truth segment is counted."""
+    by_hand = score_id_maps(root, truth, preds)
+    assert by_hand["tp"] + by_hand["fn"] == sum(len(np.unique(t[t > 0])) for t in truth) > 0
+    assert by_hand["tp"] + by_hand["fp"] > 0, "no predicted segments: the comparison would prove nothing"
+    for k in ("pq", "sq", "rq"):
+        assert metrics[f"{prefix}_{k}"] == pytest.approx(by_hand[k], abs=1e-9), (k, metrics, by_hand)
+    assert metrics[f"{prefix}_fp_per_image"] == pytest.approx(by_hand["fp"] / len(preds)), (metrics, by_hand)
+
+
+def check_ae_validation(metrics: dict, model_dir, shards: str, root) -> None:
+    """The saved AE reconstructs the validation batch here; its scores must be the reported ones."""
+    import torch
+
+    from ldmseg.checkpoint import load_model
+    from ldmseg.data.encoding import ids_to_bits
+    from ldmseg.postprocess import postprocess
+
+    loaded = load_model(model_dir, device="cpu")
+    cfg, ae = loaded.cfg, loaded.components["mask_autoencoder"].eval()
+    batch = validation_batch(shards, cfg.train_ae.validate_images, cfg.data.num_slots)
+    truth = torch.where(batch["valid"], batch["slot_map"], 0)
+    with torch.no_grad():
+        logits = ae(ids_to_bits(truth, ae.num_bits))
+    th = {k: getattr(cfg.sampling, k) for k in ("mask_th", "count_th", "overlap_th")}
+    preds = [postprocess(lg, valid=v, **th)[0] for lg, v in zip(logits, batch["valid"])]
+    check_validation(metrics, "val_recon", list(truth.numpy()), preds, root)
+
+
+def check_ldm_validation(metrics: dict, model_dir, shards: str, root) -> None:
+    """The saved (EMA) model segments the validation batch here (validate_steps steps, seed i for
+    image i); its scores must be the reported ones."""
+    from ldmseg.data.encoding import tensor_to_image
+    from ldmseg.segmenter import Segmenter
+
+    seg = Segmenter.from_pretrained(str(model_dir), device="cpu")
+    cfg = seg.cfg
+    batch = validation_batch(shards, cfg.train_ldm.validate_images, cfg.data.num_slots)
+    valid = batch["valid"].numpy()
+    results = seg.segment([tensor_to_image(im) for im in batch["image"]], steps=cfg.train_ldm.validate_steps,
+                          seed=list(range(len(valid))))
+    truth = list(np.where(valid, batch["slot_map"].numpy(), 0))
+    check_validation(metrics, "val", truth, [np.where(v, r.id_map, 0) for r, v in zip(results, valid)], root)
+
+
 def test_two_worker_ae_and_ldm_report_metrics_and_checkpoints(shards, tmp_path, monkeypatch):
     """Also: relative data, AE and run paths (workers run in Ray's own working folder)."""
     from mlflow.tracking import MlflowClient
@@ -69,22 +134,27 @@ def test_two_worker_ae_and_ldm_report_metrics_and_checkpoints(shards, tmp_path, 
 
     cfg = cfg_with("train_ae.iterations=4", "train_ae.report_every=2", "train_ae.checkpoint_every=2",
                    "train_ae.num_workers=2", "train_ldm.iterations=4", "train_ldm.report_every=2",
-                   "train_ldm.checkpoint_every=2", "train_ldm.num_workers=2")
+                   "train_ldm.checkpoint_every=2", "train_ldm.num_workers=2", *KEEP_ALL)
     monkeypatch.chdir(Path(shards).parent)
     ae = run_train("ae", cfg, data=Path(shards).name, run_dir=os.path.relpath(tmp_path))
-    assert ae.metrics["val_recon_pq"] >= 0  # the final validation read the (relative) data
+    # the final validation read the (relative) data: its figures are the saved AE's on that batch
+    check_ae_validation(ae.metrics, ae.model_dir, shards, tmp_path / "ae_by_hand")
     assert ae.metrics["step"] == 4 and ae.metrics["loss"] > 0
     meta = read_model_json(ae.model_dir)
     assert meta["latent_scale"] > 0 and (Path(ae.model_dir) / "mask_autoencoder.safetensors").exists()
     ldm = run_train("ldm", cfg, data=Path(shards).name, run_dir=tmp_path,
                     ae_model=os.path.relpath(ae.model_dir))
-    assert ldm.metrics["val_pq"] >= 0
+    check_ldm_validation(ldm.metrics, ldm.model_dir, shards, tmp_path / "ldm_by_hand")
     assert ldm.metrics["step"] == 4 and ldm.metrics["loss"] > 0
     assert read_model_json(ldm.model_dir)["latent_scale"] == pytest.approx(meta["latent_scale"])
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     history = client.get_metric_history(ldm.mlflow_run_id, "loss")
     assert [m.step for m in history] == [2, 4]
     assert client.get_model_version_by_alias("ldmseg-ldm", "current").run_id == ldm.mlflow_run_id
+    # two ranks trained: each report carries the size of the worker group that made it
+    for run in (ae, ldm):
+        world = client.get_metric_history(run.mlflow_run_id, "world_size")
+        assert [(m.step, m.value) for m in world] == [(2, 2.0), (4, 2.0)], run.stage
 
 
 def test_a_budget_stop_on_a_checkpoint_step_still_saves_a_validated_final_model(shards, tmp_path):
@@ -93,10 +163,10 @@ def test_a_budget_stop_on_a_checkpoint_step_still_saves_a_validated_final_model(
     from pipelines.train import run_train
 
     res = run_train("ae", cfg_with("train_ae.iterations=100000", "train_ae.report_every=1",
-                                   "train_ae.checkpoint_every=1", "train_ae.time_budget_s=2"),
+                                   "train_ae.checkpoint_every=1", "train_ae.time_budget_s=2", *KEEP_ALL),
                     data=shards, run_dir=tmp_path)
     assert 0 < res.metrics["step"] < 100000
-    assert 0.0 <= res.metrics["val_recon_pq"] <= 1.0
+    check_ae_validation(res.metrics, res.model_dir, shards, tmp_path / "by_hand")
     meta = read_model_json(res.model_dir)
     assert meta["step"] == res.metrics["step"] and meta["extra"]["final"] is True
 
