@@ -499,6 +499,8 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
         datasets={"train": dataset},
     )
     result = trainer.fit()
+    if storage_fs is not None:
+        remote_fs.invalidate_cache()  # listings cached before training (inputs record, resume) miss the checkpoints
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage} finished without a checkpoint (see {storage}/{name})")
     model_dir = run_dir / "models" / stage
