@@ -97,6 +97,13 @@ class GroundTruth:
         return {"gt": self.root, "gt_json": self.json_path, "gt_masks": self.masks}
 
 
+def _exists(url: str) -> bool:
+    from ldmseg.data.manifest import open_fs
+
+    fs, path = open_fs(url)
+    return fs.exists(path)
+
+
 def resolve_ground_truth(data: str, workdir: Path, split: str | None = None) -> GroundTruth:
     """The ground truth for ``--data``: a COCO panoptic folder as given; for Parquet shards, the
     *source* COCO data the manifest records, restricted to the images of ``split`` (default
@@ -129,15 +136,18 @@ def resolve_ground_truth(data: str, workdir: Path, split: str | None = None) -> 
             ids.extend(int(i) for i in pq.read_table(fh, columns=["image_id"])["image_id"].to_pylist())
     role = "training images, not a held-out result" if split == "train" else "held out of training"
     src = dict(manifest.source_paths) or {"source": manifest.source}
-    try:
-        coco.load_coco_panoptic(src.get("source"), images=src.get("images"), masks=src.get("masks"),
-                                json_path=src.get("annotations"))
-        return GroundTruth(root=src.get("source"), images=src.get("images"), masks=src.get("masks"),
+    source = src.get("source")
+    needed = {"annotations": src.get("annotations") or (source and f"{source.rstrip('/')}/panoptic.json"),
+              "masks": src.get("masks") or (source and f"{source.rstrip('/')}/panoptic"),
+              "images": src.get("images") or (source and f"{source.rstrip('/')}/images")}
+    # existence only: the source's JSON (hundreds of MB for COCO train) is read once, by the caller
+    missing = [f"{k} {v}" for k, v in needed.items() if not v or not _exists(v)]
+    if not missing:
+        return GroundTruth(root=source, images=src.get("images"), masks=src.get("masks"),
                            json_path=src.get("annotations"), image_ids=ids,
                            description=f"split {split!r} of {data} ({len(ids)} images, {role}), scored against "
-                                       f"its source {src.get('source') or src.get('annotations')} at full resolution")
-    except coco.DataError as exc:
-        reason = exc.reason
+                                       f"its source {source or src.get('annotations')} at full resolution")
+    reason = f"missing {', '.join(missing)}"
     from ldmseg.data.shards import write_coco_from_rows
 
     rows = []
