@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 
@@ -369,9 +369,12 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """``["train_ae.lr=1e-3", "data.num_slots=8"]`` → nested dict (values parsed as YAML)."""
-    tree: dict = {}
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train_ae.lr=1e-3", "data.num_slots=8"]`` → ``{"train_ae.lr": 0.001, "data.num_slots": 8}``.
+
+    Values are parsed as YAML (``3e-4`` as a float too); the keys are checked by :func:`override`.
+    """
+    flat: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train_ae.lr=1e-3)")
@@ -387,14 +390,35 @@ def parse_overrides(overrides: list[str]) -> dict:
                 value = float(value)
             except ValueError:
                 pass
+        flat[key.strip()] = value
+    return flat
+
+
+def _nest(assignments: Mapping[str, Any]) -> dict:
+    """``{"a.b": 1, "a.c": 2}`` → ``{"a": {"b": 1, "c": 2}}``."""
+    tree: dict = {}
+    for key, value in assignments.items():
         node = tree
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+                raise ConfigError(f"override {key}={value!r} conflicts with an earlier override of {part}")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"override {key}={value!r} conflicts with an override of a key inside {key}")
         node[parts[-1]] = value
     return tree
+
+
+def override(cfg: Config | Mapping[str, Any], assignments: Mapping[str, Any]) -> Config:
+    """A new validated :class:`Config`: ``cfg`` with dotted keys set, e.g. ``{"train_ldm.lr": 1e-4}``.
+
+    The one override path (CLI ``key=value`` words, Tune search spaces, synth flags, sampling options).
+    ``cfg`` may be a Config or its nested dict. The dataclass fields are the only whitelist: an
+    unknown key fails naming the valid keys of its section.
+    """
+    base = to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    return from_dict(_merge(base, _nest(assignments)))
 
 
 def from_dict(values: dict) -> Config:
@@ -417,9 +441,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
-    values = _merge(values, parse_overrides(overrides or []))
     try:
-        return from_dict(values)
+        return override(values, parse_overrides(overrides or []))
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
