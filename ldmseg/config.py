@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, ClassVar, Literal, Mapping, Optional
 
 import yaml
 
@@ -178,7 +178,15 @@ class DiffusionConfig:
 
 @dataclass
 class SamplingConfig:
-    """Sampling and post-processing (METHOD.md, "Sampling and post-processing")."""
+    """Sampling and post-processing (METHOD.md, "Sampling and post-processing").
+
+    Its fields are the whole sampling vocabulary: every sampling option (``Segmenter.segment``
+    keywords, ``ldmseg tune sampling`` search spaces, named sampling configs of
+    :mod:`ldmseg.sampling_presets`) is one of them and is applied with :func:`with_sampling`.
+    """
+
+    THRESHOLDS: ClassVar[tuple[str, ...]] = ("mask_th", "count_th", "overlap_th")
+    """The post-processing thresholds (:func:`ldmseg.postprocess.postprocess` keywords), fractions in [0, 1]."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -193,6 +201,11 @@ class SamplingConfig:
     """Minimum segment area as a fraction of the image area (512 px of 512² ≈ 0.002)."""
     overlap_th: float = 0.5
     batch_size: int = 16
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """``{"mask_th": …, "count_th": …, "overlap_th": …}``: the post-processing keywords."""
+        return {k: getattr(self, k) for k in self.THRESHOLDS}
 
 
 @dataclass
@@ -419,6 +432,17 @@ def override(cfg: Config | Mapping[str, Any], assignments: Mapping[str, Any]) ->
     """
     base = to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
     return from_dict(_merge(base, _nest(assignments)))
+
+
+def with_sampling(cfg: Config, options: Mapping[str, Any]) -> Config:
+    """``cfg`` with sampling options set: ``{"steps": 10}`` sets ``sampling.steps`` (``None`` values
+    are skipped). The :class:`SamplingConfig` fields are the only accepted names (:func:`override`)."""
+    return override(cfg, {f"sampling.{k}": v for k, v in options.items() if v is not None})
+
+
+def sampling_fields() -> tuple[str, ...]:
+    """The names of the :class:`SamplingConfig` fields: the sampling vocabulary."""
+    return tuple(f.name for f in dataclasses.fields(SamplingConfig))
 
 
 def from_dict(values: dict) -> Config:

@@ -72,7 +72,7 @@ def gt_segments(folder: str, per_image: bool = False) -> list:
 def test_evaluate_writes_predictions_metrics_and_mlflow(tiny_model, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from ldmseg.cli import main
+    from pipelines.cli import main
     from ldmseg.metrics.pq import evaluate_folders
 
     model, scenes, _ = tiny_model
