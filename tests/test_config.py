@@ -110,3 +110,14 @@ def test_named_sampling_configs_live_in_the_user_folder(tmp_path, monkeypatch):
         presets.save_preset("a b", {"steps": 2})
     with pytest.raises(ConfigError, match="no such file"):
         presets.load_preset(str(tmp_path / "missing.yaml"))
+
+
+def test_numpy_numbers_are_accepted_as_config_values():
+    import numpy as np
+
+    from ldmseg.config import Config, with_sampling
+
+    sampling = with_sampling(Config(), {"steps": np.int64(7), "eta": np.float32(0.5)}).sampling
+    assert (sampling.steps, sampling.eta) == (7, 0.5) and type(sampling.steps) is int and type(sampling.eta) is float
+    with pytest.raises(ConfigError, match="expected an integer"):
+        with_sampling(Config(), {"steps": np.float64(7.0)})
