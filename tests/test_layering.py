@@ -1,4 +1,5 @@
-"""The method layer never imports Ray or MLflow (ARCHITECTURE.md: two layers)."""
+"""Layering (ARCHITECTURE.md: two layers): the method layer never imports Ray, MLflow or the pipelines;
+no module imports another's private names; no import circle."""
 
 import pkgutil
 import subprocess
@@ -80,3 +81,9 @@ def test_no_import_circle():
     for module in sorted(graph):
         if module not in state and (circle := visit(module)):
             raise AssertionError("import circle: " + " -> ".join(circle))
+
+
+def test_method_layer_imports_nothing_of_the_pipelines():
+    bad = sorted(f"{m} imports {t}" for m, edges in project_imports().items() if m.split(".")[0] == "ldmseg"
+                 for t in edges if t.split(".")[0] == "pipelines")
+    assert not bad, "; ".join(bad)
