@@ -50,7 +50,7 @@ def score_sampling(model_dir: str, gt: dict[str, Any], out: Path, options: dict[
     dataset = truth.load()
     if max_images:
         dataset.records = dataset.records[:max_images]
-    stats = predict_dataset(cached_segmenter(model_dir), dataset, out, seed=seed, progress=False, **options)
+    stats = predict_dataset(cached_segmenter(model_dir), dataset, out, seed=seed, **options)
     res = evaluate_folders(pred=str(out), class_agnostic=True, missing="void", workers=1,
                            image_ids=[r.image_id for r in dataset.records], **truth.pq_args())
     metrics = {"pq": res["All"]["pq"], "sq": res["All"]["sq"], "rq": res["All"]["rq"],
