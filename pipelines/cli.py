@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("pipelines.preprocess", "Ray Data: COCO panoptic (local or s3://) -> Parquet shards"),
     "train": ("pipelines.train", "Ray Train: train the mask autoencoder (ae) or the diffusion model (ldm)"),
     "evaluate": ("pipelines.evaluate", "segment a dataset with a trained model and report PQ"),
-    "tune": ("pipelines.tune", "Ray Tune: search samplers/steps/thresholds or training schedules"),
+    "tune": ("pipelines.tune", "Ray Tune sweeps: sampling options, training schedules, inpainting"),
     "quickstart": ("pipelines.quickstart", "the whole pipeline on synthetic scenes with a local Ray"),
 }
 

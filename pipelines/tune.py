@@ -30,8 +30,10 @@ SWEEPS: dict[str, tuple[str, str]] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
-    for what, (module, help_) in SWEEPS.items():
-        importlib.import_module(module).add_arguments(sub.add_parser(what, help=help_))
+    for what, (name, help_) in SWEEPS.items():
+        module = importlib.import_module(name)
+        module.add_arguments(sub.add_parser(what, help=help_, description=(module.__doc__ or help_).strip(),
+                                            formatter_class=argparse.RawDescriptionHelpFormatter))
 
 
 def run(args: argparse.Namespace) -> int:
