@@ -61,7 +61,8 @@ def test_wheel_install_evaluates_with_the_sampling_config_its_sweep_saved(tmp_pa
     work = tmp_path / "elsewhere"  # outside the source tree: nothing of it can be imported from here
     work.mkdir()
     env = {**os.environ, "LDMSEG_HOME": str(tmp_path / "home")}
-    env.pop("PYTHONPATH", None)
+    for name in ("PYTHONPATH", "RAY_ADDRESS"):  # nothing of the source tree, a Ray of its own
+        env.pop(name, None)
     where = run([bin_ / "python", "-c", "import ldmseg, pipelines; print(ldmseg.__file__, pipelines.__file__)"],
                 work, env).stdout
     assert str(REPO) not in where and str(tmp_path / "venv") in where
