@@ -17,13 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 class PerfectAE(torch.nn.Module):
@@ -57,6 +52,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from ldmseg.checkpoint import load_model
+    from ldmseg.config import override, with_sampling
     from ldmseg.data import coco
     from ldmseg.validation import ae_reconstruction_pq
 
@@ -64,7 +60,7 @@ def main() -> int:
     ae = loaded.components["mask_autoencoder"]
     cfg = loaded.cfg
     if args.perfect:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_slots=args.num_slots or cfg.data.num_slots))
+        cfg = override(cfg, {"data.num_slots": args.num_slots or cfg.data.num_slots})
         ae = PerfectAE(cfg.data.num_slots)
     print(f"model {args.model}: resolution {cfg.data.resolution}, {cfg.data.num_slots} slots")
     datasets = {}
@@ -76,7 +72,7 @@ def main() -> int:
         pooled = [r for x in datasets.values() for r in x.records]
         datasets["all folders"] = dataclasses.replace(datasets[args.data[0]], records=pooled)
     for count_th in args.count_th or [cfg.sampling.count_th]:
-        scored = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, count_th=count_th))
+        scored = with_sampling(cfg, {"count_th": count_th})
         for name, dataset in datasets.items():
             r = ae_reconstruction_pq(ae, dataset, scored)
             print(f"count_th {count_th:g}  {name}: PQ {100 * r['pq']:.1f}  SQ {100 * r['sq']:.1f}  "

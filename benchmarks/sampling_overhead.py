@@ -16,16 +16,13 @@ same runs and therefore immune to load drift between measurements.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 class TimedDenoiser(torch.nn.Module):
@@ -64,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from ldmseg.checkpoint import build_components
-    from ldmseg.config import load_config
+    from ldmseg.config import load_config, with_sampling
     from ldmseg.diffusion.sampling import decode_latents, sample_latents
 
     torch.set_num_threads(1)
@@ -99,7 +96,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for name in args.samplers:
         for steps in args.steps:
-            sampling = dataclasses.replace(cfg.sampling, sampler=name, steps=steps)
+            sampling = with_sampling(cfg, {"sampler": name, "steps": steps}).sampling
 
             timed_denoiser = TimedDenoiser(denoiser)
 

@@ -9,14 +9,16 @@ checkpoint and MLflow run) and :func:`config_hash` names runs deterministically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, ClassVar, Literal, Mapping, Optional
 
 import yaml
 
@@ -178,7 +180,15 @@ class DiffusionConfig:
 
 @dataclass
 class SamplingConfig:
-    """Sampling and post-processing (METHOD.md, "Sampling and post-processing")."""
+    """Sampling and post-processing (METHOD.md, "Sampling and post-processing").
+
+    Its fields are the whole sampling vocabulary: every sampling option (``Segmenter.segment``
+    keywords, ``ldmseg tune sampling`` search spaces, named sampling configs of
+    :mod:`ldmseg.sampling_presets`) is one of them and is applied with :func:`with_sampling`.
+    """
+
+    THRESHOLDS: ClassVar[tuple[str, ...]] = ("mask_th", "count_th", "overlap_th")
+    """The post-processing thresholds (:func:`ldmseg.postprocess.postprocess` keywords), fractions in [0, 1]."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -193,6 +203,11 @@ class SamplingConfig:
     """Minimum segment area as a fraction of the image area (512 px of 512² ≈ 0.002)."""
     overlap_th: float = 0.5
     batch_size: int = 16
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """``{"mask_th": …, "count_th": …, "overlap_th": …}``: the post-processing keywords."""
+        return {k: getattr(self, k) for k in self.THRESHOLDS}
 
 
 @dataclass
@@ -323,17 +338,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+    if tp is int:  # numpy integers too (e.g. a value Ray Tune sampled)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
+        return int(value)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
                 return float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
@@ -343,9 +358,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
 
 
+@functools.cache
+def _fields(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
+    """The resolved annotations and field names of a config dataclass (resolving them is slow)."""
+    return typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints, names = _fields(cls)
     unknown = sorted(set(values) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
@@ -419,6 +439,17 @@ def override(cfg: Config | Mapping[str, Any], assignments: Mapping[str, Any]) ->
     """
     base = to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
     return from_dict(_merge(base, _nest(assignments)))
+
+
+def with_sampling(cfg: Config, options: Mapping[str, Any]) -> Config:
+    """``cfg`` with sampling options set: ``{"steps": 10}`` sets ``sampling.steps`` (``None`` values
+    are skipped). The :class:`SamplingConfig` fields are the only accepted names (:func:`override`)."""
+    return override(cfg, {f"sampling.{k}": v for k, v in options.items() if v is not None})
+
+
+def sampling_fields() -> tuple[str, ...]:
+    """The names of the :class:`SamplingConfig` fields: the sampling vocabulary."""
+    return tuple(f.name for f in dataclasses.fields(SamplingConfig))
 
 
 def from_dict(values: dict) -> Config:

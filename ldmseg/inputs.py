@@ -2,8 +2,8 @@
 
 Each check raises :class:`InputError` with a message that names the flag, the value and how to
 fix the call (``--data runs/x: no such folder; pass the output folder of 'ldmseg preprocess'``);
-``ldmseg.cli`` prints it as one line and exits 2. Checks read as little as they can: a model
-folder's ``model.json`` and the headers of its safetensors files, never the weights. Paths that
+the CLI (``pipelines.cli``) prints it as one line and exits 2. Checks read as little as they can:
+a model folder's ``model.json`` and the headers of its safetensors files, never the weights. Paths that
 are URLs (``s3://...``) are only checked for credentials; ``models:/`` and ``runs:/`` URIs only
 for their syntax (MLflow resolves them later). Nothing here imports Ray or MLflow.
 """
@@ -14,8 +14,6 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Callable
-
-THRESHOLDS = ("mask_th", "count_th", "overlap_th")
 
 _MODEL_URI = re.compile(r"^models:/[^/@\s]+(@[^/@\s]+|/[^/@\s]+)?$")
 _RUN_URI = re.compile(r"^runs:/[0-9A-Za-z]+(/\S*)?$")
@@ -185,8 +183,8 @@ def sampling_config(sampling: Any) -> None:
     """The ``sampling`` section of a config (its sampler, steps and thresholds)."""
     sampler(sampling.sampler, "sampling.sampler")
     steps(sampling.steps, "sampling.steps")
-    for key in THRESHOLDS:
-        threshold(getattr(sampling, key), f"sampling.{key}")
+    for key, value in sampling.thresholds.items():
+        threshold(value, f"sampling.{key}")
 
 
 def parse_list(flag: str, text: str, cast: Callable[[str], Any], what: str = "values") -> list:

@@ -21,7 +21,6 @@ the other samples that disagree with the chosen one (0 = all agree).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -30,15 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from ldmseg.checkpoint import LoadedModel, load_model
-from ldmseg.config import Config, SamplingConfig
+from ldmseg.config import Config, SamplingConfig, sampling_fields, with_sampling
 from ldmseg.data.encoding import (ResizeInfo, ids_to_bits, image_to_tensor, raster_slot_lut, remap_ids, resize_pad,
                                    restore_size)
 from ldmseg.data.ids import encode_panoptic_png
 from ldmseg.diffusion.sampling import decode_latents, sample_latents
 from ldmseg.postprocess import postprocess
 
-THRESHOLDS = ("mask_th", "count_th", "overlap_th")
-SAMPLING_OPTIONS = ("timestep_spacing", "sigma_schedule", "eta", "self_condition")
 KNOWN_SLOTS = ("given", "predicted")
 
 
@@ -192,24 +189,20 @@ class Segmenter:
 
     # ------------------------------------------------------------------------------------------
 
-    def _options(self, sampler: str | None, steps: int | None, options: dict[str, Any]
-                 ) -> tuple[SamplingConfig, dict[str, float]]:
-        """Sampling config and thresholds: the model's ``sampling`` config with ``options`` applied.
+    def sampling_config(self, sampler: str | None = None, steps: int | None = None, **options: Any
+                        ) -> SamplingConfig:
+        """The model's ``sampling`` config with ``sampler``, ``steps`` and ``options`` applied.
 
-        ``options`` may hold the thresholds (``mask_th``, ``count_th``, ``overlap_th``) and the
-        sampling fields ``timestep_spacing``, ``sigma_schedule``, ``eta``, ``self_condition``; ``None`` values
-        are ignored.
+        ``options`` are :class:`~ldmseg.config.SamplingConfig` fields (``mask_th``, ``count_th``,
+        ``overlap_th``, ``timestep_spacing``, ``sigma_schedule``, ``eta``, ``self_condition``, ...);
+        ``None`` values are ignored. An unknown name is a ``TypeError``, a value of the wrong type
+        a :class:`~ldmseg.config.ConfigError`.
         """
-        unknown = sorted(set(options) - set(THRESHOLDS) - set(SAMPLING_OPTIONS))
+        unknown = sorted(set(options) - set(sampling_fields()))
         if unknown:
-            raise TypeError(f"unknown option {unknown[0]!r}; options are sampler, steps, seed, "
-                            f"{', '.join(THRESHOLDS + SAMPLING_OPTIONS)}")
-        changes = {k: v for k, v in {"sampler": sampler, "steps": steps, **options}.items()
-                   if v is not None and k not in THRESHOLDS}
-        sampling = dataclasses.replace(self.cfg.sampling, **changes)
-        thresholds = {k: float(options[k]) if options.get(k) is not None else float(getattr(sampling, k))
-                      for k in THRESHOLDS}
-        return sampling, thresholds
+            raise TypeError(f"unknown option {unknown[0]!r}; options are sampler, steps, seed, batch_size, "
+                            f"num_samples and the sampling config's fields: {', '.join(sampling_fields())}")
+        return with_sampling(self.cfg, {"sampler": sampler, "steps": steps, **options}).sampling
 
     def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, ResizeInfo]:
         image = np.asarray(image)
@@ -251,15 +244,15 @@ class Segmenter:
         """Segment (H, W, 3) uint8 RGB images of any sizes; one :class:`SegmentResult` per image.
 
         ``sampler`` / ``steps`` default to the model's ``sampling`` config; ``options`` override
-        its thresholds (``mask_th``, ``count_th``, ``overlap_th``) and ``timestep_spacing``,
-        ``eta``, ``self_condition``; ``batch_size`` (default ``sampling.batch_size``) bounds the
-        samples drawn at once.
+        its other fields (thresholds ``mask_th``, ``count_th``, ``overlap_th``, ``timestep_spacing``,
+        ``eta``, ``self_condition``, ...; :meth:`sampling_config`); ``batch_size`` (default
+        ``sampling.batch_size``) bounds the samples drawn at once.
         """
         if isinstance(images, np.ndarray):
             raise TypeError("images must be a list of (H, W, 3) uint8 arrays; wrap a single image: [image]")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        sampling, th = self._options(sampler, steps, options)
+        sampling = self.sampling_config(sampler, steps, **options)
         seeds = [int(seed)] * len(images) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
         if len(seeds) != len(images):
             raise ValueError(f"pass one seed or one seed per image: got {len(seeds)} seeds for {len(images)} images")
@@ -271,7 +264,7 @@ class Segmenter:
             part = jobs[start:start + chunk]
             x0 = self._sample([prepared[i][0] for i, _ in part], [seeds[i] + k for i, k in part], sampling)
             for (i, k), z in zip(part, x0):
-                maps[i, k] = postprocess(self._logits(z, prepared[i][2]), **th)
+                maps[i, k] = postprocess(self._logits(z, prepared[i][2]), **sampling.thresholds)
         results = []
         for i in range(len(images)):
             if num_samples == 1:
@@ -330,7 +323,7 @@ class Segmenter:
         if known_slots not in KNOWN_SLOTS:
             raise ValueError(f"known_slots must be one of {KNOWN_SLOTS}, got {known_slots!r}")
         known_ids = np.where(known_px, partial, 0)
-        sampling, th = self._options(sampler, steps, options)
+        sampling = self.sampling_config(sampler, steps, **options)
         res, mode = self.cfg.data.resolution, self.cfg.data.resize_mode
         f = self.mask_ae.downsample_factor
 
@@ -359,7 +352,7 @@ class Segmenter:
         known_mask = -F.max_pool2d(-known_cells, kernel_size=f, stride=f) > 0.5  # min-pool: all pixels known
 
         x0 = self._sample([image_r], [int(seed)], sampling, known_latent, known_mask)
-        pred, segments = postprocess(self._logits(x0[0], info), **th)
+        pred, segments = postprocess(self._logits(x0[0], info), **sampling.thresholds)
 
         next_id = int(known_ids.max(initial=0)) + 1
         lut = np.zeros(len(segments) + 1, dtype=np.int64)

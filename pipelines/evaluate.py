@@ -8,20 +8,30 @@ truth, and the output says so. Predictions (COCO panoptic PNGs + JSON) and per-i
 statistics are written to ``--output``; PQ/SQ/RQ (class-agnostic, and class-aware when the
 ground truth has categories) go to stdout and MLflow. Progress goes to stderr.
 
+Sampling: the model's own ``sampling`` config, with a named sampling config applied on top
+(``--sampling NAME``, e.g. one saved by ``ldmseg tune sampling --save-best NAME``; or
+``--sampling FILE.yaml``; :mod:`ldmseg.sampling_presets`), and the flags ``--sampler``,
+``--steps`` and the thresholds on top of that. The output records the sampling config used
+(``sampling``) and the named config (``sampling_preset``).
+
 Example::
 
     ldmseg evaluate --model runs/quickstart/models/ldm --data runs/quickstart/scenes/eval \\
         --sampler dpmsolver++ --steps 10
+    ldmseg evaluate --model runs/bench/models/ldm --data runs/bench/scenes/test --sampling best
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from ldmseg.logs import get_logger
+
+log = get_logger("evaluate")
 
 
 def resolve_model(uri: str, workdir: Path, tracking_uri: str | None = None) -> str:
@@ -36,32 +46,46 @@ def resolve_model(uri: str, workdir: Path, tracking_uri: str | None = None) -> s
     return uri
 
 
-def evaluate(model: str, data: str, output: str, *, sampler: str | None, steps: int | None, seed: int,
-             batch_size: int | None = None, max_images: int | None = None, thresholds: dict | None = None,
-             tracking_uri: str | None = None, log_mlflow: bool = True, split: str | None = None) -> dict[str, Any]:
+def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, steps: int | None = None,
+             seed: int = 0, batch_size: int | None = None, max_images: int | None = None,
+             thresholds: Mapping[str, float] | None = None, sampling: Mapping[str, Any] | None = None,
+             sampling_preset: str | None = None, tracking_uri: str | None = None, log_mlflow: bool = True,
+             split: str | None = None) -> dict[str, Any]:
+    """Segment ``data`` with ``model`` into ``output`` and score it; → the result (also ``metrics.json``).
+
+    ``sampling`` (SamplingConfig fields, e.g. a named sampling config's) is applied to the model's
+    sampling config, then ``sampler``, ``steps`` and ``thresholds``; ``sampling_preset`` only
+    names where ``sampling`` came from, for the record.
+    """
+    from ldmseg.config import to_dict
     from ldmseg.evaluation import predict_dataset, resolve_ground_truth
     from ldmseg.metrics.pq import evaluate_folders
     from ldmseg.segmenter import Segmenter
 
+    options = {**(sampling or {}), **(thresholds or {})}
+    options.update({k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None})
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ldmseg-eval-", dir=out) as tmp:
         work = Path(tmp)
         model_dir = resolve_model(model, work, tracking_uri)
         gt = resolve_ground_truth(data, work, split)
-        print(f"[evaluate] scoring {gt.description}", file=sys.stderr, flush=True)
+        log.info(f"scoring {gt.description}")
         dataset = gt.load()
         if max_images:
             dataset.records = dataset.records[:max_images]
         segmenter = Segmenter.from_pretrained(model_dir)
-        stats = predict_dataset(segmenter, dataset, out / "predictions", sampler=sampler, steps=steps, seed=seed,
-                                batch_size=batch_size or segmenter.cfg.sampling.batch_size, **(thresholds or {}))
+        batch_size = batch_size or options.pop("batch_size", None) or segmenter.cfg.sampling.batch_size
+        options.pop("seed", None)  # the ``seed`` argument decides
+        used = segmenter.sampling_config(**options, seed=seed, batch_size=batch_size)
+        stats = predict_dataset(segmenter, dataset, out / "predictions", seed=seed, batch_size=batch_size,
+                                **options)
         agnostic = evaluate_folders(pred=str(out / "predictions"), class_agnostic=True, missing="void",
                                     image_ids=[r.image_id for r in dataset.records], **gt.pq_args())
     result: dict[str, Any] = {
         "model": model, "data": data, "scored": gt.description,
-        "sampler": sampler or segmenter.cfg.sampling.sampler,
-        "steps": steps or segmenter.cfg.sampling.steps, "seed": seed,
+        "sampler": used.sampler, "steps": used.steps, "seed": seed,
+        "sampling": to_dict(used), "sampling_preset": sampling_preset,
         "pq": agnostic["All"]["pq"], "sq": agnostic["All"]["sq"], "rq": agnostic["All"]["rq"],
         "class_agnostic": agnostic, "n_images": agnostic["n_images"],
         "seconds_per_image": stats["seconds_per_image"], "skipped": stats["skipped"],
@@ -74,8 +98,8 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None, steps: 
         uri = resolve_tracking_uri(tracking_uri, out)
         t = Tracker(uri, artifact_root=local_artifact_root(uri, out))
         if t.start("ldmseg-evaluate", f"evaluate-{Path(out).name}",
-                   params={"model": model, "data": data, "sampler": result["sampler"], "steps": result["steps"],
-                           "seed": seed, "split": split or "", **(thresholds or {})}):
+                   params={"model": model, "data": data, "split": split or "",
+                           "sampling_preset": sampling_preset or "", **to_dict(used)}):
             t.set_tags({"ldmseg.scored": gt.description[:5000]})
             t.log_metrics({k: result[k] for k in ("pq", "sq", "rq", "seconds_per_image")}, step=0)
             t.log_artifact(out / "metrics.json")
@@ -90,9 +114,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with shards: the split to score (default val; train only when asked: a figure of "
                              "fit, not a held-out result). Scored against the shards' source COCO data")
     parser.add_argument("--output", default="runs/evaluate", help="predictions and metrics.json (default: %(default)s)")
+    parser.add_argument("--sampling", default=None, metavar="NAME|FILE",
+                        help="a named sampling config ($LDMSEG_HOME/sampling/NAME.yaml, LDMSEG_HOME defaulting to "
+                             "~/.config/ldmseg; e.g. saved by 'ldmseg tune sampling --save-best NAME') or a YAML "
+                             "file, applied to the model's sampling config (the flags below go on top)")
     parser.add_argument("--sampler", default=None, help="sampler name (default: the model's config)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's config)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="sampling seed (default: the --sampling config's, else 0)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--mask-th", type=float, default=None)
@@ -102,23 +131,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
 
-def check_inputs(args: argparse.Namespace) -> None:
-    """The inputs of ``ldmseg evaluate``, checked before the model loads."""
+def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The inputs of ``ldmseg evaluate``, checked before the model loads → the ``--sampling`` options."""
     from ldmseg import inputs
+    from ldmseg.config import SamplingConfig
+    from ldmseg.sampling_presets import load_preset
 
     inputs.sampling_flags(args.sampler, args.steps, mask_th=args.mask_th, count_th=args.count_th,
                           overlap_th=args.overlap_th)
+    sampling = load_preset(args.sampling) if args.sampling else {}
+    where = f"--sampling {args.sampling}:"
+    if "sampler" in sampling:
+        inputs.sampler(sampling["sampler"], f"{where} sampler")
+    if "steps" in sampling:
+        inputs.steps(sampling["steps"], f"{where} steps")
+    for key in set(SamplingConfig.THRESHOLDS) & set(sampling):
+        inputs.threshold(sampling[key], f"{where} {key}")
     inputs.model("--model", args.model)
     inputs.dataset("--data", args.data)
     inputs.output_folder("--output", args.output)
+    return sampling
 
 
 def run(args: argparse.Namespace) -> int:
-    check_inputs(args)
+    sampling = check_inputs(args)
+    seed = args.seed if args.seed is not None else sampling.get("seed", 0)
     thresholds = {k: v for k, v in (("mask_th", args.mask_th), ("count_th", args.count_th),
                                     ("overlap_th", args.overlap_th)) if v is not None}
-    res = evaluate(args.model, args.data, args.output, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                   batch_size=args.batch_size, max_images=args.max_images, thresholds=thresholds,
-                   tracking_uri=args.tracking_uri, log_mlflow=not args.no_mlflow, split=args.split)
+    res = evaluate(args.model, args.data, args.output, sampler=args.sampler, steps=args.steps, seed=seed,
+                   batch_size=args.batch_size, max_images=args.max_images, thresholds=thresholds, sampling=sampling,
+                   sampling_preset=args.sampling, tracking_uri=args.tracking_uri, log_mlflow=not args.no_mlflow,
+                   split=args.split)
     print(json.dumps(res))
     return 0

@@ -12,17 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 from ldmseg.config import ConfigError
+from ldmseg.logs import get_logger
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "quickstart.yaml"
-
-
-def _say(msg: str) -> None:
-    print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
+log = get_logger("quickstart")
 
 
 def write_overlays(gt_dir: Path, pred_dir: Path, out: Path, count: int = 8) -> None:
@@ -81,7 +78,7 @@ def run_quickstart(workdir: Path, config: str | None, overrides: list[str], *, n
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, workdir)
 
     t = time.time()
-    _say("starting Ray" + (f" at {address}" if address else " (local)"))
+    log.info("starting Ray" + (f" at {address}" if address else " (local)"))
     ray_compat.init_ray(address, temp_dir=os.environ.get("RAY_TMPDIR"))
     timings["ray_start"] = time.time() - t
 
@@ -90,25 +87,25 @@ def run_quickstart(workdir: Path, config: str | None, overrides: list[str], *, n
     train_synth = role_synth_config(cfg.synth, "train")
     test_synth = role_synth_config(cfg.synth, "test", num_test)
     for synth, out in ((train_synth, train_scenes), (test_synth, test_scenes)):
-        _say(synth_command(synth, str(out)))
-        _say(write_scenes_from_config(out, synth).line())
+        log.info(synth_command(synth, str(out)))
+        log.info(write_scenes_from_config(out, synth).line())
     timings["synth"] = time.time() - t
 
     t = time.time()
-    _say(f"preprocessing the training scenes with Ray Data ({cfg.preprocess.val_fraction:.1%} held out as 'val')")
+    log.info(f"preprocessing the training scenes with Ray Data ({cfg.preprocess.val_fraction:.1%} held out as 'val')")
     run_preprocess(cfg, output=str(workdir / "shards"), source=str(train_scenes))
     timings["preprocess"] = time.time() - t
 
-    _say(f"training the mask autoencoder ({_budget(cfg.train_ae)})")
+    log.info(f"training the mask autoencoder ({_budget(cfg.train_ae)})")
     ae = run_train("ae", cfg, data=str(workdir / "shards"), run_dir=workdir, tracking_uri=uri)
     timings["train_ae"] = ae.seconds
-    _say(f"training the latent diffusion model ({_budget(cfg.train_ldm)})")
+    log.info(f"training the latent diffusion model ({_budget(cfg.train_ldm)})")
     ldm = run_train("ldm", cfg, data=str(workdir / "shards"), run_dir=workdir, ae_model=ae.model_dir,
                     tracking_uri=uri)
     timings["train_ldm"] = ldm.seconds
 
     t = time.time()
-    _say(f"segmenting {num_test} test scenes ({cfg.sampling.sampler}, {cfg.sampling.steps} steps)")
+    log.info(f"segmenting {num_test} test scenes ({cfg.sampling.sampler}, {cfg.sampling.steps} steps)")
     segmenter = Segmenter.from_pretrained(ldm.model_dir)
     pred_dir = workdir / "predictions"
     stats = predict_dataset(segmenter, coco.load_coco_panoptic(str(test_scenes)), pred_dir,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from ldmseg.config import redact_uri
+from ldmseg.logs import get_logger
+
+log = get_logger("mlflow")
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -62,7 +64,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """One MLflow run, addressed by id so that a Ray worker can log into the driver's run.
 
-    Every call is guarded: the first failure prints one warning, later calls are skipped.
+    Every call is guarded: the first failure logs one warning, later calls are skipped.
     """
 
     def __init__(self, tracking_uri: str, run_id: str | None = None, *, artifact_root: str | None = None):
@@ -80,9 +82,8 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as exc:  # unreachable server, bad URI, ...: warn once, go on
             self.disabled = True
-            print(f"[mlflow] tracking at {redact_uri(self.tracking_uri)} failed during {what} ({type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0][:200]}); training goes on without tracking",
-                  file=sys.stderr, flush=True)
+            log.warning(f"tracking at {redact_uri(self.tracking_uri)} failed during {what} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}); training goes on without tracking")
             return None
 
     @property

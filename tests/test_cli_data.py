@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers_coco import entry, image_bytes, image_for, band_id_map, truncated, write_coco_folder
 
-from ldmseg.cli import main
+from pipelines.cli import main
 from ldmseg.commands import validate as validate_command
 from ldmseg.data.synthetic import write_scenes
 

@@ -14,7 +14,7 @@ from helpers_coco import entry, write_coco_folder
 
 from conftest import REPO
 from ldmseg import inputs
-from ldmseg.cli import bad_input_message, main
+from pipelines.cli import bad_input_message, main
 
 GARBAGE = b"\x00\xffnot a safetensors file" * 8
 TINY_MODEL = [
@@ -377,7 +377,7 @@ def test_console_script_one_line_and_debug(tmp_path):
     """The real entry point: one line and exit 2; ``ldmseg --debug COMMAND`` shows the traceback."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     missing = str(tmp_path / "typo")
-    cmd = [sys.executable, "-m", "ldmseg.cli"]
+    cmd = [sys.executable, "-m", "pipelines.cli"]
     plain = subprocess.run([*cmd, "evaluate", "--model", missing, "--data", missing], env=env, capture_output=True,
                            text=True, timeout=300)
     assert plain.returncode == 2

@@ -68,3 +68,56 @@ def test_hash_is_stable_and_sensitive():
     assert config_hash(a) == config_hash(b) != config_hash(c)
     assert config_hash(a, ["data"]) == config_hash(c, ["data"])
     assert to_dict(a)["mask_ae"]["widths"] == [16, 32, 64]
+
+
+def test_sampling_options_are_the_sampling_config_fields():
+    from ldmseg.config import Config, SamplingConfig, sampling_fields, with_sampling
+
+    cfg = with_sampling(Config(), {"steps": 7, "mask_th": 1, "sampler": None})
+    assert (cfg.sampling.steps, cfg.sampling.mask_th, cfg.sampling.sampler) == (7, 1.0, "ddim")
+    assert cfg.sampling.thresholds == {"mask_th": 1.0, "count_th": 0.002, "overlap_th": 0.5}
+    assert set(SamplingConfig.THRESHOLDS) < set(sampling_fields()) and "THRESHOLDS" not in sampling_fields()
+    with pytest.raises(ConfigError, match="unknown config key sampling.mask_threshold; valid keys here: batch_size"):
+        with_sampling(cfg, {"mask_threshold": 0.3})
+    with pytest.raises(ConfigError, match="sampling.steps: expected an integer"):
+        with_sampling(cfg, {"steps": "ten"})
+
+
+def test_named_sampling_configs_live_in_the_user_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from ldmseg import sampling_presets as presets
+
+    monkeypatch.delenv("LDMSEG_HOME", raising=False)
+    assert presets.presets_folder() == Path("~/.config/ldmseg/sampling").expanduser()
+    monkeypatch.setenv("LDMSEG_HOME", str(tmp_path / "home"))
+    assert presets.saved_presets() == []
+    with pytest.raises(ConfigError, match=r"no sampling config named 'best' in .*home/sampling \(none saved yet"):
+        presets.load_preset("best")
+    path = presets.save_preset("best", {"sampler": "euler", "steps": 10, "mask_th": 1}, note="from sweep s1")
+    assert path == tmp_path / "home" / "sampling" / "best.yaml"
+    assert path.read_text() == "# from sweep s1\nsampling:\n  sampler: euler\n  steps: 10\n  mask_th: 1.0\n"
+    assert presets.load_preset("best") == {"sampler": "euler", "steps": 10, "mask_th": 1.0}
+    assert presets.load_preset(str(path)) == presets.load_preset("best")  # a path works too
+    (tmp_path / "flat.yaml").write_text("steps: 3\n")  # the fields at the top level
+    assert presets.load_preset(str(tmp_path / "flat.yaml")) == {"steps": 3}
+    presets.save_preset("other", {"steps": 2})
+    with pytest.raises(ConfigError, match=r"saved: best, other"):
+        presets.load_preset("nope")
+    with pytest.raises(ConfigError, match="unknown config key sampling.stepz.*holds the fields sampler, steps"):
+        presets.save_preset("bad", {"stepz": 2})
+    with pytest.raises(ConfigError, match="use letters, digits"):
+        presets.save_preset("a b", {"steps": 2})
+    with pytest.raises(ConfigError, match="no such file"):
+        presets.load_preset(str(tmp_path / "missing.yaml"))
+
+
+def test_numpy_numbers_are_accepted_as_config_values():
+    import numpy as np
+
+    from ldmseg.config import Config, with_sampling
+
+    sampling = with_sampling(Config(), {"steps": np.int64(7), "eta": np.float32(0.5)}).sampling
+    assert (sampling.steps, sampling.eta) == (7, 0.5) and type(sampling.steps) is int and type(sampling.eta) is float
+    with pytest.raises(ConfigError, match="expected an integer"):
+        with_sampling(Config(), {"steps": np.float64(7.0)})

@@ -72,7 +72,7 @@ def gt_segments(folder: str, per_image: bool = False) -> list:
 def test_evaluate_writes_predictions_metrics_and_mlflow(tiny_model, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from ldmseg.cli import main
+    from pipelines.cli import main
     from ldmseg.metrics.pq import evaluate_folders
 
     model, scenes, _ = tiny_model
@@ -92,6 +92,28 @@ def test_evaluate_writes_predictions_metrics_and_mlflow(tiny_model, tmp_path, ca
     exp = client.get_experiment_by_name("ldmseg-evaluate")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 and runs[0].data.metrics["pq"] == pytest.approx(out["pq"])
+
+
+def test_evaluate_uses_a_named_sampling_config_under_its_flags(tiny_model, tmp_path, capsys, monkeypatch):
+    from ldmseg.sampling_presets import save_preset
+    from pipelines.cli import main
+
+    monkeypatch.setenv("LDMSEG_HOME", str(tmp_path / "home"))
+    model, scenes, cfg = tiny_model
+    save_preset("fast", {"sampler": "euler", "steps": 1, "mask_th": 0.4})
+    common = ["evaluate", "--model", model, "--data", scenes, "--max-images", "2", "--no-mlflow"]
+    assert main([*common, "--sampling", "fast", "--output", str(tmp_path / "a")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    used = (out["sampler"], out["steps"], out["sampling"]["mask_th"], out["sampling_preset"])
+    assert used == ("euler", 1, 0.4, "fast")
+    assert out["sampling"]["count_th"] == cfg.sampling.count_th  # the model's own config for the rest
+    assert main([*common, "--sampling", "fast", "--steps", "2", "--output", str(tmp_path / "b")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["sampler"], out["steps"]) == ("euler", 2)  # the flags go on top
+    assert main([*common, "--sampling", "nope", "--output", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ldmseg evaluate: no sampling config named 'nope'")
+    assert str(tmp_path / "home" / "sampling") in err and "saved: fast" in err
 
 
 def test_evaluate_on_parquet_shards_scores_a_held_out_split_against_the_source(tiny_model, tmp_path, ray_session):
@@ -141,21 +163,25 @@ def test_evaluate_on_parquet_shards_scores_a_held_out_split_against_the_source(t
     assert res["n_images"] == len(val_ids) and "CLEANED ground truth at the training resolution" in res["scored"]
 
 
-def test_sampling_sweep_records_trials_summary_and_survives_a_failing_trial(tiny_model, tmp_path, ray_session):
+def test_sampling_sweep_records_trials_summary_and_survives_a_failing_trial(tiny_model, tmp_path, ray_session,
+                                                                            monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tune import load_sampling_config, run_sampling_sweep
+    from ldmseg.sampling_presets import load_preset
+    from pipelines.sweeps.sampling import run_sampling_sweep
 
+    monkeypatch.setenv("LDMSEG_HOME", str(tmp_path / "home"))
     model, scenes, _ = tiny_model
-    best_path = tmp_path / "best.yaml"
     # steps=0 is invalid: those two trials raise, the other four must still run
     res = run_sampling_sweep(model, scenes, str(tmp_path / "sweep"), samplers=["ddim", "euler"], steps=[0, 1, 2],
-                             max_concurrent=2, name="sweep-test", save_best=str(best_path))
+                             max_concurrent=2, name="sweep-test", save_best="best")
     assert len(res["trials"]) == 4 and len(res["failed"]) == 2
     assert {t["steps"] for t in res["trials"]} == {1, 2} and {f["steps"] for f in res["failed"]} == {0}
     assert (tmp_path / "sweep" / "pareto.png").stat().st_size > 1000
-    best = load_sampling_config(str(best_path))
-    assert best["sampler"] == res["best"]["sampler"] and best["steps"] == res["best"]["steps"]
+    best_path = tmp_path / "home" / "sampling" / "best.yaml"
+    assert res["saved"] == str(best_path)
+    best = load_preset("best")
+    assert best == {"sampler": res["best"]["sampler"], "steps": res["best"]["steps"]}
     assert res["best"]["pq"] == max(t["pq"] for t in res["trials"])
 
     client = MlflowClient(f"sqlite:///{(tmp_path / 'sweep').resolve() / 'mlflow.db'}")
@@ -173,7 +199,7 @@ def test_sampling_sweep_records_trials_summary_and_survives_a_failing_trial(tiny
 def test_inpainting_sweep_writes_table_plot_and_runs(tiny_model, tmp_path, ray_session):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tune_inpainting import run_inpainting_sweep
+    from pipelines.sweeps.inpainting import run_inpainting_sweep
 
     model, scenes, _ = tiny_model
     res = run_inpainting_sweep(model, scenes, str(tmp_path / "inp"), kinds=["sparse", "global"], fractions=[0.0, 0.5],
@@ -196,7 +222,7 @@ def test_schedule_sweep_under_asha_reports_validation_pq(tiny_model, tmp_path, r
     from mlflow.tracking import MlflowClient
 
     from pipelines.preprocess import run_preprocess
-    from pipelines.tune_schedules import SPACE, run_schedule_sweep
+    from pipelines.sweeps.schedules import SPACE, run_schedule_sweep
 
     model, scenes, cfg = tiny_model
     run_preprocess(cfg, output=str(tmp_path / "shards"), source=scenes)

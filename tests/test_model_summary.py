@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ldmseg.cli import main
+from pipelines.cli import main
 from ldmseg.config import load_config
 from ldmseg.models.denoiser import build_denoiser
 from ldmseg.models.image_encoder import ImageEncoder

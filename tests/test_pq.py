@@ -479,17 +479,17 @@ def test_cli(tmp_path):
     env_python = sys.executable
     images = sample_images()
     pred = write_folder(tmp_path / "pred", images[1:])
-    out = subprocess.run([env_python, "-m", "ldmseg.cli", "pq", "--gt", str(SAMPLE), "--pred", str(SAMPLE),
+    out = subprocess.run([env_python, "-m", "pipelines.cli", "pq", "--gt", str(SAMPLE), "--pred", str(SAMPLE),
                           "--json", "--workers", "1"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["All"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "tp": 47, "fp": 0, "fn": 0, "n": 8}
     assert result["n_images"] == 2 and out.stderr == ""
 
-    out = subprocess.run([env_python, "-m", "ldmseg.cli", "pq", "--gt", str(SAMPLE), "--pred", str(pred),
+    out = subprocess.run([env_python, "-m", "pipelines.cli", "pq", "--gt", str(SAMPLE), "--pred", str(pred),
                           "--class-agnostic", "--workers", "1"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "142238" in out.stderr and "--missing void" in out.stderr
-    out = subprocess.run([env_python, "-m", "ldmseg.cli", "pq", "--gt", str(SAMPLE), "--pred-json",
+    out = subprocess.run([env_python, "-m", "pipelines.cli", "pq", "--gt", str(SAMPLE), "--pred-json",
                           str(pred / "panoptic.json"), "--pred-masks", str(pred / "panoptic"), "--missing", "void",
                           "--class-agnostic", "--workers", "1"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0
@@ -499,11 +499,11 @@ def test_cli(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "panoptic").mkdir()
     (tmp_path / "bad" / "panoptic.json").write_text("{not json")
-    out = subprocess.run([env_python, "-m", "ldmseg.cli", "pq", "--gt", str(SAMPLE), "--pred", str(tmp_path / "bad")],
+    out = subprocess.run([env_python, "-m", "pipelines.cli", "pq", "--gt", str(SAMPLE), "--pred", str(tmp_path / "bad")],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "panoptic.json is not readable JSON" in out.stderr
     shutil.rmtree(tmp_path / "pred" / "panoptic")
-    out = subprocess.run([env_python, "-m", "ldmseg.cli", "pq", "--gt", str(SAMPLE), "--pred", str(pred)],
+    out = subprocess.run([env_python, "-m", "pipelines.cli", "pq", "--gt", str(SAMPLE), "--pred", str(pred)],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "mask folder" in out.stderr
 

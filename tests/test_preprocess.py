@@ -266,7 +266,7 @@ def test_shard_dataset_equals_row_by_row_reference(tmp_path, coco_val_examples):
 
 
 def test_bad_inputs_are_quarantined_with_reasons(ray_session, tmp_path, capsys):
-    from ldmseg.cli import main
+    from pipelines.cli import main
 
     good_jpeg = image_bytes(np.full((12, 16, 3), 90, np.uint8))
     entries = [
@@ -370,7 +370,7 @@ def test_killed_run_resumes_without_redoing_chunks(ray_session, tmp_path):
     write_scenes(tmp_path / "s", num_images=40, size=64, seed=4)
     out = tmp_path / "o"
     address = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "ldmseg.cli", "preprocess", "--source", str(tmp_path / "s"), "--output", str(out),
+    cmd = [sys.executable, "-m", "pipelines.cli", "preprocess", "--source", str(tmp_path / "s"), "--output", str(out),
            "--config", str(REPO / "conf/tiny.yaml"), "--address", address,
            "preprocess.rows_per_file=4", "preprocess.chunk_rows=8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,

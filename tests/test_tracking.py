@@ -19,7 +19,9 @@ def test_unreachable_server_warns_once_and_goes_on(capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     from conftest import free_port
+    from ldmseg.logs import setup_logging
 
+    setup_logging()  # as every command and Ray worker does
     t = Tracker(f"http://127.0.0.1:{free_port()}")
     assert t.start("exp", "run", params={"a": 1}) is None
     t.log_metrics({"loss": 1.0}, step=1)

@@ -258,7 +258,7 @@ def test_killed_run_resumes_from_its_checkpoint(shards, ray_session, tmp_path):
     overrides = ["train_ae.iterations=400", "train_ae.report_every=5", "train_ae.checkpoint_every=5"]
     cfg = cfg_with(*overrides)
     address = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "ldmseg.cli", "train", "ae", "--data", shards, "--config", str(REPO / "conf/tiny.yaml"),
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "ae", "--data", shards, "--config", str(REPO / "conf/tiny.yaml"),
            "--run-dir", str(tmp_path), "--address", address, *TINY, *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
@@ -358,7 +358,7 @@ def test_quickstart_end_to_end_with_a_tiny_budget(ray_session, tmp_path, capsys)
 
     import pyarrow.parquet as pq
 
-    from ldmseg.cli import main
+    from pipelines.cli import main
     from ldmseg.data.roles import TEST_SEED_OFFSET
     from ldmseg.metrics.pq import evaluate_folders
 

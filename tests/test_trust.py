@@ -124,7 +124,7 @@ def test_predictions_of_inputs_sharing_a_file_name_never_overwrite_each_other(tm
 
 def test_inpainting_headline_is_the_gain_on_the_unknown_segments():
     """The sweep reports each row's PQ on the mostly-unknown segments against its kind at 0 % known."""
-    from pipelines.tune_inpainting import add_unknown_gains
+    from pipelines.sweeps.inpainting import add_unknown_gains
 
     rows = [{"kind": "global", "fraction": 0.0, "pq": 0.40, "pq_unknown": 0.40},
             {"kind": "global", "fraction": 0.5, "pq": 0.70, "pq_unknown": 0.45},

@@ -2,7 +2,9 @@
 
 Commands are registered by module path and imported only when run, so ``ldmseg --help`` is fast
 and commands of the method layer never import Ray. Each command module defines
-``add_arguments(parser)`` and ``run(args) -> int``.
+``add_arguments(parser)`` and ``run(args) -> int``. This module sits at the top of the pipeline
+layer: it imports the method layer (``ldmseg``) and the pipelines by name, and nothing imports it.
+Progress records are printed on stderr (:func:`ldmseg.logs.setup_logging`).
 
 One error boundary around ``run``: an error caused by the call's inputs (a bad config key or
 override, a missing folder, a damaged model folder, missing S3 credentials; see
@@ -27,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("pipelines.preprocess", "Ray Data: COCO panoptic (local or s3://) -> Parquet shards"),
     "train": ("pipelines.train", "Ray Train: train the mask autoencoder (ae) or the diffusion model (ldm)"),
     "evaluate": ("pipelines.evaluate", "segment a dataset with a trained model and report PQ"),
-    "tune": ("pipelines.tune", "Ray Tune: search samplers/steps/thresholds or training schedules"),
+    "tune": ("pipelines.tune", "Ray Tune sweeps: sampling options, training schedules, inpainting"),
     "quickstart": ("pipelines.quickstart", "the whole pipeline on synthetic scenes with a local Ray"),
 }
 
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ldmseg: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module_name, help_ = COMMANDS[name]
+    from ldmseg.logs import setup_logging
+
+    setup_logging()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ldmseg.config import redact_uri
-from pipelines.tune import (_say, collect_results, log_summary, make_tuner, markdown_table, prepare_model_sweep,
-                            save_pq_plot, scored_trial)
+from pipelines.sweeps.kit import (cached_segmenter, collect_results, log, log_summary, make_tuner, markdown_table,
+                                  prepare_model_sweep, save_pq_plot, scored_trial)
 
 KINDS = ("sparse", "global")
 KNOWN_SLOTS = ("given", "predicted")  # Segmenter.inpaint(known_slots=...); not imported here to keep --help light
@@ -32,13 +32,12 @@ def inpainting_trial(config: dict[str, Any]) -> None:
     """One Tune trial: inpaint the held-out set at one (kind, fraction) and log an MLflow run."""
     from ldmseg.evaluation import GroundTruth
     from ldmseg.inpainting_eval import inpainting_scores
-    from pipelines.tune import _segmenter
 
     params = {"kind": config["kind"], "fraction": config["fraction"], "sampler": config.get("sampler"),
               "steps": config.get("steps"), "known_slots": config.get("known_slots", "given")}
     options = {k: config[k] for k in ("sampler", "steps", "known_slots") if config.get(k) is not None}
     scored_trial(config, "inpainting-trial", params,
-                 lambda: inpainting_scores(_segmenter(config["model_dir"]), GroundTruth(**config["gt"]).load(),
+                 lambda: inpainting_scores(cached_segmenter(config["model_dir"]), GroundTruth(**config["gt"]).load(),
                                            config["kind"], config["fraction"], seed=config.get("seed", 0),
                                            max_images=config.get("max_images"), **options))
 
@@ -90,7 +89,8 @@ def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str]
     space.update(sampler=sampler, steps=steps, known_slots=known_slots, kind=tune.grid_search(kinds),
                  fraction=tune.grid_search(fractions))
     tuner = make_tuner(inpainting_trial, space, out, sweep_id, metric="pq_unknown", max_concurrent=max_concurrent)
-    _say(f"sweep {sweep_id}: inpainting with {kinds} masks at known fractions {fractions}; MLflow {redact_uri(uri)}")
+    log.info(f"sweep {sweep_id}: inpainting with {kinds} masks at known fractions {fractions}; "
+             f"MLflow {redact_uri(uri)}")
     grid = tuner.fit()
 
     rows, failed = collect_results(grid, ("kind", "fraction"), METRICS, "pq_unknown")
@@ -104,13 +104,13 @@ def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str]
                 for m in ("pq", "pq_unknown", "gain_unknown") if r.get(m) is not None}
     for r in rows:
         if r.get("gain_unknown") is not None and r["fraction"] > 0:
-            _say(f"{r['kind']} {r['fraction']:.0%} known: PQ on the unknown segments {100 * r['pq_unknown']:.1f} "
-                 f"({100 * r['gain_unknown']:+.1f} over 0 % known; whole image, pasted known pixels included: "
-                 f"{100 * r['pq']:.1f})")
+            log.info(f"{r['kind']} {r['fraction']:.0%} known: PQ on the unknown segments {100 * r['pq_unknown']:.1f} "
+                     f"({100 * r['gain_unknown']:+.1f} over 0 % known; whole image, pasted known pixels included: "
+                     f"{100 * r['pq']:.1f})")
     log_summary(uri, out, sweep_id, "inpainting-summary", {"model": model, "data": data, "sampler": sampler,
                                                             "steps": steps, "known_slots": known_slots}, headline,
                 ["table.md", "results.json", "inpainting.png"])
-    _say(f"{len(rows)} trials scored, {len(failed)} failed; table {out / 'table.md'}")
+    log.info(f"{len(rows)} trials scored, {len(failed)} failed; table {out / 'table.md'}")
     return {"sweep_id": sweep_id, "trials": rows, "failed": failed, "output": str(out)}
 
 
