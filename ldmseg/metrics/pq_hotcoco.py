@@ -3,7 +3,7 @@
 ``hotcoco`` (a Rust implementation of the COCO tools) decodes the PNGs and matches the segments with
 panopticapi's rules, the ones of :mod:`ldmseg.metrics.pq_match`, several times faster than NumPy
 behind PIL. The project keeps its own semantics in front of it: every ``segments_info`` is read
-with :func:`~ldmseg.metrics.pq_match.read_segments` first (ids, categories, crowd flags, class-agnostic
+with :func:`~ldmseg.metrics.pq_match.check_segments` first (ids, categories, crowd flags, class-agnostic
 relabelling, errors that say how to fix the input), and any image hotcoco refuses (a PNG id not in
 ``segments_info``, a size mismatch, an unreadable PNG) is left to the NumPy engine, whose
 :class:`~ldmseg.metrics.pq_io.PQInputError` names the problem.
@@ -17,20 +17,18 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence
 
 from ldmseg.metrics.pq_io import PanopticSet
-from ldmseg.metrics.pq_match import read_segments
+from ldmseg.metrics.pq_match import check_segments
 from ldmseg.metrics.pq_stat import CategoryStat, PQStat
 
 
-def _checked_segments(segments: Sequence[Mapping[str, Any]], role: str, where: str, class_agnostic: bool,
-                      categories: Optional[Mapping[int, Any]]) -> list[dict[str, int]]:
-    """``segments_info`` as plain COCO entries (int id, category, 0/1 crowd, area when given), checked."""
-    segs = read_segments(segments, role, where, class_agnostic, categories)
+def _coco_segments(segments: Sequence[Mapping[str, Any]], role: str, where: str, class_agnostic: bool,
+                   categories: Optional[Mapping[int, Any]]) -> list[dict[str, int]]:
+    """``segments_info`` checked and rewritten as plain COCO entries (int id, category, 0/1 crowd, area if given)."""
     out = []
-    for sid, cat, crowd, area in zip(segs.ids.tolist(), segs.category.tolist(), segs.crowd.tolist(),
-                                     segs.area.tolist()):
-        entry = {"id": sid, "category_id": cat, "iscrowd": int(crowd)}
-        if area >= 0:
-            entry["area"] = area
+    for sid, cat, crowd, area in check_segments(segments, role, where, class_agnostic, categories):
+        entry = {"id": sid, "category_id": cat, "iscrowd": int(crowd), "area": area}
+        if area < 0:
+            del entry["area"]
         out.append(entry)
     return out
 
@@ -51,10 +49,10 @@ def hotcoco_stat(gt: PanopticSet, pred: PanopticSet, image_ids: Sequence[int],
         g, p = gt.annotations[image_id], pred.annotations[image_id]
         where = f"image {image_id} ({pred.mask_path(image_id)})"
         gt_anns.append({"image_id": image_id, "file_name": g["file_name"],
-                        "segments_info": _checked_segments(g["segments_info"], "ground-truth", where, class_agnostic,
+                        "segments_info": _coco_segments(g["segments_info"], "ground-truth", where, class_agnostic,
                                                            check)})
         pred_anns.append({"image_id": image_id, "file_name": p["file_name"],
-                          "segments_info": _checked_segments(p["segments_info"], "predicted", where, class_agnostic,
+                          "segments_info": _coco_segments(p["segments_info"], "predicted", where, class_agnostic,
                                                              check)})
     cats = [{"name": str(c), **info, "id": int(c)} for c, info in categories.items()]
     try:

@@ -56,19 +56,20 @@ class Segments:
     area: np.ndarray  # (K,) int64, the JSON area; -1 where the JSON has none
 
 
-def read_segments(segments: Sequence[Mapping[str, Any]], role: str, where: str, class_agnostic: bool,
-                  categories: Optional[Mapping[int, Any]]) -> Segments:
-    """Check one side's ``segments_info`` and read it as arrays.
+def check_segments(segments: Sequence[Mapping[str, Any]], role: str, where: str, class_agnostic: bool,
+                   categories: Optional[Mapping[int, Any]]) -> list[tuple[int, int, bool, int]]:
+    """Check one side's ``segments_info``: ``(id, category, crowd, area)`` per segment, in JSON order.
 
-    ``role`` ("ground-truth" / "predicted") and ``where`` (the image) name the side in errors;
-    ``categories``: allowed category ids (``None``: any; ignored when ``class_agnostic``, which
-    gives every segment :data:`AGNOSTIC_CATEGORY_ID`). Raises :class:`PQInputError` for an id
-    outside [1, 2²⁴), a missing or unknown category, a bad ``iscrowd`` or an id listed twice.
+    ``area`` is the JSON area, -1 where the JSON has none. ``role`` ("ground-truth" / "predicted")
+    and ``where`` (the image) name the side in errors; ``categories``: allowed category ids
+    (``None``: any; ignored when ``class_agnostic``, which gives every segment
+    :data:`AGNOSTIC_CATEGORY_ID`). Raises :class:`PQInputError` for an id outside [1, 2²⁴), a
+    missing or unknown category, a bad ``iscrowd`` or an id listed twice.
     """
-    ids, cats, crowd, area = [], [], [], []
-    for seg in segments:
-        sid = seg.get("id") if isinstance(seg, Mapping) else None
-        if not isinstance(sid, (int, np.integer)) or not 0 < int(sid) <= MAX_ID:
+    rows, seen = [], set()
+    for seg in segments:  # the checks cost ~2 µs a segment: plain JSON values take the first test
+        sid = seg.get("id") if isinstance(seg, (dict, Mapping)) else None
+        if not isinstance(sid, (int, np.integer)) or not 0 < sid <= MAX_ID:
             raise PQInputError(f"{where}: {role} segment {seg!r} needs an integer 'id' in [1, {MAX_ID}] "
                                "(0 is void); fix its segments_info")
         cat = seg.get("category_id")
@@ -77,24 +78,36 @@ def read_segments(segments: Sequence[Mapping[str, Any]], role: str, where: str, 
         elif not isinstance(cat, (int, np.integer)):
             raise PQInputError(f"{where}: {role} segment {sid} has no integer 'category_id'; add it, or "
                                "evaluate class-agnostic (class_agnostic=True, --class-agnostic)")
-        elif categories is not None and int(cat) not in categories:
+        elif categories is not None and cat not in categories:
             raise PQInputError(f"{where}: {role} segment {sid} has category_id {cat}, which is not among the "
                                "ground truth's categories; use the ground truth's category ids")
-        ids.append(int(sid))
-        cats.append(int(cat))
-        try:
-            crowd.append(is_crowd(seg))
-        except ValueError as exc:
-            raise PQInputError(f"{where}: {role} {exc}") from None
-        a = seg.get("area")
-        area.append(int(a) if isinstance(a, (int, float, np.integer, np.floating)) else -1)
-    out = Segments(np.asarray(ids, dtype=np.uint32), np.asarray(cats, dtype=np.int64),
-                    np.asarray(crowd, dtype=bool), np.asarray(area, dtype=np.int64))
-    if len(np.unique(out.ids)) != len(ids):
+        crowd = seg.get("iscrowd", 0)
+        if type(crowd) is not int or not 0 <= crowd <= 1:
+            try:
+                crowd = is_crowd(seg)
+            except ValueError as exc:
+                raise PQInputError(f"{where}: {role} {exc}") from None
+        area = seg.get("area")
+        if type(area) is not int:
+            area = int(area) if isinstance(area, (float, np.integer, np.floating)) else -1
+        sid = int(sid)
+        rows.append((sid, int(cat), crowd == 1, area))
+        seen.add(sid)
+    if len(seen) != len(rows):
+        ids = [r[0] for r in rows]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise PQInputError(f"{where}: {role} segments_info lists segment id(s) {dup} more than once; "
                            "give every segment its own id")
-    return out
+    return rows
+
+
+def read_segments(segments: Sequence[Mapping[str, Any]], role: str, where: str, class_agnostic: bool,
+                  categories: Optional[Mapping[int, Any]]) -> Segments:
+    """:func:`check_segments` (same arguments and errors) as arrays."""
+    rows = check_segments(segments, role, where, class_agnostic, categories)
+    ids, cats, crowd, area = zip(*rows) if rows else ((), (), (), ())
+    return Segments(np.asarray(ids, dtype=np.uint32), np.asarray(cats, dtype=np.int64),
+                    np.asarray(crowd, dtype=bool), np.asarray(area, dtype=np.int64))
 
 
 class _Workspace(threading.local):
