@@ -74,6 +74,7 @@ def _pair_tasks(gt: PanopticSet, pred: PanopticSet, missing: str, image_ids: Opt
             raise PQInputError(f"image id(s) {unknown[:8]} are not in the ground truth {gt.json_path}; "
                                "pass ids of its annotations")
     tasks = []
+    gt_dir, pred_dir = str(gt.masks_dir), str(pred.masks_dir)  # os.path.join: ~10x cheaper than Path per image
     for image_id in wanted:
         ann = gt.annotations[image_id]
         p = pred.annotations.get(image_id)
@@ -83,8 +84,8 @@ def _pair_tasks(gt: PanopticSet, pred: PanopticSet, missing: str, image_ids: Opt
                 f"{pred.json_path} has no annotation with image_id {image_id}. Predict every ground-truth image, "
                 "or score missing ones as all-void with missing='void' (ldmseg pq --missing void); "
                 "images are never skipped")
-        tasks.append(_Task(image_id, ann["file_name"], str(gt.mask_path(image_id)), list(ann["segments_info"]),
-                           None if p is None else str(pred.mask_path(image_id)),
+        tasks.append(_Task(image_id, ann["file_name"], os.path.join(gt_dir, ann["file_name"]),
+                           list(ann["segments_info"]), None if p is None else os.path.join(pred_dir, p["file_name"]),
                            [] if p is None else list(p["segments_info"])))
     return tasks
 
