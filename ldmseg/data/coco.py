@@ -19,8 +19,9 @@ Two kinds of problems are told apart:
   the PNG but not in ``segments_info`` or the reverse) are found when a record is read:
   :func:`read_sample` raises :class:`DataError`, :func:`validate_record` lists them all.
 
-Records and problems are plain dataclasses with ``to_dict`` so they fit Ray Data rows and a
-quarantine table.
+This module reads the JSON (:func:`load_coco_panoptic`); the records and samples are defined in
+:mod:`ldmseg.data.coco_records`, reading and checking one image in :mod:`ldmseg.data.coco_sample`;
+their public names are importable from here too.
 """
 
 from __future__ import annotations
