@@ -127,7 +127,8 @@ def test_validate_progress_goes_to_stderr(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(validate_command, "PROGRESS_EVERY", 2)
     assert main(["validate", str(tmp_path / "ds"), "--json"]) == 0
     captured = capsys.readouterr()
-    assert captured.err.splitlines() == ["validated 2/5 images (0 with problems)", "validated 4/5 images (0 with problems)"]
+    assert captured.err.splitlines() == ["[validate] validated 2/5 images (0 with problems)",
+                                         "[validate] validated 4/5 images (0 with problems)"]
     assert json.loads(captured.out)["summary"]["ok"] == 5
 
 

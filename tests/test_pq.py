@@ -19,8 +19,10 @@ import pytest
 from PIL import Image
 
 from ldmseg.data.ids import decode_panoptic_png, encode_panoptic_png, id_to_rgb
-from ldmseg.metrics.pq import CategoryStat, PQStat, _dense_index, evaluate_folders, match_segments, pq_image_stats
-from ldmseg.metrics.pq_io import PQInputError, read_id_map
+from ldmseg.metrics.pq import CategoryStat, PQStat, evaluate_folders, match_segments, pq_image_stats
+from ldmseg.metrics.pq_hotcoco import hotcoco_stat
+from ldmseg.metrics.pq_io import PQInputError, load_panoptic_set, read_id_map
+from ldmseg.metrics.pq_match import AGNOSTIC_CATEGORIES, dense_index
 
 from conftest import COCO_DATA, REPO
 
@@ -278,11 +280,11 @@ def test_dense_index_with_many_keys():
     ids = rng.choice(keys, 5000)
     ids[::7] = rng.integers(0, 2**24, len(ids[::7]))  # mostly not keys
     values = np.arange(1, len(keys) + 1, dtype=np.int32)
-    out = _dense_index(ids.astype(np.uint32), keys, values)
+    out = dense_index(ids.astype(np.uint32), keys, values)
     position = {k: i for i, k in enumerate(keys.tolist())}
     assert out.tolist() == [values[position[i]] if i in position else 0 for i in ids.tolist()]
     # the table is clean again: a second lookup with other keys sees none of the first ones
-    assert not _dense_index(ids.astype(np.uint32), np.array([5], np.uint32), np.array([9], np.int32))[ids != 5].any()
+    assert not dense_index(ids.astype(np.uint32), np.array([5], np.uint32), np.array([9], np.int32))[ids != 5].any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +487,9 @@ def test_cli(tmp_path):
     result = json.loads(out.stdout)
     assert result["All"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "tp": 47, "fp": 0, "fn": 0, "n": 8}
     assert result["n_images"] == 2 and out.stderr == ""
+    out = subprocess.run([env_python, "-m", "ldmseg.cli", "pq", "--gt", str(SAMPLE), "--pred", str(SAMPLE),
+                          "--json", "--engine", "numpy"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and json.loads(out.stdout) == result
 
     out = subprocess.run([env_python, "-m", "pipelines.cli", "pq", "--gt", str(SAMPLE), "--pred", str(pred),
                           "--class-agnostic", "--workers", "1"], capture_output=True, text=True, cwd=REPO)
@@ -655,3 +660,30 @@ def test_worker_pool_gives_the_same_numbers(tmp_path):
     two = evaluate_folders(tmp_path / "gt", tmp_path / "pred", workers=2, per_image=True)
     assert one == two and one["n_images"] == 12 and 0 < one["All"]["pq"] < 1
     assert [r["image_id"] for r in two["per_image"]] == list(range(12))
+
+
+def assert_same_result(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a["n_images"] == b["n_images"]
+    for name in ("All", "Things", "Stuff"):
+        assert a[name] == pytest.approx(b[name], rel=1e-12)
+
+
+def test_both_engines_give_the_same_numbers(tmp_path):
+    """hotcoco (the default folder engine) and the NumPy engine agree on maps that exercise every rule:
+    crowd regions, void, GT ids outside segments_info, listed GT segments absent from the PNG."""
+    rng = np.random.default_rng(5)
+    pairs = [random_pair(rng) for _ in range(40)]
+    categories = [{"id": c, "isthing": int(c <= 3)} for c in (1, 2, 3, 4, 5)]
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    write_folder(gt, [(i, g, gs) for i, (g, gs, _, _) in enumerate(pairs)], categories)
+    write_folder(pred, [(i, p, ps) for i, (_, _, p, ps) in enumerate(pairs)])
+    gt_set, pred_set = load_panoptic_set(gt), load_panoptic_set(pred)
+    for agnostic in (False, True):
+        cats = AGNOSTIC_CATEGORIES if agnostic else gt_set.categories
+        assert hotcoco_stat(gt_set, pred_set, list(range(40)), cats, agnostic) is not None  # no fallback here
+        fast = evaluate_folders(gt, pred, class_agnostic=agnostic, engine="hotcoco")
+        assert fast["All"]["tp"] > 100
+        assert_same_result(fast, evaluate_folders(gt, pred, class_agnostic=agnostic, engine="numpy", workers=1))
+        assert_same_result(evaluate_folders(gt, pred, class_agnostic=agnostic, image_ids=[3, 1, 4]),
+                           evaluate_folders(gt, pred, class_agnostic=agnostic, image_ids=[3, 1, 4], engine="numpy",
+                                            workers=1))

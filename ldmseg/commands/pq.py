@@ -10,7 +10,9 @@ fn and n (categories averaged). Without --json a readable table (in percent) als
 
 Class-aware by default; --class-agnostic gives every segment one category (LDMSeg's setting).
 A ground-truth image without a prediction is an error unless --missing void scores it as
-all-void. Exit status 2 when an input is missing or malformed.
+all-void. Exit status 2 when an input is missing or malformed. The PNGs are decoded and matched by
+hotcoco (Rust) behind the project's checks; --engine numpy uses the project's own NumPy matcher
+(same numbers).
 
 Example: ldmseg pq --gt data/val --pred runs/evaluate/predictions --class-agnostic
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -37,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(class_agnostic=False)
     parser.add_argument("--missing", choices=("error", "void"), default="error",
                         help="a ground-truth image without prediction: error (default) or score it as all-void")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: number of CPUs)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="threads of the hotcoco engine, processes of the numpy one (default: number of CPUs)")
+    parser.add_argument("--engine", choices=("hotcoco", "numpy"), default="hotcoco",
+                        help="hotcoco (default, fastest) or numpy; the numbers are the same")
     parser.add_argument("--per-image", action="store_true", help="add per-image results under 'per_image'")
     parser.add_argument("--json", action="store_true", help="only the JSON object (no table on stderr)")
 
@@ -61,10 +67,13 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         print("ldmseg pq: --workers must be at least 1", file=sys.stderr)
         return 2
+    if args.workers is not None:  # hotcoco's Rayon pool reads it when hotcoco first runs in this process
+        os.environ["RAYON_NUM_THREADS"] = str(args.workers)
     try:
         result = evaluate_folders(args.gt, args.pred, class_agnostic=args.class_agnostic, missing=args.missing,
                                   workers=args.workers, gt_json=args.gt_json, gt_masks=args.gt_masks,
-                                  pred_json=args.pred_json, pred_masks=args.pred_masks, per_image=args.per_image)
+                                  pred_json=args.pred_json, pred_masks=args.pred_masks, per_image=args.per_image,
+                                  engine=args.engine)
     except PQInputError as exc:
         print(f"ldmseg pq: {exc}", file=sys.stderr)
         return 2

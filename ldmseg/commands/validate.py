@@ -16,6 +16,8 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from ldmseg.logs import get_logger, setup_logging
+
 PROGRESS_EVERY = 500
 
 
@@ -44,7 +46,7 @@ def _check_images(coco, workers: int) -> list[dict]:
             done = len(results)
             if done % PROGRESS_EVERY == 0 and done < total:
                 bad = sum(r["status"] != "ok" for r in results)
-                print(f"validated {done}/{total} images ({bad} with problems)", file=sys.stderr, flush=True)
+                get_logger("validate").info("validated %d/%d images (%d with problems)", done, total, bad)
     return results
 
 
@@ -63,6 +65,7 @@ def _print_table(images: list[dict], problems: list[dict]) -> None:
 def run(args: argparse.Namespace) -> int:
     from ldmseg.data.coco import DataError, load_coco_panoptic
 
+    setup_logging()
     if args.folder is None and None in (args.images, args.masks, args.annotations):
         print("ldmseg validate: give a dataset FOLDER, or all of --images, --masks and --annotations",
               file=sys.stderr)

@@ -1,16 +1,26 @@
-"""COCO panoptic colour ↔ segment id: id = R + 256·G + 256²·B, 0 = void.
+"""COCO panoptic colour ↔ segment id: id = R + 256·G + 256²·B, 0 = void; the one panoptic PNG codec.
 
-Decoding uses a wide integer type: ``uint8 * 256`` overflows under NumPy 2.
+:func:`read_panoptic_ids` is the single decoder of panoptic PNGs (dataset reading, the PQ
+evaluator, tests): RGB, RGBA (alpha ignored), palette and grey PNGs. Decoding uses a wide integer
+type: ``uint8 * 256`` overflows under NumPy 2.
 """
 
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image
 
+try:
+    import pyarrow as pa
+except ImportError:  # pragma: no cover - pyarrow is a dependency; the copy below works without it
+    pa = None
+
 MAX_ID = 256**3 - 1
+PANOPTIC_MODES = ("RGB", "RGBA", "P", "L")
+_ID_MASK = np.uint32(MAX_ID)  # drops the 4th byte of an RGBX / RGBA pixel read as little-endian uint32
 
 
 def is_crowd(segment: dict) -> bool:
@@ -43,21 +53,43 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
 
 
-def panoptic_rgb(img: Image.Image) -> Image.Image:
-    """A loaded panoptic PNG as an RGB image (RGBA, palette and grey are converted); raises
-    ``ValueError`` for any other mode."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "P", "L"):
-        return img.convert("RGB")
-    raise ValueError(f"panoptic PNG has mode {img.mode}, expected RGB")
+def read_panoptic_ids(source: bytes | str | os.PathLike, dtype: type = np.int64) -> np.ndarray:
+    """A panoptic PNG (its bytes or its path) → (H, W) segment ids of ``dtype`` (int64 or uint32).
+
+    PIL keeps RGB pixels as 4 bytes: NumPy reads them as one little-endian uint32 per pixel
+    (through PIL's Arrow export, without a copy, when available) and one mask drops the 4th byte
+    (X, or the alpha of an RGBA PNG). Palette and grey PNGs are converted to RGB first.
+
+    Raises PIL's ``UnidentifiedImageError`` (not an image), ``OSError`` (truncated or unreadable;
+    ``FileNotFoundError`` for a missing path) or ``ValueError`` (another PNG mode, e.g. 16-bit
+    grey: a panoptic PNG must hold RGB colours).
+    """
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source) as img:
+        if img.mode not in PANOPTIC_MODES:
+            raise ValueError(f"panoptic PNG has mode {img.mode}, expected RGB "
+                             "(segment id = R + 256·G + 256²·B); save it as an RGB PNG")
+        img.load()
+        rgb = img if img.mode in ("RGB", "RGBA") else img.convert("RGB")
+        width, height = rgb.size
+        pixels = _pixels_as_uint32(rgb)
+    ids = np.empty(pixels.size, dtype=dtype)
+    np.bitwise_and(pixels, _ID_MASK, out=ids, casting="unsafe")
+    return ids.reshape(height, width)
+
+
+def _pixels_as_uint32(img: Image.Image) -> np.ndarray:
+    """(H·W,) little-endian uint32 view of an RGB/RGBA image's 4-byte pixels (4th byte: X or alpha)."""
+    if pa is not None and hasattr(img, "__arrow_c_array__"):  # Pillow >= 11.2: no copy
+        try:
+            return pa.array(img).flatten().to_numpy(zero_copy_only=True).view("<u4")
+        except (pa.ArrowException, ValueError, TypeError):
+            pass  # e.g. a very large image spread over several memory blocks
+    return np.frombuffer(img.tobytes("raw", "RGBX" if img.mode == "RGB" else "RGBA"), dtype="<u4")
 
 
 def decode_panoptic_png(data: bytes) -> np.ndarray:
-    """PNG bytes → (H, W) int64 ids. Raises ``ValueError`` for non-RGB or unreadable data."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return rgb_to_id(np.asarray(panoptic_rgb(img)))
+    """PNG bytes → (H, W) int64 ids (:func:`read_panoptic_ids`; same errors)."""
+    return read_panoptic_ids(data, np.int64)
 
 
 def encode_panoptic_png(ids: np.ndarray) -> bytes:

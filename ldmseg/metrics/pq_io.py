@@ -17,14 +17,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-try:
-    import pyarrow as pa
-except ImportError:  # pragma: no cover - pyarrow is a dependency; the copy below works without it
-    pa = None
-
-_ID_MASK = np.uint32(0xFFFFFF)  # drops the alpha byte of an RGBA pixel read as little-endian uint32
+from ldmseg.data.ids import read_panoptic_ids
 
 
 class PQInputError(ValueError):
@@ -109,34 +103,15 @@ def load_panoptic_set(folder: Optional[str | Path] = None, *, json_path: Optiona
 def read_id_map(path: str | Path) -> np.ndarray:
     """Read a COCO panoptic PNG as (H, W) uint32 segment ids (R + 256·G + 256²·B; 0 = void).
 
-    Same values as ``ldmseg.data.ids.decode_panoptic_png`` (RGB, RGBA, P and L PNGs; alpha is
-    ignored) at about the cost of the PNG decoding alone: PIL keeps RGB pixels as 4 bytes, which
-    NumPy reads as one little-endian uint32 per pixel (through PIL's Arrow export, without a copy,
-    when available) and one mask drops the 4th byte.
+    :func:`ldmseg.data.ids.read_panoptic_ids` (RGB, RGBA, P and L PNGs; alpha is ignored) with its
+    errors as :class:`PQInputError` naming the file.
     """
     path = Path(path)
     try:
-        with Image.open(path) as img:
-            if img.mode not in ("RGB", "RGBA", "P", "L"):
-                raise PQInputError(f"{path} has PNG mode {img.mode}; a panoptic PNG must be RGB "
-                                   "(segment id = R + 256·G + 256²·B)")
-            img.load()
-            if img.mode in ("P", "L"):
-                img = img.convert("RGB")
-            width, height = img.size
-            pixels = _pixels_as_uint32(img)
+        return read_panoptic_ids(path, np.uint32)
     except FileNotFoundError:
         raise PQInputError(f"{path} not found; write the PNG or remove its annotation from the JSON") from None
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+    except ValueError as exc:  # a PNG mode that holds no RGB colours
+        raise PQInputError(f"{path}: {exc}") from None
+    except (OSError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
         raise PQInputError(f"{path} is not a readable PNG ({exc}); rewrite it") from None
-    return (pixels & _ID_MASK).reshape(height, width)
-
-
-def _pixels_as_uint32(img: Image.Image) -> np.ndarray:
-    """(H·W,) little-endian uint32 view of an RGB/RGBA image's 4-byte pixels (4th byte: X or alpha)."""
-    if pa is not None and hasattr(img, "__arrow_c_array__"):  # Pillow >= 11.2: no copy
-        try:
-            return pa.array(img).flatten().to_numpy(zero_copy_only=True).view("<u4")
-        except (pa.ArrowException, ValueError, TypeError):
-            pass  # e.g. a very large image spread over several memory blocks
-    return np.frombuffer(img.tobytes("raw", "RGBX" if img.mode == "RGB" else "RGBA"), dtype="<u4")
