@@ -16,7 +16,7 @@ on a shared machine the CPU figure is the steadier one), (a)/(b) (target >= 1.0)
 asserts that (a), (b) and (c) give the same PQ, SQ, RQ (to the 10 printed digits) and counts.
 Each figure is the best of --repeat runs.
 
-    pip install -e ".[bench]"
+    (hotcoco, the peer, is installed with the project: it is the engine behind ldmseg pq)
     OMP_NUM_THREADS=1 python benchmarks/pq_speed.py [--images 160] [--repeat 5]
 """
 
