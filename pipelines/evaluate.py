@@ -39,7 +39,7 @@ def resolve_model(uri: str, workdir: Path, tracking_uri: str | None = None) -> s
 def evaluate(model: str, data: str, output: str, *, sampler: str | None, steps: int | None, seed: int,
              batch_size: int | None = None, max_images: int | None = None, thresholds: dict | None = None,
              tracking_uri: str | None = None, log_mlflow: bool = True, split: str | None = None) -> dict[str, Any]:
-    from ldmseg.evaluation import predict_dataset, resolve_ground_truth
+    from ldmseg.evaluation import predict_dataset, progress_logger, resolve_ground_truth
     from ldmseg.metrics.pq import evaluate_folders
     from ldmseg.segmenter import Segmenter
 
@@ -55,7 +55,8 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None, steps: 
             dataset.records = dataset.records[:max_images]
         segmenter = Segmenter.from_pretrained(model_dir)
         stats = predict_dataset(segmenter, dataset, out / "predictions", sampler=sampler, steps=steps, seed=seed,
-                                batch_size=batch_size or segmenter.cfg.sampling.batch_size, **(thresholds or {}))
+                                batch_size=batch_size or segmenter.cfg.sampling.batch_size,
+                                progress=progress_logger("evaluate", "segmented"), **(thresholds or {}))
         agnostic = evaluate_folders(pred=str(out / "predictions"), class_agnostic=True, missing="void",
                                     image_ids=[r.image_id for r in dataset.records], **gt.pq_args())
     result: dict[str, Any] = {

@@ -92,7 +92,7 @@ def score_sampling(model_dir: str, gt: dict[str, Any], out: Path, params: dict[s
     dataset = truth.load()
     if max_images:
         dataset.records = dataset.records[:max_images]
-    stats = predict_dataset(seg, dataset, out, seed=seed, progress=False, **params)
+    stats = predict_dataset(seg, dataset, out, seed=seed, **params)
     res = evaluate_folders(pred=str(out), class_agnostic=True, missing="void", workers=1,
                            image_ids=[r.image_id for r in dataset.records], **truth.pq_args())
     metrics = {"pq": res["All"]["pq"], "sq": res["All"]["sq"], "rq": res["All"]["rq"],
