@@ -41,7 +41,8 @@ def inpainting_trial(config: dict[str, Any]) -> None:
                  lambda: inpainting_scores(_segmenter(config["model_dir"]), GroundTruth(**config["gt"]).load(),
                                            config["kind"], config["fraction"], seed=config.get("seed", 0),
                                            max_images=config.get("max_images"),
-                                           progress=progress_logger("inpainting", f"{config['kind']} {config['fraction']:.0%}:"),
+                                           progress=progress_logger("inpainting", f"{config['kind']} "
+                                                                                  f"{config['fraction']:.0%}:"),
                                            **options))
 
 

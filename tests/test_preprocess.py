@@ -210,12 +210,14 @@ def test_task_rows_equal_encoded_samples_and_old_shards_are_refused(tmp_path, co
 def test_slot_maps_beyond_256_slots_are_stored_as_uint16():
     from ldmseg.data import shards
 
-    id_map = np.repeat(np.arange(1, 301, dtype=np.int64), 4).reshape(30, 40)
-    info = [{"id": i, "category_id": 1, "iscrowd": 0} for i in range(1, 301)]
-    cfg = load_config(REPO / "conf/tiny.yaml", ["data.resolution=30", "data.num_slots=512", "data.min_segment_area=1"])
-    row = shards.encode_dense_sample(dense_sample(np.zeros((30, 40, 3), np.uint8), id_map, info), image_id=1, cfg=cfg)
-    assert len(row["slot_map"]) == 2 * 30 * 30
-    slots = shards.decode_slot_map(row["slot_map"], 30)
+    id_map = np.arange(1, 32 * 32 + 1, dtype=np.int64).reshape(32, 32)  # 1024 one-pixel segments
+    info = [{"id": i, "category_id": 1, "iscrowd": 0} for i in range(1, 32 * 32 + 1)]
+    cfg = load_config(REPO / "conf/tiny.yaml", ["data.resolution=32", "data.num_slots=512",
+                                                "data.min_segment_area=1"])
+    row = shards.encode_dense_sample(dense_sample(np.zeros((32, 32, 3), np.uint8), id_map, info), image_id=1, cfg=cfg)
+    assert (row["num_segments"], row["n_merged"]) == (511, 1024 - 511)
+    assert len(row["slot_map"]) == 2 * 32 * 32
+    slots = shards.decode_slot_map(row["slot_map"], 32)
     assert slots.dtype == np.dtype("<u2") and len(np.unique(slots[slots > 0])) == row["num_segments"]
     batch = decode_rows([row], 512, np.random.default_rng(0))
     assert torch.equal(batch["slot_map"][0], torch.from_numpy(decode_row(row, 512, np.random.default_rng(0))["slot_map"]))

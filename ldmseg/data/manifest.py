@@ -76,6 +76,16 @@ def write_json(fs, path: str, data: Any) -> None:
     fs.mv(tmp, path)
 
 
+def write_parquet_file(fs, path: str, table) -> None:
+    """Write a pyarrow table to one Parquet file through a temporary name, then move it in place."""
+    import pyarrow.parquet as pq
+
+    tmp = path + ".tmp"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, path)
+
+
 def write_manifest(fs, root: str, manifest: Manifest) -> None:
     write_json(fs, posixpath.join(root, MANIFEST), asdict(manifest))
 
