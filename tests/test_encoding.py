@@ -14,15 +14,8 @@ from PIL import Image
 from ldmseg.data.encoding import bits_to_ids, ids_to_bits, image_to_tensor, tensor_to_image
 from ldmseg.data.ids import decode_panoptic_png
 from ldmseg.data.resize import ResizeInfo, resize_pad, restore_size
-from ldmseg.data.slots import (
-    clean_remap_labels,
-    clean_segments,
-    compact_ids,
-    eval_generator,
-    raster_slot_lut,
-    raster_slots,
-    remap_ids,
-)
+from ldmseg.data.slots import (clean_remap_labels, clean_segments, compact_ids, eval_generator, raster_slot_lut,
+                               raster_slots, remap_ids)
 
 
 # --------------------------------------------------------------------------------------------
