@@ -128,7 +128,6 @@ def resolve_ground_truth(data: str, workdir: Path, split: str | None = None) -> 
                               "(drop --split)")
         root_path = data if "://" in data else str(Path(data).resolve())  # Ray workers run elsewhere
         return GroundTruth(root=root_path, description=f"COCO panoptic folder {data}")
-    check_schema_version(manifest, f"--data {data}")
     split = split or "val"
     if not manifest.written.get(split):
         have = ", ".join(sorted(manifest.written)) or "none"
@@ -155,6 +154,7 @@ def resolve_ground_truth(data: str, workdir: Path, split: str | None = None) -> 
                            description=f"split {split!r} of {data} ({len(ids)} images, {role}), scored against "
                                        f"its source {source or src.get('annotations')} at full resolution")
     reason = f"missing {', '.join(missing)}"
+    check_schema_version(manifest, f"--data {data} (its source is not readable: {reason})")
     from ldmseg.data.shards import write_coco_from_rows
 
     rows = []
