@@ -43,7 +43,7 @@ def process_groups(batch: pa.Table, cfg_dict: dict, staging: str) -> pa.Table:
             rows = [{"image_id": e["image_id"], "file_name": e["file_name"], "segments_file": e["segments_file"],
                      "split": e["split"], "reason": e["error"]} for e in errors]
             write_parquet_file(fs, posixpath.join(folder, f"{split}-{first_id}.parquet"),
-                         pa.Table.from_pylist(rows, schema=shards.ERROR_SCHEMA))
+                               pa.Table.from_pylist(rows, schema=shards.ERROR_SCHEMA))
     return pa.concat_tables(tables) if tables else shards.SCHEMA.empty_table()
 
 
