@@ -20,7 +20,8 @@ import torch
 from helpers_coco import entry, image_bytes, truncated, write_coco_folder
 from helpers_shards import decode_row, dense_sample
 from ldmseg.config import load_config, to_dict
-from ldmseg.data import coco, encoding
+from ldmseg.data import coco, resize, slots
+from ldmseg.data.encoding import image_to_tensor
 from ldmseg.data.manifest import open_fs, read_manifest
 from ldmseg.data.parquet_dataset import ShardDataset, columns_to_rows, decode_columns, decode_rows
 from ldmseg.data.synthetic import write_scenes
@@ -53,11 +54,11 @@ def encode_records(records: list[coco.PanopticRecord], cfg, staging: Path) -> pa
 def expected_arrays(rec: coco.PanopticRecord, cfg) -> dict[str, np.ndarray]:
     """The in-memory encodings of issue 1/5 for one record, computed without the shard code."""
     sample = coco.read_sample(rec)
-    image, ids_r, valid, _ = encoding.resize_pad(sample.image, sample.id_map, cfg.data.resolution,
-                                                 cfg.data.resize_mode)
-    clean = encoding.clean_segments(ids_r, sample.segments_info, cfg.data.min_segment_area)  # areas at R×R
-    remap = encoding.remap_ids(clean.id_map, cfg.data.num_slots, encoding.eval_generator(rec.image_id))
-    return {"image": encoding.image_to_tensor(image).numpy(), "slot_map": remap.slot_map, "valid": valid}
+    image, ids_r, valid, _ = resize.resize_pad(sample.image, sample.id_map, cfg.data.resolution,
+                                               cfg.data.resize_mode)
+    clean = slots.clean_segments(ids_r, sample.segments_info, cfg.data.min_segment_area)  # areas at R×R
+    remap = slots.remap_ids(clean.id_map, cfg.data.num_slots, slots.eval_generator(rec.image_id))
+    return {"image": image_to_tensor(image).numpy(), "slot_map": remap.slot_map, "valid": valid}
 
 
 def check_against_memory(output: str, source: str, cfg) -> int:
@@ -188,9 +189,9 @@ def test_task_rows_equal_encoded_samples_and_old_shards_are_refused(tmp_path, co
         assert row == expected
         source = Path(rec.image_path).read_bytes() + Path(rec.panoptic_path).read_bytes()
         assert row["checksum"] == hashlib.sha256(source).hexdigest()
-        slots = shards.decode_slot_map(row["slot_map"], 128)
-        assert slots.dtype == np.uint8 and len(row["slot_map"]) == 128 * 128
-        assert np.array_equal(slots, expected_arrays(rec, cfg)["slot_map"])
+        stored = shards.decode_slot_map(row["slot_map"], 128)
+        assert stored.dtype == np.uint8 and len(row["slot_map"]) == 128 * 128
+        assert np.array_equal(stored, expected_arrays(rec, cfg)["slot_map"])
 
     old_png = image_bytes(np.zeros((128, 128, 3), np.uint8), fmt="PNG", mode="L")
     old = {**table.to_pylist()[0], "slot_map": old_png}  # a row of schema version 3: slot map as PNG
@@ -217,8 +218,8 @@ def test_slot_maps_beyond_256_slots_are_stored_as_uint16():
     row = shards.encode_dense_sample(dense_sample(np.zeros((32, 32, 3), np.uint8), id_map, info), image_id=1, cfg=cfg)
     assert (row["num_segments"], row["n_merged"]) == (511, 1024 - 511)
     assert len(row["slot_map"]) == 2 * 32 * 32
-    slots = shards.decode_slot_map(row["slot_map"], 32)
-    assert slots.dtype == np.dtype("<u2") and len(np.unique(slots[slots > 0])) == row["num_segments"]
+    stored = shards.decode_slot_map(row["slot_map"], 32)
+    assert stored.dtype == np.dtype("<u2") and len(np.unique(stored[stored > 0])) == row["num_segments"]
     batch = decode_rows([row], 512, np.random.default_rng(0))
     assert torch.equal(batch["slot_map"][0], torch.from_numpy(decode_row(row, 512, np.random.default_rng(0))["slot_map"]))
 
@@ -237,9 +238,9 @@ def test_min_segment_area_counts_pixels_at_the_training_resolution():
     for res, n_segments, n_small in ((32, 3, 0), (16, 2, 1)):
         cfg = load_config(REPO / "conf/tiny.yaml", [f"data.resolution={res}", "data.min_segment_area=10"])
         row = shards.encode_dense_sample(dense_sample(image, id_map, info), image_id=1, cfg=cfg)
-        slots = shards.decode_slot_map(row["slot_map"], res)
+        stored = shards.decode_slot_map(row["slot_map"], res)
         assert (row["num_segments"], row["n_small"]) == (n_segments, n_small)
-        assert len(np.unique(slots[slots > 0])) == n_segments
+        assert len(np.unique(stored[stored > 0])) == n_segments
 
 
 def test_shard_dataset_equals_row_by_row_reference(tmp_path, coco_val_examples):

@@ -12,7 +12,7 @@ from conftest import REPO
 from ldmseg.checkpoint import build_components, save_model
 from ldmseg.config import load_config, redact_uri
 from ldmseg.data import coco
-from ldmseg.data.encoding import clean_segments
+from ldmseg.data.slots import clean_segments
 from ldmseg.data.ids import encode_panoptic_png, is_crowd
 
 TINY = ["data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "image_encoder.kind=pixel_unshuffle",
