@@ -30,9 +30,9 @@ def process_groups(batch: pa.Table, cfg_dict: dict, staging: str) -> pa.Table:
         records = [coco.PanopticRecord(**r) for r in json.loads(group)]
         if not records:
             continue
-        out, images = _encode_records(records, [split] * len(records), cfg)
+        out, images = _encode_records(records, split, cfg)
         good = [{k: v for k, v in row.items() if k != "error"} for row in out if row["error"] is None]
-        tables.append(_table(good, shards.SCHEMA, images, list(range(len(good)))))
+        tables.append(_table(good, images))
         errors = [row for row in out if row["error"] is not None]
         if errors:
             rejected.append((split, int(records[0].image_id), errors))
@@ -72,9 +72,9 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def _encode_records(records: list[coco.PanopticRecord], splits: list[str], cfg: Config
+def _encode_records(records: list[coco.PanopticRecord], split: str, cfg: Config
                     ) -> tuple[list[dict[str, Any]], np.ndarray | None]:
-    """Decode, check and encode records → (one dict per record, in order; raw images).
+    """Decode, check and encode the records of ``split`` → (one dict per record, in order; raw images).
 
     Each dict is a shard row with ``error`` None, or the input's ids and names with the reason
     in ``error``. Each image is decoded and checked once (:func:`coco.read_dense_sample`: the id
@@ -88,7 +88,7 @@ def _encode_records(records: list[coco.PanopticRecord], splits: list[str], cfg: 
     images = np.zeros((len(records), res, res, 3), dtype=np.uint8) if raw else None
     out: list[dict[str, Any]] = []
     n_good = 0
-    for rec, split in zip(records, splits):
+    for rec in records:
         try:
             sample = coco.read_dense_sample(rec)
             row = shards.encode_dense_sample(sample, image_id=rec.image_id, cfg=cfg, split=split,
@@ -108,22 +108,17 @@ def _encode_records(records: list[coco.PanopticRecord], splits: list[str], cfg: 
     return out, (images[:n_good] if raw else None)
 
 
-def _table(rows: list[dict[str, Any]], schema: pa.Schema, images: np.ndarray | None,
-           image_rows: list[int]) -> pa.Table:
-    """Rows → a table of ``schema``; ``images[k]`` is the raw image of row ``image_rows[k]``
-    (rows whose ``image`` is None); the other rows' images are empty."""
-    if images is None or not image_rows:
-        return pa.Table.from_pylist([{**r, "image": r["image"] or b""} for r in rows], schema=schema)
-    size = int(np.prod(images.shape[1:]))
-    if len(image_rows) * size >= 2**31:  # binary offsets are int32
-        rows = list(rows)
-        for k, i in enumerate(image_rows):
-            rows[i] = {**rows[i], "image": images[k].tobytes()}
+def _table(rows: list[dict[str, Any]], images: np.ndarray | None) -> pa.Table:
+    """Good rows → a table of :data:`shards.SCHEMA`; with ``images`` ((N, R, R, 3) uint8, one per
+    row, in order: the rows' ``image`` is None) the image column is built on their buffer, no copy."""
+    schema = shards.SCHEMA
+    if images is None or not rows:
         return pa.Table.from_pylist(rows, schema=schema)
-    lengths = np.zeros(len(rows), dtype=np.int64)
-    lengths[image_rows] = size
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    size = int(np.prod(images.shape[1:]))
+    if len(rows) * size >= 2**31:  # binary offsets are int32
+        return pa.Table.from_pylist([{**r, "image": im.tobytes()} for r, im in zip(rows, images)], schema=schema)
+    offsets = np.arange(len(rows) + 1, dtype=np.int64) * size
     data = pa.py_buffer(np.ascontiguousarray(images).reshape(-1))
-    column = pa.Array.from_buffers(pa.binary(), len(rows), [None, pa.py_buffer(offsets), data])
+    column = pa.Array.from_buffers(pa.binary(), len(rows), [None, pa.py_buffer(offsets.astype(np.int32)), data])
     table = pa.Table.from_pylist([{**r, "image": b""} for r in rows], schema=schema)
     return table.set_column(schema.get_field_index("image"), schema.field("image"), column)
