@@ -6,16 +6,15 @@ Predictions are written as a COCO panoptic prediction folder (``panoptic/*.png``
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ldmseg.data import coco
-from ldmseg.segmenter import to_coco_prediction
+from ldmseg.data.coco_writer import CocoPanopticWriter
+from ldmseg.data.segments import segments_info
 
 
 def prediction_names(records: list[coco.PanopticRecord]) -> dict[int, str]:
@@ -27,20 +26,36 @@ def prediction_names(records: list[coco.PanopticRecord]) -> dict[int, str]:
     return {i: n if counts[n] == 1 else f"{i:012d}-{n}" for i, n in names.items()}
 
 
+def progress_logger(part: str, what: str) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback for :func:`predict_dataset` and
+    :func:`~ldmseg.inpainting_eval.inpainting_scores` that logs ``{what} done/total images (rate)``
+    to the logger ``ldmseg.<part>`` (rate since the callback was made)."""
+    from ldmseg.logs import get_logger
+
+    log, t0 = get_logger(part), time.time()
+
+    def progress(done: int, total: int) -> None:
+        log.info(f"{what} {done}/{total} images ({done / max(time.time() - t0, 1e-9):.2f} images/s)")
+
+    return progress
+
+
 def predict_dataset(segmenter, dataset: coco.CocoPanoptic, out_dir: str | Path, *, sampler: str | None = None,
-                    steps: int | None = None, seed: int = 0, batch_size: int = 16, progress: bool = True,
-                    **thresholds: Any) -> dict[str, Any]:
+                    steps: int | None = None, seed: int = 0, batch_size: int = 16,
+                    progress: Callable[[int, int], None] | None = None, **thresholds: Any) -> dict[str, Any]:
     """Segment every readable image of ``dataset`` into ``out_dir``; returns timing and counts.
 
     Unreadable images are listed under ``skipped`` with their reason (the PQ evaluator then
     counts them as missing predictions, so they are never silently dropped from the score).
+    ``progress(done, total)`` is called after each batch (images segmented so far, of all).
     """
-    out = Path(out_dir)
-    (out / "panoptic").mkdir(parents=True, exist_ok=True)
-    annotations, skipped = [], []
+    writer = CocoPanopticWriter(out_dir, [{"id": 1, "name": "object", "isthing": 1, "supercategory": "object"}])
+    skipped = []
     t0 = time.time()
     records = dataset.records
     names = prediction_names(records)
+    for r in records:
+        writer.add_image(r.image_id, r.file_name, r.height, r.width)
     done = 0
     for i in range(0, len(records), batch_size):
         chunk, images = [], []
@@ -54,23 +69,14 @@ def predict_dataset(segmenter, dataset: coco.CocoPanoptic, out_dir: str | Path, 
             continue
         results = segmenter.segment(images, sampler=sampler, steps=steps, seed=seed, **thresholds)
         for rec, res in zip(chunk, results):
-            png_name = names[rec.image_id]
-            png, ann = to_coco_prediction(res, rec.image_id, png_name)
-            (out / "panoptic" / png_name).write_bytes(png)
-            annotations.append(ann)
+            writer.add_annotation(rec.image_id, names[rec.image_id], res.id_map, segments_info(res.id_map))
         done += len(chunk)
-        if progress:
-            rate = done / max(time.time() - t0, 1e-9)
-            print(f"[evaluate] segmented {done}/{len(records)} images ({rate:.2f} images/s)",
-                  file=sys.stderr, flush=True)
+        if progress is not None:
+            progress(done, len(records))
     seconds = time.time() - t0
-    categories = [{"id": 1, "name": "object", "isthing": 1, "supercategory": "object"}]
-    images = [{"id": r.image_id, "file_name": r.file_name, "height": r.height, "width": r.width}
-              for r in records]
-    (out / "panoptic.json").write_text(json.dumps({"images": images, "annotations": annotations,
-                                                   "categories": categories}))
-    return {"n_images": len(records), "n_predicted": len(annotations), "skipped": skipped,
-            "seconds": seconds, "seconds_per_image": seconds / max(len(annotations), 1)}
+    writer.close()
+    return {"n_images": len(records), "n_predicted": len(writer.annotations), "skipped": skipped,
+            "seconds": seconds, "seconds_per_image": seconds / max(len(writer.annotations), 1)}
 
 
 @dataclass
@@ -112,7 +118,7 @@ def resolve_ground_truth(data: str, workdir: Path, split: str | None = None) -> 
     and scored instead, and the description says so.
     """
     from ldmseg.config import ConfigError
-    from ldmseg.data.manifest import open_fs, read_manifest
+    from ldmseg.data.manifest import check_schema_version, open_fs, read_manifest
 
     fs, root = open_fs(data)
     manifest = read_manifest(fs, root)
@@ -148,6 +154,7 @@ def resolve_ground_truth(data: str, workdir: Path, split: str | None = None) -> 
                            description=f"split {split!r} of {data} ({len(ids)} images, {role}), scored against "
                                        f"its source {source or src.get('annotations')} at full resolution")
     reason = f"missing {', '.join(missing)}"
+    check_schema_version(manifest, f"--data {data} (its source is not readable: {reason})")
     from ldmseg.data.shards import write_coco_from_rows
 
     rows = []

@@ -1,4 +1,4 @@
-"""PQ of zero-shot mask inpainting against the known fraction (METHOD.md, "Inpainting").
+"""PQ of zero-shot mask inpainting against the known fraction (docs/method.md, "Inpainting").
 
 For every image of a COCO panoptic dataset, a known-mask of ``kind`` (``sparse`` or ``global``)
 covering ``fraction`` of the latent grid (seeded by the image id) is drawn at the model's latent
@@ -17,15 +17,16 @@ scored against the whole ground truth:
 
 from __future__ import annotations
 
-import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ldmseg.data import coco
-from ldmseg.data.encoding import clean_segments, resize_pad, restore_size, scaled_size
 from ldmseg.data.masks import make_known_mask, upsample_mask
+from ldmseg.data.resize import resize_pad, restore_size, scaled_size
+from ldmseg.data.segments import segments_info
+from ldmseg.data.slots import clean_segments
 from ldmseg.metrics.pq import PQStat, pq_image_stats
 
 _CATEGORY = {1: {"id": 1, "isthing": 1}}
@@ -46,20 +47,16 @@ def known_pixels(kind: str, fraction: float, height: int, width: int, resolution
     return restore_size(mask_r, info, kind="ids") > 0
 
 
-def _segments(id_map: np.ndarray) -> list[dict]:
-    ids, areas = np.unique(id_map, return_counts=True)
-    return [{"id": int(i), "category_id": 1, "iscrowd": 0, "area": int(a)} for i, a in zip(ids, areas) if i]
-
-
 def inpainting_scores(segmenter, dataset: coco.CocoPanoptic, kind: str, fraction: float, *, seed: int = 0,
-                      unknown_th: float = 0.5, max_images: int | None = None, progress: bool = False,
-                      **options: Any) -> dict[str, float]:
+                      unknown_th: float = 0.5, max_images: int | None = None,
+                      progress: Callable[[int, int], None] | None = None, **options: Any) -> dict[str, float]:
     """Inpaint every readable image with ``fraction`` known (``kind`` masks) → PQ figures.
 
     ``options`` go to :meth:`Segmenter.inpaint` (``sampler``, ``steps``, thresholds). Returns
     ``pq``, ``sq``, ``rq``, ``pq_unknown``, ``sq_unknown``, ``rq_unknown``, ``known_fraction``
     (measured over the images' pixels), ``n_images``, ``n_unknown_segments``, ``seconds_per_image``.
-    Unreadable images are skipped and counted in ``n_skipped``.
+    Unreadable images are skipped and counted in ``n_skipped``. ``progress(done, total)`` is
+    called after each image (images inpainted so far, of the records).
     """
     cfg = segmenter.cfg
     factor = segmenter.mask_ae.downsample_factor
@@ -81,19 +78,21 @@ def inpainting_scores(segmenter, dataset: coco.CocoPanoptic, kind: str, fraction
                                    **options)
         pred = result.id_map.astype(np.uint32)
         pred_segs = [{"id": s["id"], "category_id": 1} for s in result.segments]
-        whole += pq_image_stats(gt.astype(np.uint32), _segments(gt), pred, pred_segs, class_agnostic=True,
+        whole += pq_image_stats(gt.astype(np.uint32), segments_info(gt, bbox=False), pred, pred_segs,
+                                class_agnostic=True,
                                 image_id=rec.image_id)
         ids, areas = np.unique(gt, return_counts=True)
         given = np.bincount(np.where(known, gt, 0).ravel(), minlength=int(gt.max()) + 1)
         mostly_unknown = [int(i) for i, a in zip(ids, areas) if i and given[i] <= unknown_th * a]
         gt_u = np.where(np.isin(gt, mostly_unknown), gt, 0).astype(np.uint32)
-        unknown += pq_image_stats(gt_u, _segments(gt_u), pred, pred_segs, class_agnostic=True, image_id=rec.image_id)
+        unknown += pq_image_stats(gt_u, segments_info(gt_u, bbox=False), pred, pred_segs, class_agnostic=True,
+                                  image_id=rec.image_id)
         n_unknown += len(mostly_unknown)
         known_px += int(known.sum())
         total_px += known.size
         n += 1
-        if progress:
-            print(f"[inpainting] {kind} {fraction:.0%}: {n}/{len(records)} images", file=sys.stderr, flush=True)
+        if progress is not None:
+            progress(n, len(records))
     a, u = whole.summary(_CATEGORY), unknown.summary(_CATEGORY)
     return {"pq": a["pq"], "sq": a["sq"], "rq": a["rq"], "pq_unknown": u["pq"], "sq_unknown": u["sq"],
             "rq_unknown": u["rq"], "known_fraction": known_px / max(total_px, 1), "n_images": n,

@@ -133,16 +133,10 @@ def to_coco_prediction(result: SegmentResult, image_id: int, file_name: str) -> 
     Class-agnostic: every segment has ``category_id`` 1 and ``iscrowd`` 0; ``area`` in pixels and
     ``bbox`` ``[x, y, width, height]`` are computed from the map.
     """
+    from ldmseg.data.segments import segments_info
+
     ids = np.asarray(result.id_map, dtype=np.int64)
-    info = []
-    for sid in np.unique(ids):
-        if sid == 0:
-            continue
-        mask = ids == sid
-        rows = np.flatnonzero(mask.any(axis=1))
-        cols = np.flatnonzero(mask.any(axis=0))
-        info.append({"id": int(sid), "category_id": 1, "iscrowd": 0, "area": int(mask.sum()),
-                     "bbox": [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]})
+    info = segments_info(ids)
     return encode_panoptic_png(ids), {"image_id": image_id, "file_name": file_name, "segments_info": info}
 
 

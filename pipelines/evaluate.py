@@ -58,7 +58,7 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, 
     names where ``sampling`` came from, for the record.
     """
     from ldmseg.config import to_dict
-    from ldmseg.evaluation import predict_dataset, resolve_ground_truth
+    from ldmseg.evaluation import predict_dataset, progress_logger, resolve_ground_truth
     from ldmseg.metrics.pq import evaluate_folders
     from ldmseg.segmenter import Segmenter
 
@@ -79,7 +79,7 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, 
         options.pop("seed", None)  # the ``seed`` argument decides
         used = segmenter.sampling_config(**options, seed=seed, batch_size=batch_size)
         stats = predict_dataset(segmenter, dataset, out / "predictions", seed=seed, batch_size=batch_size,
-                                **options)
+                                progress=progress_logger("evaluate", "segmented"), **options)
         agnostic = evaluate_folders(pred=str(out / "predictions"), class_agnostic=True, missing="void",
                                     image_ids=[r.image_id for r in dataset.records], **gt.pq_args())
     result: dict[str, Any] = {

@@ -59,7 +59,7 @@ def run_quickstart(workdir: Path, config: str | None, overrides: list[str], *, n
     from ldmseg.data import coco
     from ldmseg.data.roles import role_synth_config, synth_command
     from ldmseg.data.synthetic import write_scenes_from_config
-    from ldmseg.evaluation import predict_dataset
+    from ldmseg.evaluation import predict_dataset, progress_logger
     from ldmseg.metrics.pq import evaluate_folders
     from ldmseg.segmenter import Segmenter
     from pipelines import ray_compat
@@ -109,7 +109,8 @@ def run_quickstart(workdir: Path, config: str | None, overrides: list[str], *, n
     segmenter = Segmenter.from_pretrained(ldm.model_dir)
     pred_dir = workdir / "predictions"
     stats = predict_dataset(segmenter, coco.load_coco_panoptic(str(test_scenes)), pred_dir,
-                            seed=cfg.sampling.seed, batch_size=cfg.sampling.batch_size)
+                            seed=cfg.sampling.seed, batch_size=cfg.sampling.batch_size,
+                            progress=progress_logger("evaluate", "segmented"))
     pq = evaluate_folders(str(test_scenes), str(pred_dir), class_agnostic=True)
     timings["evaluate"] = time.time() - t
     overlays = workdir / "overlays.png"

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ldmseg.data.ids import encode_panoptic_png
+from ldmseg.data.segments import segments_info
 
 THING, STUFF = 1, 0
 
@@ -41,17 +42,7 @@ def band_id_map(height: int, width: int, ids: Sequence[int]) -> np.ndarray:
 
 def segments_info_from(id_map: np.ndarray, category_id: int = 1, iscrowd: int = 0) -> list[dict]:
     """COCO ``segments_info`` (id, category_id, iscrowd, area, bbox [x, y, w, h]) of every id > 0."""
-    info = []
-    for seg_id in np.unique(id_map):
-        if seg_id == 0:
-            continue
-        rows, cols = np.nonzero(id_map == seg_id)
-        info.append({
-            "id": int(seg_id), "category_id": category_id, "iscrowd": iscrowd, "area": int(rows.size),
-            "bbox": [int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1),
-                     int(rows.max() - rows.min() + 1)],
-        })
-    return info
+    return segments_info(id_map, category_id=category_id, iscrowd=iscrowd)
 
 
 def image_for(id_map: np.ndarray) -> np.ndarray:

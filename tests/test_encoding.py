@@ -1,4 +1,5 @@
-"""Targets and encoding: cleaning, random id slots, bit planes, resize/pad and restore."""
+"""Targets and encoding: cleaning, random id slots (slots.py), bit planes (encoding.py), resize/pad and
+restore (resize.py)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmseg.data.encoding import (
-    ResizeInfo,
-    bits_to_ids,
-    clean_remap_labels,
-    clean_segments,
-    compact_ids,
-    eval_generator,
-    ids_to_bits,
-    image_to_tensor,
-    raster_slot_lut,
-    raster_slots,
-    remap_ids,
-    resize_pad,
-    restore_size,
-    slots_to_ids,
-    tensor_to_image,
-)
+from ldmseg.data.encoding import bits_to_ids, ids_to_bits, image_to_tensor, tensor_to_image
 from ldmseg.data.ids import decode_panoptic_png
+from ldmseg.data.resize import ResizeInfo, resize_pad, restore_size
+from ldmseg.data.slots import (clean_remap_labels, clean_segments, compact_ids, eval_generator, raster_slot_lut,
+                               raster_slots, remap_ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,6 +42,14 @@ def load_folder(folder: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def real_samples(coco_sample, coco_val_examples) -> list[dict]:
     return load_folder(coco_sample) + load_folder(coco_val_examples)
+
+
+def slots_to_ids(slot_map: np.ndarray, slots: dict[int, int]) -> np.ndarray:
+    """Inverse of :func:`remap_ids`: (H, W) slots → (H, W) int64 original ids (unknown slots → 0)."""
+    lut = np.zeros(max([int(slot_map.max(initial=0)), *slots.keys()]) + 1, dtype=np.int64)
+    for slot, sid in slots.items():
+        lut[int(slot)] = int(sid)
+    return lut[np.asarray(slot_map, dtype=np.int64)]
 
 
 def area_map(ids: np.ndarray) -> dict[int, int]:

@@ -12,13 +12,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from helpers_coco import entry, image_bytes, truncated, write_coco_folder
-from ldmseg.config import load_config
-from ldmseg.data import coco, encoding
+from helpers_shards import decode_row, dense_sample
+from ldmseg.config import load_config, to_dict
+from ldmseg.data import coco, resize, slots
+from ldmseg.data.encoding import image_to_tensor
 from ldmseg.data.manifest import open_fs, read_manifest
 from ldmseg.data.parquet_dataset import ShardDataset, columns_to_rows, decode_columns, decode_rows
 from ldmseg.data.synthetic import write_scenes
@@ -40,14 +43,22 @@ def test_task_size_fills_files_or_shares_small_chunks():
     assert task_size(3, 512, 2) == 1 and task_size(0, 4, 2) == 1
 
 
+def encode_records(records: list[coco.PanopticRecord], cfg, staging: Path) -> pa.Table:
+    """The good shard rows of ``records`` as one preprocessing task writes them (no Ray)."""
+    from pipelines.preprocess_tasks import process_groups
+
+    batch = pa.table({"records": [json.dumps([vars(r) for r in records])], "split": ["train"]})
+    return process_groups(batch, to_dict(cfg), str(staging))
+
+
 def expected_arrays(rec: coco.PanopticRecord, cfg) -> dict[str, np.ndarray]:
     """The in-memory encodings of issue 1/5 for one record, computed without the shard code."""
     sample = coco.read_sample(rec)
-    image, ids_r, valid, _ = encoding.resize_pad(sample.image, sample.id_map, cfg.data.resolution,
-                                                 cfg.data.resize_mode)
-    clean = encoding.clean_segments(ids_r, sample.segments_info, cfg.data.min_segment_area)  # areas at R×R
-    remap = encoding.remap_ids(clean.id_map, cfg.data.num_slots, encoding.eval_generator(rec.image_id))
-    return {"image": encoding.image_to_tensor(image).numpy(), "slot_map": remap.slot_map, "valid": valid}
+    image, ids_r, valid, _ = resize.resize_pad(sample.image, sample.id_map, cfg.data.resolution,
+                                               cfg.data.resize_mode)
+    clean = slots.clean_segments(ids_r, sample.segments_info, cfg.data.min_segment_area)  # areas at R×R
+    remap = slots.remap_ids(clean.id_map, cfg.data.num_slots, slots.eval_generator(rec.image_id))
+    return {"image": image_to_tensor(image).numpy(), "slot_map": remap.slot_map, "valid": valid}
 
 
 def check_against_memory(output: str, source: str, cfg) -> int:
@@ -132,7 +143,6 @@ def test_decode_columns_equals_decode_rows(ray_session, tmp_path):
     which are the per-row reference decode_row's, for the same rows and seed."""
     import ray.data
 
-    from ldmseg.data import shards
     from pipelines.preprocess import run_preprocess
 
     write_scenes(tmp_path / "s", num_images=7, size=64, seed=6)
@@ -145,7 +155,7 @@ def test_decode_columns_equals_decode_rows(ray_session, tmp_path):
         gen = (lambda: None) if seed is None else (lambda: np.random.default_rng(seed))
         by_rows = decode_rows(rows, 32, gen())
         g = gen()
-        ref = [shards.decode_row(r, 32, g) for r in rows]
+        ref = [decode_row(r, 32, g) for r in rows]
         for i, r in enumerate(ref):
             assert np.array_equal(by_rows["image"][i].numpy(), r["image"])
             assert np.array_equal(by_rows["slot_map"][i].numpy(), r["slot_map"])
@@ -161,39 +171,57 @@ def test_decode_columns_equals_decode_rows(ray_session, tmp_path):
             assert torch.equal(arrow[k], again[k])
 
 
-def test_rows_equal_encode_sample_and_old_slot_pngs_decode(coco_val_examples):
-    """process_batch (dense labels, label table, direct image column) writes encode_sample's rows;
-    slot maps PNG-coded by PIL (shards written before) decode the same."""
-    import io
-
-    import pandas as pd
-    from PIL import Image
-
-    from ldmseg.config import to_dict
+def test_task_rows_equal_encoded_samples_and_old_shards_are_refused(tmp_path, coco_val_examples):
+    """A task (dense labels, label table, direct image column) writes encode_dense_sample's rows,
+    whose raw slot maps are the in-memory encoding's; shards of schema version 3 (slot maps as
+    PNG, a ``valid`` column) are refused with the command that fixes them."""
+    from ldmseg.config import ConfigError
     from ldmseg.data import shards
-    from pipelines.preprocess import process_batch
+    from ldmseg.data.manifest import SCHEMA_VERSION, Manifest, check_data_config, write_manifest
 
     cfg = load_config(REPO / "conf/tiny.yaml", ["data.resolution=128"])
     records = coco.load_coco_panoptic(coco_val_examples).records[:5]
-    batch = pd.DataFrame({"record": [json.dumps(r.to_dict()) for r in records], "split": ["train"] * 5})
-    table = process_batch(batch, to_dict(cfg))
-    assert table.schema.remove(table.schema.get_field_index("error")).equals(shards.SCHEMA)
+    table = encode_records(records, cfg, tmp_path / "staging")
+    assert table.schema.equals(shards.SCHEMA) and "valid" not in table.column_names
     for row, rec in zip(table.to_pylist(), records):
-        assert row.pop("error") is None
-        sample = coco.read_sample(rec)
-        expected = shards.encode_sample(sample.image, sample.id_map, sample.segments_info, image_id=rec.image_id,
-                                        source_sha256=sample.source_sha256,
-                                        cfg=cfg, file_name=rec.file_name, segments_file=rec.segments_file)
+        expected = shards.encode_dense_sample(coco.read_dense_sample(rec), image_id=rec.image_id, cfg=cfg,
+                                              file_name=rec.file_name, segments_file=rec.segments_file)
         assert row == expected
         source = Path(rec.image_path).read_bytes() + Path(rec.panoptic_path).read_bytes()
         assert row["checksum"] == hashlib.sha256(source).hexdigest()
-        slots = shards._unpng(row["slot_map"])
-        with Image.open(io.BytesIO(row["slot_map"])) as img:  # a standard PNG
-            assert np.array_equal(np.asarray(img), slots)
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(slots)).save(buf, format="PNG", compress_level=1)
-        old = {**row, "slot_map": buf.getvalue()}
-        assert np.array_equal(shards.decode_row(old, 32)["slot_map"], shards.decode_row(row, 32)["slot_map"])
+        stored = shards.decode_slot_map(row["slot_map"], 128)
+        assert stored.dtype == np.uint8 and len(row["slot_map"]) == 128 * 128
+        assert np.array_equal(stored, expected_arrays(rec, cfg)["slot_map"])
+
+    old_png = image_bytes(np.zeros((128, 128, 3), np.uint8), fmt="PNG", mode="L")
+    old = {**table.to_pylist()[0], "slot_map": old_png}  # a row of schema version 3: slot map as PNG
+    with pytest.raises(shards.ShardFormatError, match="re-run `ldmseg preprocess`"):
+        decode_rows([old], 32)
+    m = Manifest(schema_version=SCHEMA_VERSION - 1, config_hash="x", source="s", source_fingerprint="f",
+                 complete=True, files={"train": ["train/a.parquet"]})
+    (tmp_path / "old" / "train").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "old" / "train" / "a.parquet")
+    write_manifest(*open_fs(str(tmp_path / "old")), m)
+    with pytest.raises(ConfigError, match="schema version 3.*re-run `ldmseg preprocess`"):
+        ShardDataset(str(tmp_path / "old"), "train", 32)
+    with pytest.raises(ConfigError, match="re-run `ldmseg preprocess`"):
+        check_data_config(m, cfg.data, "--data old")
+
+
+def test_slot_maps_beyond_256_slots_are_stored_as_uint16():
+    from ldmseg.data import shards
+
+    id_map = np.arange(1, 32 * 32 + 1, dtype=np.int64).reshape(32, 32)  # 1024 one-pixel segments
+    info = [{"id": i, "category_id": 1, "iscrowd": 0} for i in range(1, 32 * 32 + 1)]
+    cfg = load_config(REPO / "conf/tiny.yaml", ["data.resolution=32", "data.num_slots=512",
+                                                "data.min_segment_area=1"])
+    row = shards.encode_dense_sample(dense_sample(np.zeros((32, 32, 3), np.uint8), id_map, info), image_id=1, cfg=cfg)
+    assert (row["num_segments"], row["n_merged"]) == (511, 1024 - 511)
+    assert len(row["slot_map"]) == 2 * 32 * 32
+    stored = shards.decode_slot_map(row["slot_map"], 32)
+    assert stored.dtype == np.dtype("<u2") and len(np.unique(stored[stored > 0])) == row["num_segments"]
+    batch = decode_rows([row], 512, np.random.default_rng(0))
+    assert torch.equal(batch["slot_map"][0], torch.from_numpy(decode_row(row, 512, np.random.default_rng(0))["slot_map"]))
 
 
 def test_min_segment_area_counts_pixels_at_the_training_resolution():
@@ -209,26 +237,20 @@ def test_min_segment_area_counts_pixels_at_the_training_resolution():
     image = np.zeros((96, 96, 3), np.uint8)
     for res, n_segments, n_small in ((32, 3, 0), (16, 2, 1)):
         cfg = load_config(REPO / "conf/tiny.yaml", [f"data.resolution={res}", "data.min_segment_area=10"])
-        row = shards.encode_sample(image, id_map, info, image_id=1, cfg=cfg, source_sha256="")
-        slots = shards._unpng(row["slot_map"])
+        row = shards.encode_dense_sample(dense_sample(image, id_map, info), image_id=1, cfg=cfg)
+        stored = shards.decode_slot_map(row["slot_map"], res)
         assert (row["num_segments"], row["n_small"]) == (n_segments, n_small)
-        assert len(np.unique(slots[slots > 0])) == n_segments
+        assert len(np.unique(stored[stored > 0])) == n_segments
 
 
 def test_shard_dataset_equals_row_by_row_reference(tmp_path, coco_val_examples):
     """ShardDataset (columns sliced per sample) yields what reading row dicts and decode_row
     gives, in the same order and with the same random slots for the same seed."""
-    import pandas as pd
-
-    from ldmseg.config import to_dict
-    from ldmseg.data import shards
     from ldmseg.data.parquet_dataset import TRAIN_COLUMNS
-    from pipelines.preprocess import process_batch
 
     cfg = load_config(REPO / "conf/tiny.yaml", ["data.resolution=96"])
     records = coco.load_coco_panoptic(coco_val_examples).records[:7]
-    batch = pd.DataFrame({"record": [json.dumps(r.to_dict()) for r in records], "split": ["train"] * 7})
-    table = process_batch(batch, to_dict(cfg)).drop_columns(["error"])
+    table = encode_records(records, cfg, tmp_path / "staging")
     (tmp_path / "o" / "train").mkdir(parents=True)
     files = [str(tmp_path / "o" / "train" / f"{k}.parquet") for k in ("a", "b")]
     pq.write_table(table.slice(0, 3), files[0])
@@ -244,15 +266,15 @@ def test_shard_dataset_equals_row_by_row_reference(tmp_path, coco_val_examples):
             buffer = []
             for row in rows:
                 if not train:
-                    yield shards.decode_row(row, 32, None), row["image_id"]
+                    yield decode_row(row, 32, None), row["image_id"]
                     continue
                 buffer.append(row)
                 if len(buffer) >= shuffle_buffer:
                     r = buffer.pop(int(rng.integers(len(buffer))))
-                    yield shards.decode_row(r, 32, rng), r["image_id"]
+                    yield decode_row(r, 32, rng), r["image_id"]
             rng.shuffle(buffer)
             for r in buffer:
-                yield shards.decode_row(r, 32, rng), r["image_id"]
+                yield decode_row(r, 32, rng), r["image_id"]
 
     for train, buffer, epochs in ((True, 3, 3), (True, 256, 2), (False, 256, 1)):
         got = ShardDataset(str(tmp_path / "o"), "train", 32, train=train, seed=4, shuffle_buffer=buffer,

@@ -12,7 +12,7 @@ from conftest import REPO
 from ldmseg.checkpoint import build_components, save_model
 from ldmseg.config import load_config, redact_uri
 from ldmseg.data import coco
-from ldmseg.data.encoding import clean_segments
+from ldmseg.data.slots import clean_segments
 from ldmseg.data.ids import encode_panoptic_png, is_crowd
 
 TINY = ["data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "image_encoder.kind=pixel_unshuffle",
@@ -115,7 +115,7 @@ def test_predictions_of_inputs_sharing_a_file_name_never_overwrite_each_other(tm
 
     cfg = load_config(REPO / "conf/tiny.yaml", TINY)
     save_model(tmp_path / "model", cfg, build_components(cfg), latent_scale=1.0)
-    stats = predict_dataset(Segmenter.from_pretrained(str(tmp_path / "model")), a, tmp_path / "pred", progress=False)
+    stats = predict_dataset(Segmenter.from_pretrained(str(tmp_path / "model")), a, tmp_path / "pred")
     written = sorted(p.name for p in (tmp_path / "pred" / "panoptic").glob("*.png"))
     pred_json = json.loads((tmp_path / "pred" / "panoptic.json").read_text())
     assert stats["n_predicted"] == 2 and written == sorted(names.values())

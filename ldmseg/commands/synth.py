@@ -9,7 +9,6 @@ Example: ldmseg synth data/synth --num-images 64 --size 64 --seed 0
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
@@ -36,20 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ldmseg import inputs
-    from ldmseg.config import ConfigError, SynthConfig, load_config
+    from ldmseg.config import load_config, override
     from ldmseg.data.synthetic import check_config, write_scenes_from_config
 
     inputs.output_folder("OUT", args.out)
+    given = {f"synth.{name}": getattr(args, name) for name in _KNOBS if getattr(args, name) is not None}
     try:
-        cfg = load_config(args.config).synth if args.config else SynthConfig()
-    except ConfigError as exc:
-        print(f"ldmseg synth: {exc}", file=sys.stderr)
-        return 2
-    given = {name: getattr(args, name) for name in _KNOBS if getattr(args, name) is not None}
-    cfg = dataclasses.replace(cfg, **given)
-    try:
+        cfg = override(load_config(args.config), given).synth
         check_config(cfg)
-    except ValueError as exc:
+    except ValueError as exc:  # ConfigError too
         print(f"ldmseg synth: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()

@@ -18,6 +18,13 @@ from typing import Any
 
 import fsspec
 
+# The version of an output's row schema (:mod:`ldmseg.data.shards`), recorded in its manifest:
+# 2: ``checksum`` hashes the source files as stored (1: the decoded image and id map)
+# 3: ``min_segment_area`` counts pixels at the training resolution (2: at the source's)
+# 4: slot maps stored raw in a compressed column (3: as PNG); no ``valid`` column (the valid
+#    region is the top-left scaled_height × scaled_width rectangle)
+SCHEMA_VERSION = 4
+
 MANIFEST = "_manifest.json"
 PROGRESS = "_progress"
 ERRORS = "errors"
@@ -69,6 +76,16 @@ def write_json(fs, path: str, data: Any) -> None:
     fs.mv(tmp, path)
 
 
+def write_parquet_file(fs, path: str, table) -> None:
+    """Write a pyarrow table to one Parquet file through a temporary name, then move it in place."""
+    import pyarrow.parquet as pq
+
+    tmp = path + ".tmp"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, path)
+
+
 def write_manifest(fs, root: str, manifest: Manifest) -> None:
     write_json(fs, posixpath.join(root, MANIFEST), asdict(manifest))
 
@@ -77,14 +94,27 @@ DATA_KEYS = ("resolution", "num_slots", "min_segment_area", "resize_mode")
 """``data`` fields baked into the shards: training with other values would read wrong targets."""
 
 
+def check_schema_version(manifest: Manifest, where: str) -> None:
+    """Raise :class:`~ldmseg.config.ConfigError` if the shards were written in another schema
+    version than :data:`SCHEMA_VERSION` (this code cannot read them)."""
+    from ldmseg.config import ConfigError
+
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise ConfigError(f"{where} holds shards of schema version {manifest.schema_version}; this ldmseg reads "
+                          f"version {SCHEMA_VERSION}: re-run `ldmseg preprocess` (with --overwrite, or into a new "
+                          "--output)")
+
+
 def check_data_config(manifest: Manifest, data_cfg: Any, where: str) -> None:
-    """Raise :class:`~ldmseg.config.ConfigError` if ``data_cfg`` disagrees with the shards' ``data`` section.
+    """Raise :class:`~ldmseg.config.ConfigError` if the shards are of another schema version
+    (:func:`check_schema_version`) or ``data_cfg`` disagrees with their ``data`` section.
 
     Shards made with 32 slots read with ``data.num_slots=8`` would turn slots >= 8 void; other
     resolutions or area floors would train on targets the config does not describe.
     """
     from ldmseg.config import ConfigError
 
+    check_schema_version(manifest, where)
     stored = manifest.config.get("data", {})
     diffs = [f"data.{k}={stored[k]!r} (this config: {getattr(data_cfg, k)!r})"
              for k in DATA_KEYS if k in stored and stored[k] != getattr(data_cfg, k)]

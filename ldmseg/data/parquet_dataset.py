@@ -13,15 +13,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
-from ldmseg.data.encoding import repermute_slots
-from ldmseg.data.manifest import list_split_files, open_fs
-from ldmseg.data.shards import _unpng, decode_image
+from ldmseg.data.manifest import check_schema_version, list_split_files, open_fs, read_manifest
+from ldmseg.data.shards import decode_image, decode_slot_map, valid_mask
+from ldmseg.data.slots import repermute_slots
 
 # Columns a training step needs (the rest is provenance).
-TRAIN_COLUMNS = ["image_id", "resolution", "image", "image_format", "slot_map", "valid", "resize_mode",
-                 "scaled_height", "scaled_width"]
+TRAIN_COLUMNS = ["image_id", "resolution", "image", "image_format", "slot_map", "scaled_height", "scaled_width"]
 
 
 def decode_rows(rows: Iterable[dict[str, Any]], num_slots: int,
@@ -57,21 +55,11 @@ def decode_columns(cols: Mapping[str, Any], num_slots: int,
 
     image_f = _to_float(_images_u8(image_col, formats, res, n))
     slot_maps = np.empty((n, res, res), dtype=np.int64)
-    for i, data in enumerate(_as_list(cols["slot_map"])):
-        slot_maps[i] = _slot_map(data, num_slots, generator)
-
+    for i, data in enumerate(_slot_values(cols["slot_map"], res)):
+        slot_maps[i] = _slot_map(data, res, num_slots, generator)
     valid = np.zeros((n, res, res), dtype=bool)
-    modes = _as_list(cols["resize_mode"]) if "resize_mode" in cols else [None] * n
-    heights = _as_list(cols["scaled_height"]) if "scaled_height" in cols else [None] * n
-    widths = _as_list(cols["scaled_width"]) if "scaled_width" in cols else [None] * n
-    valid_col = None
-    for i in range(n):
-        if (modes[i] or "pad") == "pad" and heights[i]:
-            valid[i, : int(heights[i]), : int(widths[i])] = True  # the top-left rectangle
-        else:
-            if valid_col is None:
-                valid_col = _as_list(cols["valid"])
-            valid[i] = _unpng(valid_col[i]).astype(bool)
+    for i, (h, w) in enumerate(zip(_as_list(cols["scaled_height"]), _as_list(cols["scaled_width"]))):
+        valid[i, : int(h), : int(w)] = True  # the top-left rectangle
 
     image_ids = [int(v) for v in _as_list(cols["image_id"])]
     return {"image": torch.from_numpy(image_f), "slot_map": torch.from_numpy(slot_maps),
@@ -80,7 +68,7 @@ def decode_columns(cols: Mapping[str, Any], num_slots: int,
 
 def _to_float(images: np.ndarray) -> np.ndarray:
     """(N, R, R, 3) uint8 → (N, 3, R, R) float32 in [-1, 1]: channels first, to float and / 127.5
-    in one pass over the pixels, then - 1 (decode_row's float32 arithmetic: the same values)."""
+    in one pass over the pixels, then - 1 (the same float32 values as ``/ 127.5 - 1`` in torch)."""
     n, h, w, _ = images.shape
     out = np.empty((n, 3, h, w), dtype=np.float32)
     np.divide(images.transpose(0, 3, 1, 2), np.float32(127.5), out=out, dtype=np.float32)
@@ -88,29 +76,18 @@ def _to_float(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def _slot_map(data: Any, num_slots: int, generator: np.random.Generator | None) -> np.ndarray:
-    """A stored slot-map PNG → (R, R) slots (a view), re-permuted when ``generator`` is given."""
-    slot_map = _unpng(data)
-    return slot_map if generator is None else _repermute(slot_map, num_slots, generator)
+def _slot_map(data: Any, res: int, num_slots: int, generator: np.random.Generator | None) -> np.ndarray:
+    """A stored slot map → (R, R) slots (a view), re-permuted when ``generator`` is given."""
+    slot_map = decode_slot_map(data, res)
+    return slot_map if generator is None else repermute_slots(slot_map, num_slots, generator)
 
 
-def _repermute(slot_map: np.ndarray, num_slots: int, generator: np.random.Generator) -> np.ndarray:
-    """:func:`repermute_slots` (same draws, same result) reading a view from :func:`_unpng` in
-    place: the inflated rows, filter byte first, go to PIL without a copy (the filter bytes
-    only add to slot 0's count, which is not drawn for)."""
-    rows = slot_map.base
-    h, w = slot_map.shape
-    if (slot_map.dtype != np.uint8 or num_slots > 256 or not isinstance(rows, np.ndarray)
-            or rows.dtype != np.uint8 or rows.size != h * (w + 1) or not rows.flags.c_contiguous
-            or slot_map.strides != (w + 1, 1)
-            or slot_map.__array_interface__["data"][0] != rows.__array_interface__["data"][0] + 1):
-        return repermute_slots(slot_map, num_slots, generator)
-    img = Image.frombuffer("L", (w + 1, h), rows, "raw", "L", 0, 1)
-    present = np.flatnonzero(np.asarray(img.histogram()[:num_slots]))
-    present = present[present != 0]
-    lut = np.zeros(256, dtype=np.uint8)
-    lut[present] = generator.permutation(num_slots - 1)[: present.size] + 1
-    return np.asarray(img.point(lut.tolist()))[:, 1:]
+def _slot_values(col: Any, res: int) -> Any:
+    """The slot-map column's values: rows of one (N, R·R) uint8 view of the column when it is
+    pyarrow with one-byte slots (no copy), else its values."""
+    chunks = _binary_chunks(col)
+    view = _raw_view(chunks, res * res) if chunks is not None else None
+    return view if view is not None else _as_list(col)
 
 
 def _as_list(col: Any) -> list:
@@ -176,15 +153,6 @@ def _images_u8(col: Any, formats: list[str], res: int, n: int) -> np.ndarray:
     return np.stack([decode_image(v, f, res) for v, f in zip(values, formats)])
 
 
-def collate(samples: list[dict[str, np.ndarray]], image_ids: list[int]) -> dict[str, torch.Tensor]:
-    return {
-        "image": torch.from_numpy(np.stack([s["image"] for s in samples])),
-        "slot_map": torch.from_numpy(np.stack([s["slot_map"] for s in samples])),
-        "valid": torch.from_numpy(np.stack([s["valid"] for s in samples])),
-        "image_id": torch.tensor(image_ids, dtype=torch.int64),
-    }
-
-
 def columns_to_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
     """A columnar batch (dict of arrays, as Ray Data yields) → list of row dicts."""
     keys = list(batch)
@@ -199,27 +167,23 @@ class _Block:
         self.n = table.num_rows
         self.cols: dict[str, Any] = {}
         for name in table.column_names:
-            if name in ("image", "valid"):
-                continue
-            self.cols[name] = table.column(name).to_pylist()
+            if name not in ("image", "slot_map"):
+                self.cols[name] = table.column(name).to_pylist()
         res = {int(r) for r in self.cols.get("resolution", [])}
+        self.res = res.pop() if len(res) == 1 else 0
         image = table.column("image")
         self.images = None
-        self.res = 0
-        if len(res) == 1 and all(f == "raw" for f in self.cols["image_format"]):
-            r = self.res = res.pop()
+        if self.res and all(f == "raw" for f in self.cols["image_format"]):
             chunks = _binary_chunks(image)
-            view = _raw_view(chunks, r * r * 3) if chunks is not None else None
-            if view is not None:
-                self.images = view  # (N, R·R·3), no copy
+            self.images = _raw_view(chunks, self.res * self.res * 3) if chunks is not None else None  # no copy
         self.image_values = image.to_pylist() if self.images is None else None
-        self.valid_col = table.column("valid") if "valid" in table.column_names else None
+        self.slot_maps = _slot_values(table.column("slot_map"), self.res) if self.res else None
 
     def columns(self, i: int) -> dict[str, list]:
+        """Row ``i`` as the one-row columns :func:`decode_columns` takes."""
         out = {k: [v[i]] for k, v in self.cols.items()}
         out["image"] = [self.images[i] if self.images is not None else self.image_values[i]]
-        if self.valid_col is not None:
-            out["valid"] = [self.valid_col[i].as_py()]
+        out["slot_map"] = [self.slot_maps[i]]
         return out
 
 
@@ -236,6 +200,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
                  shuffle_buffer: int = 256, repeat: bool = False, storage_options: dict | None = None):
         super().__init__()
         self.fs, root = open_fs(output, storage_options)
+        manifest = read_manifest(self.fs, root)
+        if manifest is not None:
+            check_schema_version(manifest, output)
         self.files = list_split_files(self.fs, root, split)
         if not self.files:
             raise FileNotFoundError(f"split {split!r} of {output} has no Parquet files")
@@ -278,15 +245,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _decode(self, row: tuple[_Block, int], rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         block, i = row
-        if block.images is None or (block.cols["resize_mode"][i] or "pad") != "pad" \
-                or not block.cols["scaled_height"][i]:
+        if block.images is None:
             return {k: v[0] for k, v in decode_columns(block.columns(i), self.num_slots, rng).items()}
-        # the common case (raw image, padded) without the batch decoder's generality: the same
-        # arrays as decode_columns on this one row
+        # the common case (raw images of one resolution) without the batch decoder's generality:
+        # the same arrays as decode_columns on this one row
         res = block.res
-        slot_map = _slot_map(block.cols["slot_map"][i], self.num_slots, rng).astype(np.int64)
-        valid = np.zeros((res, res), dtype=bool)
-        valid[: int(block.cols["scaled_height"][i]), : int(block.cols["scaled_width"][i])] = True
+        slot_map = _slot_map(block.slot_maps[i], res, self.num_slots, rng).astype(np.int64)
+        valid = valid_mask(res, int(block.cols["scaled_height"][i]), int(block.cols["scaled_width"][i]))
         return {"image": torch.from_numpy(_to_float(block.images[i].reshape(1, res, res, 3))[0]),
                 "slot_map": torch.from_numpy(slot_map), "valid": torch.from_numpy(valid),
                 "image_id": torch.from_numpy(np.array(block.cols["image_id"][i], dtype=np.int64))}

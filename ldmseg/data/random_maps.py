@@ -15,7 +15,7 @@ A map is built in torch, for a whole batch at once:
    rotated ellipses with log-uniform sizes (a few pixels to a third of the image), aspect ratios
    up to ~7 (thin parts) and their own low-frequency boundary noise; a few are void;
 4. per map: segments under ``min_area`` pixels become void, the largest ``num_slots − 1`` keep a
-   slot, and slots are drawn at random (:func:`ldmseg.data.encoding.clean_remap_labels`).
+   slot, and slots are drawn at random (:func:`ldmseg.data.slots.clean_remap_labels`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldmseg.data.encoding import clean_remap_labels
+from ldmseg.data.slots import clean_remap_labels
 
 
 def _smooth_noise(shape: tuple[int, ...], grid: int, size: int, generator: torch.Generator | None,

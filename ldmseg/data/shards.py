@@ -1,4 +1,4 @@
-"""The latent-ready Parquet shard format (schema version 1): row encoding and decoding.
+"""The latent-ready Parquet shard format (schema version 4): row encoding and the column codecs.
 
 One row per image, written by ``ldmseg preprocess`` and read by training, without Ray:
 
@@ -11,13 +11,15 @@ file_name      string    source image file name
 segments_file  string    source panoptic PNG file name
 height, width  int32     original image size in pixels
 resolution     int32     training resolution R (rows hold R×R arrays)
-scaled_height  int32     size of the resized image inside the R×R canvas (pad mode);
-scaled_width   int32     ``restore_size`` uses it to go back to the original size
+scaled_height  int32     size of the resized image inside the R×R canvas: the image fills the
+scaled_width   int32     top-left scaled_height × scaled_width pixels (all R×R when squashed);
+                         the rest is padding (``restore_size`` goes back to the original size)
 resize_mode    string    ``pad`` or ``squash``
 image          binary    image at R×R: raw RGB bytes (R·R·3 uint8, row-major) or PNG/JPEG
 image_format   string    ``raw``, ``png`` or ``jpeg``
-slot_map       binary    remapped id map (slot per pixel, 0 = void/padding) as 8/16-bit PNG
-valid          binary    valid-pixel mask (1 = inside the image) as 1-bit PNG
+slot_map       binary    remapped id map (slot per pixel, 0 = void/padding), raw: R·R uint8
+                         (up to 256 slots) or R·R little-endian uint16, row-major; Parquet
+                         compresses the column
 num_segments   int32     non-void segments after cleaning
 segments       string    JSON list: {slot, id, category_id, iscrowd, area, bbox} per segment
 n_small        int32     segments < min_segment_area px at the training resolution turned void
@@ -27,16 +29,13 @@ checksum       string    sha256 of the source image file then the panoptic PNG, 
 ============== ========= =================================================================
 
 Slots are remapped deterministically per image id (``eval_generator``); training re-permutes
-them per sample (:func:`decode_row` with a generator).
+them per sample (:mod:`ldmseg.data.parquet_dataset`).
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import json
-import struct
-import zlib
 from typing import Any
 
 import numpy as np
@@ -44,11 +43,11 @@ import pyarrow as pa
 from PIL import Image
 
 from ldmseg.config import Config
-from ldmseg.data import encoding
-
-# 2: ``checksum`` hashes the source files as stored (1: the decoded image and id map)
-# 3: ``min_segment_area`` counts pixels at the training resolution (2: at the source's)
-SCHEMA_VERSION = 3
+from ldmseg.data.coco_writer import CocoPanopticWriter
+from ldmseg.data.manifest import SCHEMA_VERSION
+from ldmseg.data.resize import nearest_index, scaled_size
+from ldmseg.data.segments import segments_info as measure_segments
+from ldmseg.data.slots import clean_remap_labels, eval_generator
 
 SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -64,7 +63,6 @@ SCHEMA = pa.schema([
     ("image", pa.binary()),
     ("image_format", pa.string()),
     ("slot_map", pa.binary()),
-    ("valid", pa.binary()),
     ("num_segments", pa.int32()),
     ("segments", pa.string()),
     ("n_small", pa.int32()),
@@ -82,77 +80,42 @@ ERROR_SCHEMA = pa.schema([
 ])
 
 
-def _png(array: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+def encode_slot_map(slot_map: np.ndarray) -> bytes:
+    """(R, R) uint8 or uint16 slots → the ``slot_map`` column's raw bytes (row-major, little-endian)."""
+    if slot_map.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"slot maps are stored as uint8 or uint16, got {slot_map.dtype}")
+    return np.ascontiguousarray(slot_map, dtype=slot_map.dtype.newbyteorder("<")).tobytes()
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+def decode_slot_map(data: Any, resolution: int) -> np.ndarray:
+    """Inverse of :func:`encode_slot_map` → a read-only (R, R) uint8 or uint16 view of ``data``.
+
+    The width of a slot is the stored size over R·R (1 byte up to 256 slots, else 2). Raises
+    :class:`ShardFormatError` for any other size (shards of an older schema version).
+    """
+    flat = np.frombuffer(data, dtype=np.uint8)
+    pixels = resolution * resolution
+    if flat.size == pixels:
+        return flat.reshape(resolution, resolution)
+    if flat.size == 2 * pixels:
+        return flat.view("<u2").reshape(resolution, resolution)
+    raise ShardFormatError(f"a slot map of {flat.size} bytes does not hold {resolution}x{resolution} raw slots")
 
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _png_gray8(array: np.ndarray) -> bytes:
-    """(H, W) uint8 → an 8-bit grayscale PNG: no row filter, zlib level 1 (~4x faster than PIL's
-    encoder, whose adaptive filtering costs more than the compression). Any PNG reader opens it."""
-    h, w = array.shape
-    raw = np.empty((h, w + 1), dtype=np.uint8)
-    raw[:, 0] = 0  # filter type None on every row
-    raw[:, 1:] = array
-    return b"".join((_PNG_MAGIC, _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)),
-                     _png_chunk(b"IDAT", zlib.compress(raw, 1)), _png_chunk(b"IEND", b"")))
-
-
-def _unpng_gray8(data) -> np.ndarray | None:
-    """Fast path of :func:`_unpng` for 8-bit grayscale PNGs without row filters (as
-    :func:`_png_gray8` writes): one inflate, no PIL. None for any other PNG.
-
-    The result is a (H, W) view into the inflated rows, whose filter bytes (all 0) precede each
-    row: ``result.base`` holds them, (H·(W + 1),) uint8."""
-    view = memoryview(data)
-    if len(view) < 45 or view[:8] != _PNG_MAGIC or view[12:16] != b"IHDR":
-        return None
-    w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", view[16:29])
-    if depth != 8 or colour != 0 or interlace != 0 or not w or not h:
-        return None
-    pos, idat = 33, []
-    while pos + 8 <= len(view):
-        n = int.from_bytes(view[pos:pos + 4], "big")
-        kind = bytes(view[pos + 4:pos + 8])
-        if kind == b"IDAT":
-            idat.append(view[pos + 8:pos + 8 + n])
-        elif kind == b"IEND":
-            break
-        pos += 12 + n
-    try:
-        raw = zlib.decompress(idat[0] if len(idat) == 1 else b"".join(idat))
-    except (zlib.error, IndexError):
-        return None
-    if len(raw) != h * (w + 1):
-        return None
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, w + 1)
-    if rows[:, 0].any():  # some row uses a filter: let PIL undo it
-        return None
-    return rows[:, 1:]
-
-
-def _unpng(data: bytes) -> np.ndarray:
-    fast = _unpng_gray8(data)
-    if fast is not None:
-        return fast
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img)
-
-
-@functools.lru_cache(maxsize=4096)
-def _valid_png(resolution: int, scaled_h: int, scaled_w: int) -> bytes:
-    """The valid-pixel mask PNG of a top-left ``scaled_h`` x ``scaled_w`` region (same for many rows)."""
+def valid_mask(resolution: int, scaled_height: int, scaled_width: int) -> np.ndarray:
+    """(R, R) bool: True on the image, False on the padding (the image fills the top-left
+    ``scaled_height`` × ``scaled_width`` rectangle; all of it in ``squash`` mode)."""
     valid = np.zeros((resolution, resolution), dtype=bool)
-    valid[:scaled_h, :scaled_w] = True
-    return _png(valid)
+    valid[:scaled_height, :scaled_width] = True
+    return valid
+
+
+class ShardFormatError(ValueError):
+    """Shards written in another schema version than this code reads."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what}: these shards were written by an older ldmseg (schema version < "
+                         f"{SCHEMA_VERSION}); re-run `ldmseg preprocess` (with --overwrite, or into a new --output)")
 
 
 def encode_image(image: np.ndarray, fmt: str) -> bytes:
@@ -176,73 +139,45 @@ class SkipImage(ValueError):
     """The image is valid but unusable for training (e.g. no non-crowd segment)."""
 
 
-def encode_sample(image: np.ndarray, id_map: np.ndarray, segments_info: list[dict], *, image_id: int,
-                  cfg: Config, split: str = "train", file_name: str = "", segments_file: str = "",
-                  seed: int = 0, source_sha256: str = "") -> dict[str, Any]:
-    """One decoded COCO panoptic sample → one shard row (a dict matching :data:`SCHEMA`).
-
-    ``image`` is (H, W, 3) uint8, ``id_map`` (H, W) int64 COCO segment ids; ``source_sha256``
-    becomes the row's ``checksum`` (:attr:`ldmseg.data.coco.Sample.source_sha256`). Cleans (small and
-    crowd → void), remaps ids into slots deterministically per ``image_id``, resizes/pads to
-    ``cfg.data.resolution``. Raises :class:`SkipImage` if no non-crowd segment is left.
-    """
-    image = _check_image(image, id_map)
-    dense, ids = encoding.compact_ids(id_map)  # one hash pass; the rest works on dense labels
-    counts = np.bincount(dense.ravel(), minlength=len(ids))
-    return _encode(image, None, dense, ids, counts, segments_info, image_id=image_id, cfg=cfg, split=split,
-                   file_name=file_name, segments_file=segments_file, seed=seed, source_sha256=source_sha256)
-
-
 def encode_dense_sample(sample, *, image_id: int, cfg: Config, split: str = "train", file_name: str = "",
                         segments_file: str = "", seed: int = 0, image_out: np.ndarray | None = None
                         ) -> dict[str, Any]:
-    """:func:`encode_sample` of a :class:`ldmseg.data.coco.DenseSample` (same row), without
-    relabelling the ids again.
+    """One decoded COCO panoptic sample → one shard row (a dict matching :data:`SCHEMA`).
+
+    ``sample`` is a :class:`ldmseg.data.coco.DenseSample`: the (H, W, 3) uint8 ``image``, its ids
+    relabelled densely (``labels``; ``segment_ids[label]`` the COCO id, ``counts`` per label),
+    ``segments_info`` and ``source_sha256`` (the row's ``checksum``). Cleans (small and crowd →
+    void), remaps ids into slots deterministically per ``image_id``, resizes/pads to
+    ``cfg.data.resolution``. Raises :class:`SkipImage` if no non-crowd segment is left.
+
+    Equal to resizing, cleaning and remapping the id map itself (:func:`~ldmseg.data.resize.resize_pad`,
+    :func:`~ldmseg.data.slots.clean_segments`, :func:`~ldmseg.data.slots.remap_ids`): segment
+    areas are counted at the training resolution (a segment the model sees as 3 pixels is not a
+    target, however large it was in the source), and the label → slot table is applied to the
+    resized labels.
 
     ``image_out``: a zeroed (R, R, 3) uint8 array; with ``image_format`` ``raw`` the image is
     written there and the row's ``image`` is None (the caller builds the column from it).
     """
-    image = _check_image(sample.image, sample.id_map)
-    return _encode(image, sample.pil_image, sample.labels, sample.segment_ids, sample.counts,
-                   sample.segments_info, image_id=image_id, cfg=cfg, split=split, file_name=file_name,
-                   segments_file=segments_file, seed=seed, source_sha256=sample.source_sha256,
-                   image_out=image_out)
-
-
-def _check_image(image: np.ndarray, id_map: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
+    image = np.asarray(sample.image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}")
-    if image.shape[:2] != np.shape(id_map):
-        raise ValueError(f"image {image.shape[:2]} and id_map {np.shape(id_map)} sizes differ")
-    return image
-
-
-def _encode(image: np.ndarray, pil_image, labels: np.ndarray, ids: np.ndarray, counts: np.ndarray,
-            segments_info: list[dict], *, image_id: int, cfg: Config, split: str, file_name: str,
-            segments_file: str, seed: int, source_sha256: str, image_out: np.ndarray | None = None
-            ) -> dict[str, Any]:
-    """The row of a sample given as dense labels (``ids[label]`` = COCO id, ``counts`` per label).
-
-    Equal to resizing, cleaning and remapping the id map itself (:func:`encoding.resize_pad`,
-    :func:`encoding.clean_segments`, :func:`encoding.remap_ids`): segment areas are counted at
-    the training resolution (a segment the model sees as 3 pixels is not a target, however large
-    it was in the source), and the label → slot table is applied to the resized labels.
-    """
+    labels, ids, counts = sample.labels, sample.segment_ids, sample.counts
+    if image.shape[:2] != labels.shape:
+        raise ValueError(f"image {image.shape[:2]} and id map {labels.shape} sizes differ")
     h, w = labels.shape
     label_of = {int(v): i for i, v in enumerate(ids.tolist())}
-    dense_info = [{**s, "id": label_of[int(s["id"])]} for s in segments_info if int(s["id"]) in label_of]
+    dense_info = [{**s, "id": label_of[int(s["id"])]} for s in sample.segments_info if int(s["id"]) in label_of]
     res, mode = int(cfg.data.resolution), cfg.data.resize_mode
     if res < 1:
         raise ValueError(f"resolution must be >= 1, got {res}")
-    sh, sw = encoding.scaled_size(h, w, res, mode)
+    sh, sw = scaled_size(h, w, res, mode)
     small_labels = labels
     if (sh, sw) != (h, w):
-        small_labels = np.take(np.take(labels, encoding._nearest_index(h, sh), axis=0),
-                               encoding._nearest_index(w, sw), axis=1)
+        small_labels = np.take(np.take(labels, nearest_index(h, sh), axis=0), nearest_index(w, sw), axis=1)
         counts = np.bincount(small_labels.ravel(), minlength=len(counts))
-    remap = encoding.clean_remap_labels(counts, dense_info, cfg.data.min_segment_area, cfg.data.num_slots,
-                                        encoding.eval_generator(image_id, seed))
+    remap = clean_remap_labels(counts, dense_info, cfg.data.min_segment_area, cfg.data.num_slots,
+                               eval_generator(image_id, seed))
     if not remap.has_segments:
         raise SkipImage(f"no non-crowd segment of at least {cfg.data.min_segment_area} px at the "
                         f"training resolution {res} (nothing to train on)")
@@ -251,7 +186,7 @@ def _encode(image: np.ndarray, pil_image, labels: np.ndarray, ids: np.ndarray, c
     if (sh, sw) == (h, w):
         small = image
     else:
-        pil = pil_image if pil_image is not None else Image.fromarray(image)
+        pil = sample.pil_image if sample.pil_image is not None else Image.fromarray(image)
         small = np.asarray(pil.resize((sw, sh), Image.Resampling.BILINEAR))
     fmt = cfg.preprocess.image_format
     direct = image_out is not None and fmt == "raw"
@@ -277,36 +212,11 @@ def _encode(image: np.ndarray, pil_image, labels: np.ndarray, ids: np.ndarray, c
         "resize_mode": mode,
         "image": None if direct else encode_image(canvas, fmt),
         "image_format": fmt,
-        "slot_map": _png_gray8(slots_r) if slot_dtype == np.uint8 else _png(slots_r),
-        "valid": _valid_png(res, int(sh), int(sw)),
+        "slot_map": encode_slot_map(slots_r),
         "num_segments": len(segments), "segments": json.dumps(segments),
         "n_small": int(remap.n_small), "n_crowd": int(remap.n_crowd), "n_merged": int(remap.n_merged),
-        "checksum": source_sha256,
+        "checksum": sample.source_sha256,
     }
-
-
-def decode_row(row: dict[str, Any], num_slots: int, generator: np.random.Generator | None = None
-               ) -> dict[str, np.ndarray]:
-    """One shard row → training arrays.
-
-    Returns ``image`` (3, R, R) float32 in [-1, 1], ``slot_map`` (R, R) int64 in [0, S),
-    ``valid`` (R, R) bool. With ``generator``, the slots are re-permuted at random (training:
-    id values must carry no meaning); without, the stored deterministic slots are returned.
-    """
-    import torch
-
-    res = int(row["resolution"])
-    image = decode_image(row["image"], row["image_format"], res)
-    slot_map = _unpng(row["slot_map"])
-    if row.get("resize_mode", "pad") == "pad" and row.get("scaled_height"):
-        valid = np.zeros((res, res), dtype=bool)  # the valid region is the top-left rectangle
-        valid[: int(row["scaled_height"]), : int(row["scaled_width"])] = True
-    else:
-        valid = _unpng(row["valid"]).astype(bool)
-    if generator is not None:
-        slot_map = encoding.repermute_slots(slot_map, num_slots, generator)
-    image_f = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-    return {"image": image_f.numpy(), "slot_map": slot_map.astype(np.int64), "valid": valid}
 
 
 def write_coco_from_rows(rows: list[dict[str, Any]], out: str) -> None:
@@ -317,38 +227,19 @@ def write_coco_from_rows(rows: list[dict[str, Any]], out: str) -> None:
     cleaning) and the area/bbox measured on the stored map. Categories are taken from the rows;
     unknown category ids become one class-agnostic ``object`` category.
     """
-    from pathlib import Path
-
-    from ldmseg.data.ids import encode_panoptic_png
-
-    root = Path(out)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "panoptic").mkdir(parents=True, exist_ok=True)
-    images, annotations, cats = [], [], set()
+    writer = CocoPanopticWriter(out, images=True)
+    cats: set[int] = set()
     for row in rows:
         res = int(row["resolution"])
         h, w = int(row["scaled_height"]), int(row["scaled_width"])
         image = decode_image(row["image"], row["image_format"], res)[:h, :w]
-        slots = _unpng(row["slot_map"]).astype(np.int64)[:h, :w]
-        image_id = int(row["image_id"])
-        name = f"{image_id:012d}"
-        Image.fromarray(np.ascontiguousarray(image)).save(root / "images" / f"{name}.png")
-        (root / "panoptic" / f"{name}.png").write_bytes(encode_panoptic_png(slots))
-        info = []
-        for seg in json.loads(row["segments"]):
-            mask = slots == seg["slot"]
-            area = int(mask.sum())
-            if area == 0:
-                continue
-            ys, xs = np.nonzero(mask)
-            cat = int(seg.get("category_id", 1)) or 1
-            cats.add(cat)
-            info.append({"id": int(seg["slot"]), "category_id": cat, "iscrowd": 0, "area": area,
-                         "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
-                                  int(ys.max() - ys.min() + 1)]})
-        images.append({"id": image_id, "file_name": f"{name}.png", "height": h, "width": w})
-        annotations.append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": info})
-    categories = [{"id": c, "name": f"category-{c}", "isthing": 1} for c in sorted(cats)] or \
-        [{"id": 1, "name": "object", "isthing": 1}]
-    (root / "panoptic.json").write_text(json.dumps({"images": images, "annotations": annotations,
-                                                    "categories": categories}))
+        slots = decode_slot_map(row["slot_map"], res)[:h, :w].astype(np.int64)
+        stored = json.loads(row["segments"])
+        category = {int(seg["slot"]): int(seg.get("category_id", 1)) or 1 for seg in stored}
+        info = measure_segments(slots, [int(seg["slot"]) for seg in stored], category_id=category)
+        cats.update(seg["category_id"] for seg in info)
+        name = f"{int(row['image_id']):012d}.png"
+        writer.add_image(int(row["image_id"]), name, h, w, image=image)
+        writer.add_annotation(int(row["image_id"]), name, slots, info)
+    writer.close([{"id": c, "name": f"category-{c}", "isthing": 1} for c in sorted(cats)]
+                 or [{"id": 1, "name": "object", "isthing": 1}])

@@ -17,18 +17,15 @@ files (JPEG quality 95, as COCO's photos).
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import os
-import posixpath
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
-from PIL import Image
 
 from ldmseg.config import SynthConfig
-from ldmseg.data.ids import MAX_ID, encode_panoptic_png
+from ldmseg.data.coco_writer import CocoPanopticWriter
+from ldmseg.data.ids import MAX_ID
+from ldmseg.data.segments import segments_info
 
 THING_CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape", "isthing": 1, "color": [220, 20, 60]},
@@ -273,32 +270,14 @@ def render_scene(cfg: SynthConfig, index: int) -> Scene:
 
     image += np.float32(4.0) * rng.standard_normal(image.shape, dtype=np.float32)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    return Scene(image=image, id_map=id_map, segments_info=_segments_info(id_map, order))
-
-
-def _segments_info(id_map: np.ndarray, order: list[tuple[int, int, int]]) -> list[dict]:
-    """Exact area and bbox [x, y, w, h] of every segment still visible, in paint order."""
-    info = []
-    for seg_id, category_id, iscrowd in order:
-        mask = id_map == seg_id
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        if rows.size == 0:
-            continue  # fully occluded
-        x, y = int(cols[0]), int(rows[0])
-        info.append({"id": seg_id, "category_id": category_id, "iscrowd": iscrowd, "area": int(mask.sum()),
-                     "bbox": [x, y, int(cols[-1]) - x + 1, int(rows[-1]) - y + 1]})
-    return info
+    return Scene(image=image, id_map=id_map, segments_info=segments_info(
+        id_map, [sid for sid, _, _ in order], category_id={sid: cat for sid, cat, _ in order},
+        iscrowd={sid: crowd for sid, _, crowd in order}))
 
 
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-
-
-def _jpeg(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
 
 
 def write_scenes(out: str | os.PathLike, num_images: int, size: int = 64, seed: int = 0,
@@ -317,38 +296,23 @@ def write_scenes_from_config(out: str | os.PathLike, cfg: SynthConfig) -> SynthS
     """:func:`write_scenes` with every knob taken from ``cfg``."""
     check_config(cfg)
     out = os.fspath(out)
-    fs, root = fsspec.core.url_to_fs(out)
-    join = posixpath.join if "://" in out else os.path.join
-    fs.makedirs(join(root, "images"), exist_ok=True)
-    fs.makedirs(join(root, "panoptic"), exist_ok=True)
     width = cfg.size
     height = cfg.height if cfg.height is not None else cfg.size
-
-    images, annotations = [], []
+    info = {"description": "ldmseg synthetic scenes", "version": "1", "config": dataclasses.asdict(cfg)}
+    writer = CocoPanopticWriter(out, CATEGORIES, info=info, images=True, jpeg_quality=JPEG_QUALITY)
     counts = {"segments": 0, "things": 0, "stuff": 0, "crowd": 0, "void": 0}
     thing_ids = {c["id"] for c in THING_CATEGORIES}
     for index in range(cfg.num_images):
         scene = render_scene(cfg, index)
         image_id = index + 1
-        file_name, segments_file = f"{image_id:012d}.jpg", f"{image_id:012d}.png"
-        fs.pipe_file(join(root, "images", file_name), _jpeg(scene.image))
-        fs.pipe_file(join(root, "panoptic", segments_file), encode_panoptic_png(scene.id_map))
-        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
-        annotations.append({"image_id": image_id, "file_name": segments_file, "segments_info": scene.segments_info})
+        writer.add_image(image_id, f"{image_id:012d}.jpg", height, width, image=scene.image)
+        writer.add_annotation(image_id, f"{image_id:012d}.png", scene.id_map, scene.segments_info)
         counts["segments"] += len(scene.segments_info)
         counts["things"] += sum(s["category_id"] in thing_ids for s in scene.segments_info)
         counts["crowd"] += sum(s["iscrowd"] for s in scene.segments_info)
         counts["void"] += int((scene.id_map == 0).sum())
     counts["stuff"] = counts["segments"] - counts["things"]
-
-    doc = {
-        "info": {"description": "ldmseg synthetic scenes", "version": "1", "config": dataclasses.asdict(cfg)},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": CATEGORIES,
-    }
-    fs.pipe_file(join(root, "panoptic.json"), json.dumps(doc).encode())
+    writer.close()
     pixels = max(1, cfg.num_images * height * width)
     return SynthSummary(out=out, num_images=cfg.num_images, width=width, height=height,
                         num_segments=counts["segments"], num_things=counts["things"], num_stuff=counts["stuff"],

@@ -30,7 +30,7 @@ METRICS = ("pq", "sq", "rq", "pq_unknown", "sq_unknown", "rq_unknown", "known_fr
 
 def inpainting_trial(config: dict[str, Any]) -> None:
     """One Tune trial: inpaint the held-out set at one (kind, fraction) and log an MLflow run."""
-    from ldmseg.evaluation import GroundTruth
+    from ldmseg.evaluation import GroundTruth, progress_logger
     from ldmseg.inpainting_eval import inpainting_scores
 
     params = {"kind": config["kind"], "fraction": config["fraction"], "sampler": config.get("sampler"),
@@ -39,7 +39,10 @@ def inpainting_trial(config: dict[str, Any]) -> None:
     scored_trial(config, "inpainting-trial", params,
                  lambda: inpainting_scores(cached_segmenter(config["model_dir"]), GroundTruth(**config["gt"]).load(),
                                            config["kind"], config["fraction"], seed=config.get("seed", 0),
-                                           max_images=config.get("max_images"), **options))
+                                           max_images=config.get("max_images"),
+                                           progress=progress_logger("inpainting", f"{config['kind']} "
+                                                                                  f"{config['fraction']:.0%}:"),
+                                           **options))
 
 
 def add_unknown_gains(rows: list[dict[str, Any]]) -> None:
