@@ -487,7 +487,7 @@ def test_cli(tmp_path):
     result = json.loads(out.stdout)
     assert result["All"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "tp": 47, "fp": 0, "fn": 0, "n": 8}
     assert result["n_images"] == 2 and out.stderr == ""
-    out = subprocess.run([env_python, "-m", "ldmseg.cli", "pq", "--gt", str(SAMPLE), "--pred", str(SAMPLE),
+    out = subprocess.run([env_python, "-m", "pipelines.cli", "pq", "--gt", str(SAMPLE), "--pred", str(SAMPLE),
                           "--json", "--engine", "numpy"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and json.loads(out.stdout) == result
 
