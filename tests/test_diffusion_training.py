@@ -14,7 +14,7 @@ from ldmseg.checkpoint import build_components
 from ldmseg.config import load_config
 from ldmseg.data.encoding import clean_segments, ids_to_bits, image_to_tensor, remap_ids, resize_pad
 from ldmseg.data.synthetic import make_config, render_scene
-from ldmseg.diffusion import training
+from ldmseg import training
 from ldmseg.diffusion.noise import make_train_scheduler, min_snr_weights, predict_x0, prediction_target
 from helpers_denoiser import RecordingDenoiser
 
@@ -240,7 +240,7 @@ def test_mixed_precision_bf16_on_cpu_and_fp16_fallback():
         optimizer, _ = training.make_optimizer(comps.denoiser.parameters(), cfg.train_ldm)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            training._warned.clear()
+            training.optim._warned.clear()
             out = training.ldm_train_step(comps, batch, optimizer, cfg, generator=torch.Generator().manual_seed(0))
         assert math.isfinite(out["loss"])
         fell_back = any("fp16 needs a CUDA device" in str(w.message) for w in caught)
