@@ -367,7 +367,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--tracking-uri", default=None)
     s.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
 
-    from pipelines import tune_inpainting, tune_schedules
+    from pipelines import tune_inpainting
+    from pipelines.sweeps import schedules as tune_schedules
 
     tune_schedules.add_arguments(sub.add_parser(
         "schedules", help="short LDM trainings under ASHA over beta schedule, Min-SNR γ, lr schedule and "
@@ -416,7 +417,8 @@ def run(args: argparse.Namespace) -> int:
                           "n_failed": len(res["failed"]), "output": res["output"]}))
         return 0
     if args.what in ("schedules", "inpainting"):
-        from pipelines import tune_inpainting, tune_schedules
+        from pipelines import tune_inpainting
+        from pipelines.sweeps import schedules as tune_schedules
 
         res = (tune_schedules if args.what == "schedules" else tune_inpainting).run(args)
         print(json.dumps({"sweep_id": res["sweep_id"], "best": res.get("best"), "n_trials": len(res["trials"]),

@@ -196,7 +196,7 @@ def test_schedule_sweep_under_asha_reports_validation_pq(tiny_model, tmp_path, r
     from mlflow.tracking import MlflowClient
 
     from pipelines.preprocess import run_preprocess
-    from pipelines.tune_schedules import SPACE, run_schedule_sweep
+    from pipelines.sweeps.schedules import SPACE, run_schedule_sweep
 
     model, scenes, cfg = tiny_model
     run_preprocess(cfg, output=str(tmp_path / "shards"), source=scenes)

@@ -115,7 +115,7 @@ def ldm_train_step(
 
 def train_step(state: "TrainState", batch: dict) -> dict[str, float]:
     """One optimiser step of ``state``'s stage on ``batch`` (``state.step`` counts it); its metrics."""
-    if state.stage == "ae":
+    if state.name == "ae":
         metrics = ae_train_step(state.trained, batch, state.optimizer, state.cfg, generator=state.generator,
                                 scaler=state.scaler, lr_scheduler=state.lr_scheduler)
     else:
