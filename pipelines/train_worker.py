@@ -9,6 +9,7 @@ tracking and progress lines on rank 0.
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import numpy as np
@@ -93,16 +94,13 @@ class RayReporter(Reporter):
     MLflow (metrics, overlay panels) and progress lines."""
 
     def __init__(self, stage: str, iterations: int, tracking_uri: str, mlflow_run_id: str | None, rank: int) -> None:
-        import time
-
         from pipelines.tracking import Tracker
 
         self.stage, self.iterations, self.t0 = stage, iterations, time.time()
         self.tracker = Tracker(tracking_uri, mlflow_run_id) if rank == 0 else None
 
     def seconds(self) -> float:
-        import time
-
+        """Seconds since the reporter was made."""
         return time.time() - self.t0
 
     def report(self, step, metrics):

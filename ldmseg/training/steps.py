@@ -86,10 +86,10 @@ def ldm_train_step(
     optimizer: torch.optim.Optimizer,
     cfg: Config,
     *,
+    scheduler=None,
     generator: torch.Generator | None = None,
     scaler: torch.amp.GradScaler | None = None,
     lr_scheduler=None,
-    scheduler=None,
 ) -> dict[str, float]:
     """One optimiser step of the denoiser on ``batch`` (see :func:`~ldmseg.training.losses.ldm_loss`).
 
