@@ -5,7 +5,7 @@
 
 Each folder's masks are resized to the model's training resolution, segments left under
 ``data.min_segment_area`` pixels there made void, and reconstructed by the AE
-(:func:`ldmseg.validation.ae_reconstruction_pq`); one line of PQ/SQ/RQ per folder and
+(:func:`ldmseg.training.monitor.ae_reconstruction_pq`); one line of PQ/SQ/RQ per folder and
 ``count_th``, and with several folders one more over all their images together. The default
 scoring is the model config's own post-processing (its ``sampling.count_th``): the figure to
 report. Other ``--count-th`` values are diagnostics (``min_segment_area / resolution²``, 0.0025
@@ -54,7 +54,7 @@ def main() -> int:
     from ldmseg.checkpoint import load_model
     from ldmseg.config import override, with_sampling
     from ldmseg.data import coco
-    from ldmseg.validation import ae_reconstruction_pq
+    from ldmseg.training.monitor import ae_reconstruction_pq
 
     loaded = load_model(args.model)
     ae = loaded.components["mask_autoencoder"]

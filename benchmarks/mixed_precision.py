@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def steps_per_s(step, steps: int, warmup: int = 2) -> float:
@@ -40,10 +38,10 @@ def main() -> int:
 
     import torch
 
-    from ldmseg.checkpoint import build_components
     from ldmseg.config import load_config
     from ldmseg.data.random_maps import random_slot_maps
-    from ldmseg.diffusion.training import LDMComponents, ae_train_step, ldm_train_step
+    from ldmseg.models.build import build_components
+    from ldmseg.training import LDMComponents, ae_train_step, ldm_train_step
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Ray Train overhead: steps/s of one Ray Train worker vs the plain training loop, same model and data.
 
-Both sides run the same step function (``ldmseg.diffusion.training``) with the same batch size
+Both sides run the same engine step (``ldmseg.training``) with the same batch size
 and torch threads on the same preprocessed shards:
 
   - plain: ``ShardDataset`` + ``iterate_batches`` + ``train_loop`` in this process;
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def plain_steps_per_s(stage: str, cfg, shards: str, ae_dir: str | None, steps: int, warmup: int
@@ -30,26 +29,18 @@ def plain_steps_per_s(stage: str, cfg, shards: str, ae_dir: str | None, steps: i
     seconds per step waiting for data and inside the step function."""
     import torch
 
+    from ldmseg import training
     from ldmseg.data.parquet_dataset import ShardDataset, iterate_batches
-    from ldmseg.diffusion import training
-    from pipelines.train import _build_stage
+    from ldmseg.training.state import TrainState, train_config
 
-    tcfg = cfg.train_ae if stage == "ae" else cfg.train_ldm
+    tcfg = train_config(cfg, stage)
     torch.set_num_threads(tcfg.torch_threads or tcfg.cpus_per_worker)
-    torch.manual_seed(tcfg.seed)
-    model, comps = _build_stage(stage, cfg, ae_dir, torch.device("cpu"))
-    optimizer, lr_scheduler = training.make_optimizer(model.parameters(), tcfg)
-    if comps is not None:
-        comps.ema = training.make_ema(model, tcfg.ema_decay)
-    generator = torch.Generator().manual_seed(0)
+    state = TrainState.create(stage, cfg, ae_model=ae_dir, device="cpu")
+    state.seed_generator(0)
     batches = iterate_batches(ShardDataset(shards, "train", cfg.data.num_slots, repeat=True), tcfg.batch_size)
 
-    if stage == "ae":
-        def step_fn(batch):
-            return training.ae_train_step(model, batch, optimizer, cfg, generator=generator, lr_scheduler=lr_scheduler)
-    else:
-        def step_fn(batch):
-            return training.ldm_train_step(comps, batch, optimizer, cfg, generator=generator, lr_scheduler=lr_scheduler)
+    def step_fn(batch):
+        return training.train_step(state, batch)
 
     training.train_loop(step_fn, batches, warmup)
     means: dict[str, float] = {}

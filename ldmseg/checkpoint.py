@@ -30,12 +30,12 @@ from safetensors.torch import save_model as st_save_model
 from torch import nn
 
 from ldmseg.config import Config, from_dict, public_dict
+from ldmseg.models.build import COMPONENTS, build_component, build_components  # noqa: F401 (build_components: re-exported)
+from ldmseg.models.ddp import unwrap
 
 FORMAT = "ldmseg-model"
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
-COMPONENTS = ("mask_autoencoder", "image_encoder", "denoiser")
-"""Component names a model folder may hold."""
 
 
 @dataclass
@@ -46,12 +46,6 @@ class LoadedModel:
     components: dict[str, nn.Module]
     latent_scale: float
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    while hasattr(module, "module") and isinstance(module.module, nn.Module):
-        module = module.module
-    return module
 
 
 def _is_remote(path: str | Path) -> bool:
@@ -122,7 +116,7 @@ def save_model(
     out.mkdir(parents=True, exist_ok=True)
     entries: dict[str, dict] = {}
     for name, module in components.items():
-        module = _unwrap(module)
+        module = unwrap(module)
         entry: dict[str, Any] = {"weights": f"{name}.safetensors"}
         if name == "image_encoder":
             entry = _image_encoder_entry(cfg, module)
@@ -185,50 +179,13 @@ def weights_hash(directory: str | Path, component: str = "mask_autoencoder") -> 
     return digest.hexdigest()[:10]
 
 
-def build_components(cfg: Config, *, load_pretrained: bool = True) -> dict[str, nn.Module]:
-    """Untrained ``mask_autoencoder``, ``image_encoder`` and ``denoiser`` of ``cfg`` (CPU, float32).
-
-    The denoiser is sized for latents (``mask_ae.latent_channels``, R/f, R/f) and the image
-    encoder's channels; ``load_pretrained`` is passed to the image encoder and denoiser builders.
-    """
-    from ldmseg.models.denoiser import build_denoiser
-    from ldmseg.models.image_encoder import ImageEncoder
-    from ldmseg.models.mask_autoencoder import MaskAutoencoder
-
-    mask_ae = MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots)
-    image_encoder = ImageEncoder.from_config(cfg.image_encoder, load_pretrained=load_pretrained)
-    if image_encoder.downsample_factor != mask_ae.downsample_factor:
-        raise ValueError(f"the image encoder downsamples by {image_encoder.downsample_factor} but the mask AE by "
-                         f"{mask_ae.downsample_factor}; match image_encoder (block_out_channels or "
-                         "downsample_factor) with mask_ae.widths")
-    denoiser = build_denoiser(cfg.denoiser, mask_ae.latent_channels, image_encoder.out_channels,
-                              cfg.data.resolution // mask_ae.downsample_factor, load_pretrained=load_pretrained)
-    return {"mask_autoencoder": mask_ae, "image_encoder": image_encoder, "denoiser": denoiser}
+RETIRED_KEYS = {"mask_ae": ("kl_weight",), "train_ae": ("ema_decay", "validate_steps")}
+"""Config keys that did nothing and were removed; model folders saved before still hold them."""
 
 
-def _build(name: str, entry: dict, cfg: Config) -> nn.Module:
-    """An untrained module of the right shape for component ``name`` (weights loaded afterwards)."""
-    if name == "mask_autoencoder":
-        from ldmseg.models.mask_autoencoder import MaskAutoencoder
-
-        return MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots)
-    if name == "image_encoder":
-        from ldmseg.models.image_encoder import ImageEncoder
-
-        # no stored weights: pixel_unshuffle (none needed) or pretrained (loaded from its source)
-        return ImageEncoder.from_config(cfg.image_encoder, load_pretrained=entry.get("weights") is None)
-    if name == "denoiser":
-        from ldmseg.models.denoiser import build_denoiser
-
-        args = (cfg.denoiser, int(entry["latent_channels"]), int(entry["image_channels"]), int(entry["sample_size"]))
-        try:
-            return build_denoiser(*args, load_pretrained=False)
-        except ValueError:
-            if not cfg.denoiser.pretrained:
-                raise
-            # a hub id without denoiser.sd_config: the shape comes with the pretrained weights
-            return build_denoiser(*args, load_pretrained=True)
-    raise ValueError(f"unknown component {name!r} in model.json; known: {', '.join(COMPONENTS)}")
+def _without_retired_keys(config: dict) -> dict:
+    return {section: ({k: v for k, v in values.items() if k not in RETIRED_KEYS.get(section, ())}
+                      if isinstance(values, dict) else values) for section, values in config.items()}
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -249,13 +206,13 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
 
     folder = _local(directory)
     meta = read_meta(folder)
-    cfg = from_dict(meta["config"])
+    cfg = from_dict(_without_retired_keys(meta["config"]))
     if int(meta["num_slots"]) != cfg.data.num_slots:
         raise ValueError(f"{folder / MODEL_JSON}: num_slots {meta['num_slots']} disagrees with "
                          f"data.num_slots {cfg.data.num_slots}")
     components: dict[str, nn.Module] = {}
     for name, entry in meta["components"].items():
-        module = _build(name, entry, cfg)
+        module = build_component(name, cfg, entry)
         if entry.get("weights"):
             path = folder / entry["weights"]
             if not path.is_file():

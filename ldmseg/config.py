@@ -87,7 +87,6 @@ class MaskAEConfig:
     widths: tuple[int, ...] = (16, 32, 64)
     """Encoder widths; len(widths) - 1 stride-2 stages give the downsampling factor."""
     latent_channels: int = 4
-    kl_weight: float = 0.0
     latent_noise: float = 0.0
     """Std of Gaussian noise added to latents while training, in units of the latent std."""
     decoder_full_resolution: bool = False
@@ -212,7 +211,8 @@ class SamplingConfig:
 
 @dataclass
 class TrainConfig:
-    """One training stage (``train_ae`` or ``train_ldm``)."""
+    """A training stage: the mask autoencoder's (``train_ae``), and what the diffusion stage's
+    (``train_ldm``, :class:`LDMTrainConfig`) adds to."""
 
     iterations: int = 1000
     batch_size: int = 16
@@ -221,7 +221,6 @@ class TrainConfig:
     warmup: int = 200
     lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = 1.0
-    ema_decay: Optional[float] = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     num_workers: int = 1
@@ -238,13 +237,22 @@ class TrainConfig:
     time_budget_s: Optional[float] = None
     """Stop after this many seconds of training (checked between steps); ``None``: no limit."""
     validate_every: int = 0
-    """Validate (PQ on a fixed small batch, overlay panel; see ``ldmseg.validation``) every this
-    many steps; 0: once, after the final step."""
+    """Monitor (PQ on a fixed small batch, overlay panel; see ``ldmseg.training.monitor``) every
+    this many steps; 0: once, after the final step."""
     validate_images: int = 8
-    """Images in the validation batch (from the ``val`` split if there is one, else ``train``);
-    0 turns validation off."""
+    """Images in the monitoring batch (from the ``val`` split if there is one, else ``train``);
+    0 turns monitoring off."""
+
+
+@dataclass
+class LDMTrainConfig(TrainConfig):
+    """The diffusion stage (``train_ldm``): a :class:`TrainConfig` with an EMA and sampled monitoring."""
+
+    ema_decay: Optional[float] = None
+    """Decay of the denoiser's exponential moving average (saved and monitored instead of the
+    raw weights); ``None``: no EMA."""
     validate_steps: int = 10
-    """Sampling steps of the LDM stage's validation (the config's sampler and thresholds)."""
+    """Sampling steps of the monitoring (the config's sampler and thresholds)."""
 
 
 @dataclass
@@ -283,7 +291,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train_ae: TrainConfig = field(default_factory=TrainConfig)
-    train_ldm: TrainConfig = field(default_factory=TrainConfig)
+    train_ldm: LDMTrainConfig = field(default_factory=LDMTrainConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

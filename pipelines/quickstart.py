@@ -29,7 +29,7 @@ def write_overlays(gt_dir: Path, pred_dir: Path, out: Path, count: int = 8) -> N
     from ldmseg.data import coco
     from ldmseg.data.ids import decode_panoptic_png
     from ldmseg.evaluation import prediction_names
-    from ldmseg.validation import overlay_panel
+    from ldmseg.training.monitor import overlay_panel
 
     images, gts, preds = [], [], []
     records = coco.load_coco_panoptic(str(gt_dir)).records

@@ -5,6 +5,7 @@ Everything else in ``pipelines/`` calls these helpers, so a Ray upgrade touches 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Callable
@@ -126,9 +127,6 @@ def read_parquet(paths: str | list[str], *, filesystem=None, columns: list[str] 
 # --------------------------------------------------------------------------------------------
 
 
-import contextlib  # noqa: E402  (this block's own import, kept with it)
-
-
 @contextlib.contextmanager
 def one_stage_scheduling():
     """Ray Data without per-operator CPU reservation, for the preprocessing pass.
@@ -160,3 +158,92 @@ def arrow_filesystem(fs):
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+# ------------------------------------------------------------------------------------------
+# Ray Train: storage, checkpoints, trainer
+# ------------------------------------------------------------------------------------------
+
+
+def storage_filesystem(storage: str):
+    """``(path, pyarrow filesystem)`` Ray Train stores a run under ``storage`` with: local folders
+    as they are (filesystem ``None``); URLs through fsspec (s3fs writes small files with one PUT;
+    pyarrow's own S3 client uses multipart uploads that some S3-compatible servers reject)."""
+    if "://" not in storage:
+        return storage, None
+    from ldmseg.data.manifest import open_fs
+
+    fs, root = open_fs(storage)
+    return root, arrow_filesystem(fs)
+
+
+def drop_storage_cache(storage: str) -> None:
+    """Forget fsspec's listings of ``storage`` (made before training, they miss its new checkpoints)."""
+    if "://" in storage:
+        from ldmseg.data.manifest import open_fs
+
+        open_fs(storage)[0].invalidate_cache()
+
+
+def checkpoint_at(path: str, storage: str):
+    """The ``ray.train.Checkpoint`` of folder ``path`` in the run storage ``storage``."""
+    import ray.train
+
+    return ray.train.Checkpoint(path, filesystem=storage_filesystem(storage)[1])
+
+
+def latest_checkpoint(storage: str, name: str, required: tuple[str, ...]):
+    """The newest complete checkpoint (holding every file of ``required``) of run ``name`` under
+    ``storage`` (local or s3://), or None.
+
+    Ray Train resumes a run from its own snapshot, but a driver killed mid-run never writes
+    one; the checkpoint folders (``checkpoint_<time>``) are there all the same, so we look for them.
+    """
+    from ldmseg.data.manifest import open_fs
+
+    fs, root = open_fs(f"{storage.rstrip('/')}/{name}")
+    fs.invalidate_cache()
+    if not fs.isdir(root):
+        return None
+    dirs = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").split("/")[-1].startswith("checkpoint_"))
+    for d in reversed(dirs):
+        if all(fs.exists(f"{d}/{f}") for f in required):
+            return checkpoint_at(d, storage)
+    return None
+
+
+def arrow_collate(fn: Callable):
+    """A ``collate_fn`` for ``iter_torch_batches`` that hands ``fn`` each batch as a ``pyarrow.Table``."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class _Arrow(ArrowBatchCollateFn):
+        def __call__(self, batch):
+            return fn(batch)
+
+    return _Arrow()
+
+
+def torch_trainer(train_fn: Callable, config: dict, *, name: str, storage: str, datasets: dict, num_workers: int,
+                  use_gpu: bool, cpus_per_worker: int, torch_threads: int, num_to_keep: int, max_failures: int):
+    """A ``TorchTrainer`` running ``train_fn(config)`` on ``num_workers`` workers, its run ``name``
+    stored under ``storage`` (keeping ``num_to_keep`` checkpoints, restarting failed workers up to
+    ``max_failures`` times); workers log at WARNING (the project prints its own progress)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    path, filesystem = storage_filesystem(storage)
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=path, storage_filesystem=filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {
+                "OMP_NUM_THREADS": str(torch_threads),
+                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),  # else every progress line reaches the driver twice
+        datasets=datasets,
+    )

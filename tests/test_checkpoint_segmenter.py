@@ -17,7 +17,7 @@ from ldmseg.data.encoding import (bits_to_ids, clean_segments, ids_to_bits, imag
                                   tensor_to_image)
 from ldmseg.data.ids import rgb_to_id
 from ldmseg.data.synthetic import make_config, render_scene
-from ldmseg.diffusion import training
+from ldmseg import training
 from ldmseg.postprocess import postprocess
 from ldmseg.segmenter import Segmenter, choose_medoid, segment_agreement, to_coco_prediction
 from helpers_coco import score_id_maps
@@ -171,7 +171,7 @@ def test_round_trip_is_bit_identical(trained, segmenter):
 
 def test_pretrained_image_encoder_is_stored_by_source(trained, tmp_path):
     folder, cfg, parts, scale = trained
-    parts["image_encoder"].save(tmp_path / "vae")
+    parts["image_encoder"].vae.save_pretrained(str(tmp_path / "vae"))
     cfg2 = tiny_cfg(f"image_encoder.pretrained={tmp_path / 'vae'}")
     save_model(tmp_path / "m", cfg2, parts, latent_scale=scale)
     assert not (tmp_path / "m" / "image_encoder.safetensors").exists()
@@ -334,12 +334,12 @@ def test_to_coco_prediction_round_trips(segmenter):
 
 
 # --------------------------------------------------------------------------------------------
-# Periodic validation (ldmseg.validation)
+# Training-time monitoring (ldmseg.training.monitor)
 # --------------------------------------------------------------------------------------------
 
 
 def test_colorize_and_overlay_panel():
-    from ldmseg.validation import colorize, overlay_panel
+    from ldmseg.training.monitor import colorize, overlay_panel
 
     ids = np.arange(65).reshape(5, 13)
     rgb = colorize(ids)
@@ -356,15 +356,15 @@ def test_colorize_and_overlay_panel():
     assert (panel[:128, 260:] == colorize(np.array([[1]]))[0, 0]).all()
 
 
-def test_validate_ae_scores_reconstructions(trained):
+def test_monitor_ae_scores_reconstructions(trained):
     from ldmseg.models.mask_autoencoder import MaskAutoencoder
-    from ldmseg.validation import validate_ae
+    from ldmseg.training.monitor import monitor_ae
 
     _, cfg, parts, _ = trained
     batch = scene_batch(cfg, 8)  # the batch the AE was trained on
-    good, panel = validate_ae(parts["mask_autoencoder"], batch, cfg)
+    good, panel = monitor_ae(parts["mask_autoencoder"], batch, cfg)
     torch.manual_seed(5)
-    bad, _ = validate_ae(MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots), batch, cfg)
+    bad, _ = monitor_ae(MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots), batch, cfg)
     assert set(good) == {"val_recon_pq", "val_recon_sq", "val_recon_rq", "val_recon_fp_per_image"}
     assert good["val_recon_pq"] > 0.6 > bad["val_recon_pq"]
     assert panel.shape == (8 * 130 - 2, 3 * 130 - 2, 3) and panel.dtype == np.uint8
@@ -389,7 +389,7 @@ class OracleDenoiser(torch.nn.Module):
 
 def check_validation_by_hand(metrics: dict, panel: np.ndarray, segmenter: Segmenter, batch: dict, seed: int,
                              steps: int, root) -> dict:
-    """``validate_ldm``'s figures and panel against the same sampling done here (seed + i per image),
+    """``monitor_ldm``'s figures and panel against the same sampling done here (seed + i per image),
     the predictions cut to the valid pixels, written as COCO folders with the ground truth and
     scored by the folder evaluator; returns the by-hand scores."""
     n = len(batch["image"])
@@ -405,7 +405,7 @@ def check_validation_by_hand(metrics: dict, panel: np.ndarray, segmenter: Segmen
         assert metrics[f"val_{k}"] == pytest.approx(by_hand[k], abs=1e-12), k
     assert metrics["val_fp_per_image"] == by_hand["fp"] / n
     # the panel shows those predictions: its third column is their colouring (32 px tiles shown at 128)
-    from ldmseg.validation import colorize
+    from ldmseg.training.monitor import colorize
 
     assert panel.shape == (n * 130 - 2, 3 * 130 - 2, 3)
     for row, pred in enumerate(preds):
@@ -413,20 +413,20 @@ def check_validation_by_hand(metrics: dict, panel: np.ndarray, segmenter: Segmen
     return by_hand
 
 
-def test_validate_ldm_perfect_and_sampled(trained, tmp_path):
-    from ldmseg import validation
+def test_monitor_ldm_perfect_and_sampled(trained, tmp_path):
+    from ldmseg.training import monitor
 
     _, cfg, parts, scale = trained
     batch = scene_batch(cfg, 4)
     # the scoring itself: the ground truth as prediction scores PQ 1 with no false positives
     truth = [np.where(v, s, 0) for s, v in zip(batch["slot_map"].numpy(), batch["valid"].numpy())]
     segs = [[{"id": int(i)} for i in np.unique(t) if i] for t in truth]
-    metrics, _, _ = validation._score(batch, truth, segs, "val")
+    metrics, _, _ = monitor._score(batch, truth, segs, "val")
     assert metrics["val_pq"] == pytest.approx(1.0) and metrics["val_fp_per_image"] == 0
     parts["denoiser"].train()
     args = (parts["mask_autoencoder"], parts["image_encoder"], parts["denoiser"], scale, batch, cfg)
-    first, panel = validation.validate_ldm(*args, steps=2, seed=3)
-    again, _ = validation.validate_ldm(*args, steps=2, seed=3)
+    first, panel = monitor.monitor_ldm(*args, steps=2, seed=3)
+    again, _ = monitor.monitor_ldm(*args, steps=2, seed=3)
     assert first == again  # seeded
     assert parts["denoiser"].training  # the caller's mode is restored
     # the random denoiser: PQ 0, but its false positives are counted
@@ -439,7 +439,7 @@ def test_validate_ldm_perfect_and_sampled(trained, tmp_path):
         x0 = parts["mask_autoencoder"].encode(ids_to_bits(
             torch.where(batch["valid"], batch["slot_map"], 0), parts["mask_autoencoder"].num_bits)) * scale
         oracle = OracleDenoiser(parts["image_encoder"].encode(batch["image"]), x0)
-    told, panel = validation.validate_ldm(parts["mask_autoencoder"], parts["image_encoder"], oracle, scale, batch,
+    told, panel = monitor.monitor_ldm(parts["mask_autoencoder"], parts["image_encoder"], oracle, scale, batch,
                                           oracle_cfg, steps=2, seed=3)
     seg = Segmenter(oracle_cfg, parts["mask_autoencoder"], parts["image_encoder"], oracle, scale)
     by_hand = check_validation_by_hand(told, panel, seg, batch, 3, 2, tmp_path / "oracle")
@@ -499,7 +499,7 @@ def test_ae_reconstruction_pq_on_real_coco_masks(trained, coco_sample, tmp_path)
     from ldmseg.data import coco
     from ldmseg.data.synthetic import write_scenes
     from ldmseg.models.mask_autoencoder import MaskAutoencoder
-    from ldmseg.validation import ae_reconstruction_pq
+    from ldmseg.training.monitor import ae_reconstruction_pq
 
     _, cfg, parts, _ = trained
     real = coco.load_coco_panoptic(str(coco_sample))

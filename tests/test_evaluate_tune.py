@@ -28,7 +28,7 @@ def tiny_model(tmp_path_factory) -> tuple[str, str, object]:
 
     from ldmseg.data.encoding import clean_segments, image_to_tensor, remap_ids, resize_pad
     from ldmseg.data.synthetic import make_config, render_scene
-    from ldmseg.diffusion import training
+    from ldmseg import training
 
     torch.manual_seed(0)
     cfg = load_config(REPO / "conf/tiny.yaml", [*TINY, "train_ae.lr=3e-3", "train_ae.warmup=1"])

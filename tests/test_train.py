@@ -71,13 +71,13 @@ def read_model_json(model_dir) -> dict:
 def validation_batch(shards: str, n: int, num_slots: int) -> dict:
     """The batch a stage validates on: the first ``n`` rows of the shards' val split (train if none)."""
     from ldmseg.data.manifest import list_split_files, open_fs
-    from pipelines.train import _validation_batch
+    from ldmseg.training.monitor import monitor_batch
 
     try:
         split = "val" if list_split_files(*open_fs(shards), "val") else "train"
     except FileNotFoundError:
         split = "train"
-    return _validation_batch(shards, split, n, num_slots, "cpu")
+    return monitor_batch(shards, split, n, num_slots, "cpu")
 
 
 def check_validation(metrics: dict, prefix: str, truth: list, preds: list, root) -> None:
@@ -195,7 +195,7 @@ def test_other_data_starts_a_new_run_and_checkpoints_keep_their_own_interval(sha
     assert second.run_name != first.run_name and second.run_name.rsplit("-", 1)[0] == first.run_name.rsplit("-", 1)[0]
     assert second.metrics["resumed_from"] == 0 and second.metrics["step"] == 4
     assert checkpoint_steps(tmp_path, "ae") == [2, 2, 4, 4]
-    assert "used other inputs (data_fingerprint" in capsys.readouterr().out
+    assert "used other inputs (data_fingerprint" in capsys.readouterr().err
     inputs = read_model_json(second.model_dir)["extra"]["inputs"]
     assert inputs["data"] == str(Path(other_shards).resolve()) and inputs["ae_hash"] is None
 

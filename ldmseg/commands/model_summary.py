@@ -39,21 +39,10 @@ def count_parameters(module: nn.Module) -> dict[str, int]:
 
 def build_on_meta(cfg: Config) -> dict[str, nn.Module]:
     """The three components of ``cfg`` on the meta device, without loading any pretrained weights."""
-    from ldmseg.models.denoiser import build_denoiser
-    from ldmseg.models.image_encoder import ImageEncoder
-    from ldmseg.models.mask_autoencoder import MaskAutoencoder
+    from ldmseg.models.build import build_components
 
     with torch.device("meta"):
-        mask_ae = MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots)
-        image_encoder = ImageEncoder.from_config(cfg.image_encoder, load_pretrained=False)
-        denoiser = build_denoiser(
-            cfg.denoiser,
-            latent_channels=mask_ae.latent_channels,
-            image_channels=image_encoder.out_channels,
-            sample_size=cfg.data.resolution // mask_ae.downsample_factor,
-            load_pretrained=False,
-        )
-    return {"mask_autoencoder": mask_ae, "image_encoder": image_encoder, "denoiser": denoiser}
+        return build_components(cfg, load_pretrained=False)
 
 
 def _millions(n: int) -> str:
@@ -74,13 +63,6 @@ def run(args: argparse.Namespace) -> int:
     counts = {name: count_parameters(model) for name, model in models.items()}
 
     mask_ae, image_encoder = models["mask_autoencoder"], models["image_encoder"]
-    mismatch = image_encoder.downsample_factor != mask_ae.downsample_factor
-    if mismatch:
-        print(
-            f"warning: the image encoder downsamples by {image_encoder.downsample_factor} but the mask AE by "
-            f"{mask_ae.downsample_factor}; the denoiser needs both latents at the same size",
-            file=sys.stderr,
-        )
     if args.json:
         print(json.dumps(counts))
         return 0

@@ -41,6 +41,7 @@ from torch import nn
 
 from ldmseg.config import DiffusionConfig, SamplingConfig
 from ldmseg.diffusion.noise import make_train_scheduler, predict_x0, scheduler_kwargs
+from ldmseg.models.ddp import unwrap
 
 SamplerFactory = Callable[[DiffusionConfig, SamplingConfig], object]
 
@@ -116,13 +117,6 @@ def make_sampler(name: str, diffusion_cfg: DiffusionConfig, sampling_cfg: Sampli
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
     return factory(diffusion_cfg, sampling_cfg)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel (or similar ``.module``) wrapper."""
-    while hasattr(module, "module") and isinstance(module.module, nn.Module):
-        module = module.module
-    return module
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device) -> tuple[torch.Tensor, list[torch.Generator]]:

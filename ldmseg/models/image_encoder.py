@@ -15,7 +15,6 @@ Parameters never require gradients and the module stays in eval mode.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,8 +27,6 @@ from ldmseg.models.stable_diffusion import sd_vae_config
 
 INIT_SEED = 0
 """Seed of the random weights of an ``AutoencoderKL`` built from config."""
-META_FILE = "image_encoder.json"
-"""Written by :meth:`ImageEncoder.save` next to the ``save_pretrained`` files: kind and factor."""
 
 
 def _vae_from_fields(cfg: ImageEncoderConfig):
@@ -135,32 +132,3 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode(images)
-
-    # ------------------------------------------------------------------------------------------
-
-    def save(self, directory: str | Path) -> None:
-        """Write ``image_encoder.json`` and, for ``autoencoder_kl``, the VAE (``save_pretrained``, safetensors)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": self.kind, "downsample_factor": self.downsample_factor, "scaling_factor": self.scaling_factor}
-        if self.vae is not None:
-            self.vae.save_pretrained(str(directory), safe_serialization=True)
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-    @classmethod
-    def from_directory(cls, directory: str | Path) -> "ImageEncoder":
-        """Load what :meth:`save` wrote (or any ``AutoencoderKL`` ``save_pretrained`` directory)."""
-        directory = Path(directory)
-        meta_path = directory / META_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"kind": "autoencoder_kl"}
-        if meta["kind"] == "pixel_unshuffle":
-            return cls("pixel_unshuffle", downsample_factor=int(meta["downsample_factor"]),
-                       origin=f"pixel_unshuffle from {directory}")
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"{directory} holds no AutoencoderKL (config.json missing); "
-                                    "write it with ImageEncoder.save(directory)")
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(str(directory))
-        scaling = float(meta.get("scaling_factor", vae.config.scaling_factor))
-        return cls("autoencoder_kl", vae=vae, scaling_factor=scaling, origin=f"AutoencoderKL loaded from {directory}")

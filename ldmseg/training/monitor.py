@@ -1,12 +1,15 @@
-"""Cheap periodic validation during training: PQ on a fixed small batch and an overlay panel.
+"""Training-time monitoring: PQ on a fixed small batch and an overlay panel (the metrics ``val_*``).
 
-- :func:`validate_ae`: reconstruction PQ of the mask autoencoder (encode → decode →
+- :func:`monitor_batch`: the fixed batch, the first rows of a split of the shards;
+- :func:`monitor_ae`: reconstruction PQ of the mask autoencoder (encode → decode →
   post-process) on the batch's slot maps.
-- :func:`validate_ldm`: PQ of sampled segmentations (few sampling steps) against the batch's
+- :func:`monitor_ldm`: PQ of sampled segmentations (few sampling steps) against the batch's
   slot maps, through :class:`~ldmseg.segmenter.Segmenter` (the same path as evaluation).
+- :func:`ae_reconstruction_pq`: the mask AE's reconstruction PQ on a COCO panoptic dataset.
 - :func:`overlay_panel`: image | ground truth | prediction, one row per sample, as uint8 RGB.
 
-A validation batch is a training batch (``image`` (B, 3, R, R) float32 in [−1, 1], ``slot_map``
+(Checking a dataset before training is ``ldmseg validate``, another thing.) A monitoring batch
+is a training batch (``image`` (B, 3, R, R) float32 in [−1, 1], ``slot_map``
 (B, R, R) int64, ``valid`` (B, R, R) bool) read without slot re-permutation; its slots are the
 ground-truth segment ids (0 = void), class-agnostic.
 """
@@ -19,11 +22,20 @@ from torch import nn
 
 from ldmseg.config import Config
 from ldmseg.data.encoding import ids_to_bits, tensor_to_image
-from ldmseg.diffusion.sampling import unwrap
 from ldmseg.metrics.pq import PQStat, pq_image_stats
+from ldmseg.models.ddp import unwrap
 from ldmseg.postprocess import postprocess
 
 _GOLDEN = 0.6180339887498949
+
+
+def monitor_batch(data: str, split: str, n: int, num_slots: int, device) -> dict:
+    """The first ``n`` rows of ``split`` of the shards in ``data`` (stored slots, no re-permutation)
+    as one batch on ``device``: ``image``, ``slot_map``, ``valid``."""
+    from ldmseg.data.parquet_dataset import ShardDataset, iterate_batches
+
+    batch = next(iterate_batches(ShardDataset(data, split, num_slots, train=False), n, drop_last=False))
+    return {k: batch[k].to(device) for k in ("image", "slot_map", "valid")}
 
 
 def colorize(id_map: np.ndarray) -> np.ndarray:
@@ -98,7 +110,7 @@ def _score(batch: dict, pred_maps: list[np.ndarray], pred_segments: list[list[di
 
 
 @torch.no_grad()
-def validate_ae(mask_ae: nn.Module, batch: dict, cfg: Config) -> tuple[dict[str, float], np.ndarray]:
+def monitor_ae(mask_ae: nn.Module, batch: dict, cfg: Config) -> tuple[dict[str, float], np.ndarray]:
     """Reconstruction PQ of the mask AE on ``batch`` → (``{"val_recon_pq", ...}``, overlay panel)."""
     module = unwrap(mask_ae)
     was_training = module.training
@@ -113,7 +125,7 @@ def validate_ae(mask_ae: nn.Module, batch: dict, cfg: Config) -> tuple[dict[str,
 
 
 @torch.no_grad()
-def validate_ldm(mask_ae: nn.Module, image_encoder: nn.Module, denoiser: nn.Module, latent_scale: float,
+def monitor_ldm(mask_ae: nn.Module, image_encoder: nn.Module, denoiser: nn.Module, latent_scale: float,
                  batch: dict, cfg: Config, *, steps: int | None = None, seed: int = 0
                  ) -> tuple[dict[str, float], np.ndarray]:
     """PQ of sampled segmentations on ``batch`` (``steps`` sampling steps, default the config's)

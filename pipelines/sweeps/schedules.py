@@ -8,8 +8,10 @@ training loop in the trial process, on the frozen AE given by ``--ae``) with one
 - ``train_ldm.lr_schedule``      (``constant``, ``cosine``),
 - ``diffusion.self_condition_prob`` (0, 0.5, 0.9),
 
-and every ``--eval-every`` steps reports the validation PQ of a fixed batch (few sampling steps,
-:func:`ldmseg.validation.validate_ldm`), so the ASHA scheduler stops bad trials early. Each trial
+and every ``--eval-every`` steps reports the PQ of a fixed validation batch (few sampling steps,
+:func:`ldmseg.training.monitor.monitor_ldm`), so the ASHA scheduler stops bad trials early. The trial
+is the training engine of ``ldmseg train`` (:class:`ldmseg.training.trainer.Trainer`) with a
+reporter that reports to Ray Tune. Each trial
 is an MLflow run tagged with the sweep id; the summary run holds the table and the best schedule.
 Concurrency is bounded (``--max-concurrent``, one CPU per trial) for small machines.
 
@@ -27,9 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ldmseg.config import redact_uri
-from pipelines.tune import _say, collect_results, failed_trial, log_summary, make_tuner, markdown_table, trial_tracker
-from pipelines.train import absolute_path
+from ldmseg.config import override, redact_uri
+from ldmseg.logs import get_logger
+from ldmseg.training.trainer import Reporter
+from pipelines.sweeps.kit import collect_results, failed_trial, log_summary, make_tuner, markdown_table, trial_tracker
+from pipelines.train_inputs import absolute_path
+
+log = get_logger("tune")
 
 SPACE = {
     "diffusion.beta_schedule": ["scaled_linear", "linear", "squaredcos_cap_v2"],
@@ -39,64 +45,50 @@ SPACE = {
 }
 
 
-def apply(cfg_dict: dict[str, Any], assignments: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the nested config dict with dotted ``section.key`` assignments applied."""
-    out = json.loads(json.dumps(cfg_dict))
-    for dotted, value in assignments.items():
-        section, key = dotted.split(".", 1)
-        if section not in out or key not in out[section]:
-            raise KeyError(f"unknown config key {dotted!r}")
-        out[section][key] = value
-    return out
+class TuneReporter(Reporter):
+    """A schedule trial's results: each monitoring, with the mean loss since the last one, goes to
+    ``ray.tune.report`` (ASHA's rungs) and the trial's MLflow run; a non-finite loss fails the trial."""
+
+    def __init__(self, tracker) -> None:
+        self.tracker, self.loss, self.t0 = tracker, float("nan"), time.time()
+
+    def report(self, step, metrics):
+        self.loss = metrics["loss"]
+        if not math.isfinite(self.loss):
+            raise FloatingPointError(f"training loss is {self.loss} at step {step}")
+
+    def monitored(self, step, metrics, panel):
+        import ray.tune
+
+        metrics = {**metrics, "step": step, "loss": self.loss, "seconds": time.time() - self.t0}
+        self.tracker.log_metrics(metrics, step)
+        ray.tune.report(metrics)
 
 
 def schedule_trial(config: dict[str, Any]) -> None:
     """One Tune trial: train the LDM for ``max_steps`` steps, reporting validation PQ every ``eval_every``."""
-    import ray.tune
     import torch
 
-    from ldmseg.config import from_dict
     from ldmseg.data.parquet_dataset import ShardDataset, iterate_batches
-    from ldmseg.diffusion import training
-    from ldmseg.validation import validate_ldm
-    from pipelines.train import _build_stage, _validation_batch
+    from ldmseg.training.monitor import monitor_batch
+    from ldmseg.training.state import TrainState
+    from ldmseg.training.trainer import Trainer
 
     choice = {k: config[k] for k in SPACE if k in config}
     max_steps, eval_every = int(config["max_steps"]), int(config["eval_every"])
-    cfg = from_dict(apply(config["cfg"], {**choice, "train_ldm.iterations": max_steps,
-                                          "train_ldm.time_budget_s": None}))
+    cfg = override(config["cfg"], {**choice, "train_ldm.iterations": max_steps, "train_ldm.time_budget_s": None,
+                                   "train_ldm.report_every": eval_every, "train_ldm.validate_every": eval_every,
+                                   "train_ldm.checkpoint_every": max_steps,
+                                   "train_ldm.validate_steps": int(config["val_steps"])})
     tracker = trial_tracker(config, "schedule-trial", choice)
     try:
         torch.set_num_threads(int(config.get("torch_threads", 1)))
-        torch.manual_seed(cfg.train_ldm.seed)
-        device = torch.device("cpu")
-        model, comps = _build_stage("ldm", cfg, config["ae_dir"], device)
-        optimizer, lr_scheduler = training.make_optimizer(model.parameters(), cfg.train_ldm)
-        comps.ema = training.make_ema(model, cfg.train_ldm.ema_decay)
-        generator = torch.Generator().manual_seed(cfg.train_ldm.seed)
+        state = TrainState.create("ldm", cfg, ae_model=config["ae_dir"], device="cpu")
+        state.seed_generator(cfg.train_ldm.seed)
         batches = iterate_batches(ShardDataset(config["data"], "train", cfg.data.num_slots, seed=cfg.train_ldm.seed,
                                                repeat=True), cfg.train_ldm.batch_size)
-        val_batch = _validation_batch(config["data"], config["val_split"], int(config["val_images"]),
-                                      cfg.data.num_slots, device)
-
-        def step_fn(batch):
-            return training.ldm_train_step(comps, batch, optimizer, cfg, generator=generator,
-                                           lr_scheduler=lr_scheduler)
-
-        step, t0 = 0, time.time()
-        while step < max_steps:
-            losses: list[float] = []
-            step = training.train_loop(step_fn, batches, min(max_steps, step + eval_every), start_step=step,
-                                       report_every=1, on_report=lambda s, m: losses.append(m["loss"]))
-            loss = sum(losses) / max(1, len(losses))
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss} at step {step}")
-            judged = training.ema_copy(model, comps.ema)
-            metrics, _ = validate_ldm(comps.mask_ae, comps.image_encoder, judged, comps.latent_scale, val_batch, cfg,
-                                      steps=int(config["val_steps"]))
-            metrics.update(step=step, loss=loss, seconds=time.time() - t0)
-            tracker.log_metrics(metrics, step)
-            ray.tune.report(metrics)
+        watch = monitor_batch(config["data"], config["val_split"], int(config["val_images"]), cfg.data.num_slots, "cpu")
+        Trainer(state, batches, TuneReporter(tracker), monitor_batch=watch, save_checkpoints=False).run()
     except Exception as exc:
         failed_trial(tracker, exc)
         raise
@@ -144,7 +136,7 @@ def run_schedule_sweep(data: str, ae: str, output: str, *, config: str | None = 
     tuner = make_tuner(schedule_trial, space, out, sweep_id, metric="val_pq", num_samples=num_samples,
                        search_alg=tune.search.BasicVariantGenerator(random_state=seed), scheduler=scheduler,
                        max_concurrent=max_concurrent)
-    _say(f"sweep {sweep_id}: {num_samples} schedules, up to {max_steps} steps each, validation every {eval_every} "
+    log.info(f"sweep {sweep_id}: {num_samples} schedules, up to {max_steps} steps each, validation every {eval_every} "
          f"steps under ASHA; MLflow {redact_uri(uri)}")
     grid = tuner.fit()
 
@@ -160,7 +152,7 @@ def run_schedule_sweep(data: str, ae: str, output: str, *, config: str | None = 
                                                   "failed": failed}, indent=2))
     log_summary(uri, out, sweep_id, "schedules-summary", {"data": data, "ae": ae, "max_steps": max_steps},
                 {"best_val_pq": best["val_pq"]} if best else {}, ["table.md", "results.json"])
-    _say(f"{len(rows)} trials, {sum(r['stopped_early'] for r in rows)} stopped early by ASHA, {len(failed)} failed; "
+    log.info(f"{len(rows)} trials, {sum(r['stopped_early'] for r in rows)} stopped early by ASHA, {len(failed)} failed; "
          f"table {out / 'table.md'}")
     return {"sweep_id": sweep_id, "best": best, "trials": rows, "failed": failed, "output": str(out)}
 

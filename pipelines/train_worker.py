@@ -1,0 +1,126 @@
+"""The Ray Train worker of ``ldmseg train``: Ray's template calls around :mod:`ldmseg.training`.
+
+Every worker builds the stage (:class:`~ldmseg.training.state.TrainState`), resumes it from Ray's
+checkpoint (or one a killed driver left), wraps it for DDP, reads its dataset shard and runs the
+engine's :class:`~ldmseg.training.trainer.Trainer`, which reports through :class:`RayReporter`:
+``ray.train.report`` on every rank at the same steps, checkpoints attached on rank 0, and MLflow
+tracking and progress lines on rank 0.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import numpy as np
+
+from ldmseg.config import from_dict, override, redact_uri
+from ldmseg.logs import get_logger, setup_logging
+from ldmseg.training.trainer import Reporter
+
+log = get_logger("train")
+
+
+def train_worker(config: dict) -> None:
+    """The per-worker training function (Ray Train calls it on every worker)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ldmseg.training.monitor import monitor_batch
+    from ldmseg.training.state import TrainState, train_config
+    from ldmseg.training.trainer import Trainer
+    from pipelines import ray_compat
+
+    setup_logging()
+    ray_compat.quiet_train_worker()
+    cfg, stage = from_dict(config["cfg"]), config["stage"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if world > 1 and train_config(cfg, stage).time_budget_s:
+        # ranks would stop at different steps (and decay the lr on different clocks)
+        cfg = override(cfg, {f"train_{stage}.time_budget_s": None})
+        if rank == 0:
+            log.warning(f"time_budget_s applies to single-worker runs only; ignored with {world} workers "
+                        "(set iterations instead)")
+    tcfg = train_config(cfg, stage)
+    torch.set_num_threads(max(1, tcfg.torch_threads or tcfg.cpus_per_worker))
+    device = ray.train.torch.get_device()
+    state = TrainState.create(stage, cfg, ae_model=config.get("ae_model"), device=device)
+    # Ray's own checkpoint (a restarted worker group) first, else one an earlier, killed driver left
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_from"):
+        ckpt = ray_compat.checkpoint_at(config["resume_from"], config["storage_url"])
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            state.load(folder)
+        if rank == 0:
+            log.info(f"resuming {stage} from step {state.step}")
+    if world > 1:
+        state.wrap(ray.train.torch.prepare_model(state.model, move_to_device=False))
+    state.seed_generator(tcfg.seed * 7919 + rank + state.step)
+    batches = shard_batches(ray.train.get_dataset_shard("train"), max(1, tcfg.batch_size // world),
+                            cfg.data.num_slots, tcfg.seed * 1000 + rank + state.step, device)
+    watch = None
+    if rank == 0 and tcfg.validate_images > 0 and config.get("val_data"):
+        watch = monitor_batch(config["val_data"], config["val_split"], tcfg.validate_images, cfg.data.num_slots, device)
+    reporter = RayReporter(stage, tcfg.iterations, config["tracking_uri"], config.get("mlflow_run_id"), rank)
+    inputs = {k: redact_uri(v) for k, v in config.get("inputs", {}).items()}
+    trainer = Trainer(state, batches, reporter, rank=rank, world_size=world, monitor_batch=watch,
+                      extra={"inputs": inputs})
+    final_step = trainer.run()
+    if rank == 0:
+        log.info(f"{stage} finished at step {final_step} in {reporter.seconds():.0f} s")
+
+
+def shard_batches(shard, batch_size: int, num_slots: int, seed: int, device) -> Iterator[dict]:
+    """Endless training batches of ``batch_size`` rows from a Ray Data shard (epoch after epoch),
+    slots re-permuted with a numpy generator seeded with ``seed``, on ``device``."""
+    from ldmseg.data.parquet_dataset import decode_columns
+    from pipelines import ray_compat
+
+    rng = np.random.default_rng(seed)
+    # Arrow batches: the columnar decoder views raw image bytes without a copy per row
+    collate = ray_compat.arrow_collate(
+        lambda table: decode_columns({c: table.column(c) for c in table.column_names}, num_slots, rng))
+    while True:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device=device,
+                                              drop_last=True, local_shuffle_buffer_size=4 * batch_size):
+            yield batch
+
+
+class RayReporter(Reporter):
+    """``ray.train.report`` at the engine's reports and checkpoints (all ranks); on rank 0 also
+    MLflow (metrics, overlay panels) and progress lines."""
+
+    def __init__(self, stage: str, iterations: int, tracking_uri: str, mlflow_run_id: str | None, rank: int) -> None:
+        from pipelines.tracking import Tracker
+
+        self.stage, self.iterations, self.t0 = stage, iterations, time.time()
+        self.tracker = Tracker(tracking_uri, mlflow_run_id) if rank == 0 else None
+
+    def seconds(self) -> float:
+        """Seconds since the reporter was made."""
+        return time.time() - self.t0
+
+    def report(self, step, metrics):
+        import ray.train
+
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step)
+            log.info(f"{self.stage} step {step}/{self.iterations}  loss {metrics.get('loss', float('nan')):.4f}  "
+                     f"{metrics['samples_per_s']:.1f} samples/s  lr {metrics.get('lr', 0):.2e}")
+        ray.train.report(metrics)
+
+    def monitored(self, step, metrics, panel):
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step)
+            self.tracker.log_image(panel, f"validation/{self.stage}_step_{step:06d}.png")
+        key = "val_recon_pq" if self.stage == "ae" else "val_pq"
+        log.info(f"{self.stage} step {step}: monitoring {key} {metrics[key]:.3f} ({metrics['val_seconds']:.1f} s)")
+
+    def checkpoint(self, step, metrics, folder):
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)
