@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Targets and encoding (METHOD.md, "Targets and encoding")."""
+    """Targets and encoding (docs/method.md#targets-and-encoding)."""
 
     resolution: int = 64
     """Training resolution H = W in pixels, after aspect-preserving resize and padding."""
@@ -82,7 +82,7 @@ class SynthConfig:
 
 @dataclass
 class MaskAEConfig:
-    """Shallow mask autoencoder (METHOD.md, "Mask autoencoder")."""
+    """Shallow mask autoencoder (docs/method.md#mask-autoencoder)."""
 
     widths: tuple[int, ...] = (16, 32, 64)
     """Encoder widths; len(widths) - 1 stride-2 stages give the downsampling factor."""
@@ -158,7 +158,7 @@ class DenoiserConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Noise process and loss (METHOD.md, "Latent diffusion model")."""
+    """Noise process and loss (docs/method.md#latent-diffusion-model)."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -179,7 +179,7 @@ class DiffusionConfig:
 
 @dataclass
 class SamplingConfig:
-    """Sampling and post-processing (METHOD.md, "Sampling and post-processing").
+    """Sampling and post-processing (docs/method.md#sampling-and-post-processing).
 
     Its fields are the whole sampling vocabulary: every sampling option (``Segmenter.segment``
     keywords, ``ldmseg tune sampling`` search spaces, named sampling configs of

@@ -1,4 +1,4 @@
-"""PQ of zero-shot mask inpainting against the known fraction (docs/method.md, "Inpainting").
+"""PQ of zero-shot mask inpainting against the known fraction (docs/method.md#inpainting).
 
 For every image of a COCO panoptic dataset, a known-mask of ``kind`` (``sparse`` or ``global``)
 covering ``fraction`` of the latent grid (seeded by the image id) is drawn at the model's latent

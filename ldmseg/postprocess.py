@@ -1,4 +1,4 @@
-"""From per-slot logits to panoptic segments (METHOD.md, "Sampling and post-processing").
+"""From per-slot logits to panoptic segments (docs/method.md#sampling-and-post-processing).
 
 Given the decoder's S logits per pixel (slot 0 = void) at the original image size:
 

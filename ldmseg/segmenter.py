@@ -283,7 +283,7 @@ class Segmenter:
         known_slots: str = "given",
         **options: Any,
     ) -> SegmentResult:
-        """Complete a partial panoptic map (METHOD.md, "Inpainting"; zero-shot).
+        """Complete a partial panoptic map (docs/method.md#inpainting; zero-shot).
 
         Args:
             image: (H, W, 3) uint8 RGB.

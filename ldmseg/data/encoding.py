@@ -1,4 +1,4 @@
-"""The network encoding of targets and images (docs/method.md, "Targets and encoding"): pure functions.
+"""The network encoding of targets and images (docs/method.md#targets-and-encoding): pure functions.
 
 :func:`ids_to_bits` writes a slot map as log2(S) bit planes in {−1, +1} (void: 0 in every plane),
 the mask autoencoder's input; :func:`bits_to_ids` inverts it. :func:`image_to_tensor` and

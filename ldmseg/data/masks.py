@@ -1,4 +1,4 @@
-"""Known-masks for zero-shot mask inpainting (docs/method.md, "Inpainting").
+"""Known-masks for zero-shot mask inpainting (docs/method.md#inpainting).
 
 A known-mask is an (h, w) bool array on the latent grid: True where the panoptic map is given
 (the sampler keeps those latent cells at the noised known latent), False where the model fills in.

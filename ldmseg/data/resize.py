@@ -1,4 +1,4 @@
-"""Resize and pad to the training resolution, and back (docs/method.md, "Targets and encoding").
+"""Resize and pad to the training resolution, and back (docs/method.md#targets-and-encoding).
 
 :func:`resize_pad` brings an image and its id map to R×R (aspect kept and padded, or squashed);
 :func:`restore_size` takes predictions (ids or logits) at R×R back to the original image size.

@@ -1,4 +1,4 @@
-"""Cleaning and random id slots (docs/method.md, "Targets and encoding"): pure functions, no I/O.
+"""Cleaning and random id slots (docs/method.md#targets-and-encoding): pure functions, no I/O.
 
 1. :func:`clean_segments` turns crowd segments and segments under ``min_area`` pixels into void.
 2. :func:`remap_ids` gives the K non-void segments distinct random id slots in 1..S−1

@@ -1,4 +1,4 @@
-"""The noise process shared by training and sampling (METHOD.md, "Latent diffusion model").
+"""The noise process shared by training and sampling (docs/method.md#latent-diffusion-model).
 
 One DDPM forward process defines everything: ``x_t = sqrt(ᾱ_t)·x₀ + sqrt(1 − ᾱ_t)·ε`` with the
 betas of :class:`~ldmseg.config.DiffusionConfig` (1000 steps, scaled-linear 0.00085 → 0.012 by

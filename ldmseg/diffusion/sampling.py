@@ -1,4 +1,4 @@
-"""Sampling mask latents (METHOD.md, "Sampling and post-processing" and "Inpainting").
+"""Sampling mask latents (docs/method.md#sampling-and-post-processing and #inpainting).
 
 :data:`SAMPLERS` maps a sampler name to a function ``(DiffusionConfig, SamplingConfig) →`` diffusers
 scheduler; all share the training noise process (same betas and prediction type).

@@ -1,4 +1,4 @@
-"""The conditional denoiser (METHOD.md, "Latent diffusion model").
+"""The conditional denoiser (docs/method.md#latent-diffusion-model).
 
 Input channels, concatenated: ``[noisy mask latent x_t (C) | image features | self-conditioning
 x̂₀ (C, zeros when absent)]``; output: C channels, the model's prediction (ε, x₀ or v: the

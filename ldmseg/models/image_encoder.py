@@ -1,4 +1,4 @@
-"""The frozen image encoder: what the denoiser is conditioned on (METHOD.md, "Latent diffusion model").
+"""The frozen image encoder: what the denoiser is conditioned on (docs/method.md#latent-diffusion-model).
 
 Two kinds (``image_encoder.kind``):
 

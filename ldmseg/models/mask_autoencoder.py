@@ -1,4 +1,4 @@
-"""The shallow mask autoencoder (METHOD.md, "Mask autoencoder").
+"""The shallow mask autoencoder (docs/method.md#mask-autoencoder).
 
 It compresses a class-agnostic panoptic map, given as ``nb = log2(S)`` bit planes in {-1, 0, +1},
 into a small latent ``(C, H/f, W/f)`` and decodes a latent back into ``S`` logits per pixel, one

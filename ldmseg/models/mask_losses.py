@@ -1,6 +1,6 @@
 """The mask autoencoder's loss: point-sampled cross-entropy + per-segment BCE + Dice.
 
-Mask2Former / PointRend style (METHOD.md, "Mask autoencoder"): for each image, ``num_points``
+Mask2Former / PointRend style (docs/method.md#mask-autoencoder): for each image, ``num_points``
 points are drawn, a fraction ``importance_sample_ratio`` of them being the most uncertain among
 ``oversample_ratio · num_points`` random candidates (uncertainty = −(top-1 − top-2 logit)), the
 rest uniformly random. All points are drawn among the image's **valid** pixels (never padding),
