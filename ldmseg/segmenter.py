@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from ldmseg.checkpoint import LoadedModel, load_model
 from ldmseg.config import Config, SamplingConfig, sampling_fields, with_sampling
-from ldmseg.data.encoding import (ResizeInfo, ids_to_bits, image_to_tensor, raster_slot_lut, remap_ids, resize_pad,
-                                   restore_size)
+from ldmseg.data.encoding import ids_to_bits, image_to_tensor
+from ldmseg.data.resize import resize_pad, ResizeInfo, restore_size
+from ldmseg.data.slots import raster_slot_lut, remap_ids
 from ldmseg.data.ids import encode_panoptic_png
 from ldmseg.diffusion.sampling import decode_latents, sample_latents
 from ldmseg.postprocess import postprocess

@@ -13,8 +13,9 @@ from PIL import Image
 from conftest import REPO
 from ldmseg.checkpoint import build_components, load_model, save_model
 from ldmseg.config import load_config
-from ldmseg.data.encoding import (bits_to_ids, clean_segments, ids_to_bits, image_to_tensor, remap_ids, resize_pad,
-                                  tensor_to_image)
+from ldmseg.data.encoding import bits_to_ids, ids_to_bits, image_to_tensor, tensor_to_image
+from ldmseg.data.resize import resize_pad
+from ldmseg.data.slots import clean_segments, remap_ids
 from ldmseg.data.ids import rgb_to_id
 from ldmseg.data.synthetic import make_config, render_scene
 from ldmseg import training

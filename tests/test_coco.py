@@ -284,7 +284,7 @@ def test_legal_unusual_data_passes(tmp_path):
 
 
 def _assert_dense_matches(record) -> None:
-    from ldmseg.data.encoding import compact_ids
+    from ldmseg.data.slots import compact_ids
 
     sample, dense = read_sample(record), read_dense_sample(record)
     np.testing.assert_array_equal(dense.image, sample.image)

@@ -12,7 +12,9 @@ import torch
 from conftest import REPO
 from ldmseg.models.build import build_components
 from ldmseg.config import load_config
-from ldmseg.data.encoding import clean_segments, ids_to_bits, image_to_tensor, remap_ids, resize_pad
+from ldmseg.data.encoding import ids_to_bits, image_to_tensor
+from ldmseg.data.resize import resize_pad
+from ldmseg.data.slots import clean_segments, remap_ids
 from ldmseg.data.synthetic import make_config, render_scene
 from ldmseg import training
 from ldmseg.diffusion.noise import make_train_scheduler, min_snr_weights, predict_x0, prediction_target

@@ -26,7 +26,9 @@ def tiny_model(tmp_path_factory) -> tuple[str, str, object]:
     import numpy as np
     import torch
 
-    from ldmseg.data.encoding import clean_segments, image_to_tensor, remap_ids, resize_pad
+    from ldmseg.data.encoding import image_to_tensor
+    from ldmseg.data.resize import resize_pad
+    from ldmseg.data.slots import clean_segments, remap_ids
     from ldmseg.data.synthetic import make_config, render_scene
     from ldmseg import training
 

@@ -4,9 +4,8 @@
 the mask autoencoder's input; :func:`bits_to_ids` inverts it. :func:`image_to_tensor` and
 :func:`tensor_to_image` convert uint8 RGB images to and from the networks' [−1, 1] tensors.
 
-The steps before (cleaning, random id slots: :mod:`ldmseg.data.slots`; resize and pad:
-:mod:`ldmseg.data.resize`) are importable from here too, as the one entry point of the target
-pipeline.
+The steps before live in :mod:`ldmseg.data.slots` (cleaning, random id slots) and
+:mod:`ldmseg.data.resize` (resize and pad).
 """
 
 from __future__ import annotations
@@ -16,20 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ldmseg.data.resize import ResizeInfo, ResizeMode, resize_pad, restore_size, scaled_size  # noqa: F401
-from ldmseg.data.slots import (  # noqa: F401
-    CleanResult,
-    LabelRemap,
-    RemapResult,
-    clean_remap_labels,
-    clean_segments,
-    compact_ids,
-    eval_generator,
-    raster_slot_lut,
-    raster_slots,
-    remap_ids,
-    repermute_slots,
-)
 
 if TYPE_CHECKING:
     import torch

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmseg.config import Config
-from ldmseg.data.encoding import ids_to_bits, raster_slots
+from ldmseg.data.encoding import ids_to_bits
+from ldmseg.data.slots import raster_slots
 from ldmseg.diffusion.noise import make_train_scheduler, min_snr_weights, prediction_target, predict_x0
 from ldmseg.models.ddp import unwrap
 

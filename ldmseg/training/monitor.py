@@ -22,6 +22,7 @@ from torch import nn
 
 from ldmseg.config import Config
 from ldmseg.data.encoding import ids_to_bits, tensor_to_image
+from ldmseg.data.segments import segments_info
 from ldmseg.metrics.pq import PQStat, pq_image_stats
 from ldmseg.models.ddp import unwrap
 from ldmseg.postprocess import postprocess
@@ -79,9 +80,9 @@ def overlay_panel(images: list[np.ndarray], gts: list[np.ndarray], preds: list[n
 
 
 def _gt(slot_map: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+    """Ground truth of a stored slot map: (H, W) uint32 ids (0 outside ``valid``) and its segments."""
     ids = np.where(valid, slot_map, 0).astype(np.uint32)
-    present, counts = np.unique(ids, return_counts=True)
-    return ids, [{"id": int(i), "category_id": 1, "iscrowd": 0, "area": int(c)} for i, c in zip(present, counts) if i]
+    return ids, segments_info(ids, bbox=False)
 
 
 def _pred_segments(segments: list[dict]) -> list[dict]:
@@ -118,7 +119,7 @@ def monitor_ae(mask_ae: nn.Module, batch: dict, cfg: Config) -> tuple[dict[str, 
     valid = batch["valid"]
     logits = module(ids_to_bits(torch.where(valid, batch["slot_map"], 0), module.num_bits))
     module.train(was_training)
-    th = {k: getattr(cfg.sampling, k) for k in ("mask_th", "count_th", "overlap_th")}
+    th = cfg.sampling.thresholds
     maps, segs = zip(*(postprocess(lg, valid=v, **th) for lg, v in zip(logits, valid)))
     metrics, images, gts = _score(batch, list(maps), list(segs), "val_recon")
     return metrics, overlay_panel(images, gts, list(maps))
@@ -164,13 +165,14 @@ def ae_reconstruction_pq(mask_ae: nn.Module, dataset, cfg: Config, *, max_images
     Returns ``pq``, ``sq``, ``rq``, ``n_images``, ``n_segments``, ``n_over_slots``.
     """
     from ldmseg.data import coco
-    from ldmseg.data.encoding import clean_segments, eval_generator, remap_ids, resize_pad
+    from ldmseg.data.resize import resize_pad
+    from ldmseg.data.slots import clean_segments, eval_generator, remap_ids
 
     module = unwrap(mask_ae)
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
-    th = {k: getattr(cfg.sampling, k) for k in ("mask_th", "count_th", "overlap_th")}
+    th = cfg.sampling.thresholds
     stat, n, n_segments, n_over = PQStat(), 0, 0, 0
     for rec in dataset.records[:max_images] if max_images else dataset.records:
         sample = coco.read_sample(rec)
