@@ -29,7 +29,8 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from torch import nn
 
-from ldmseg.config import Config, from_dict, public_dict
+from ldmseg.config import Config, from_dict
+from ldmseg.redact import public_dict
 from ldmseg.models.build import COMPONENTS, build_component, build_components  # noqa: F401 (build_components: re-exported)
 from ldmseg.models.ddp import unwrap
 

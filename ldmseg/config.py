@@ -1,30 +1,25 @@
 """Typed configuration: one dataclass per concern, loaded from YAML with ``key=value`` overrides.
 
-Every key is validated on load: an unknown key or a value of the wrong type raises
-:class:`ConfigError` naming the dotted key and what was expected. The resolved config is a plain
-tree of dataclasses; :func:`to_dict` turns it back into YAML-able data (stored with every
-checkpoint and MLflow run) and :func:`config_hash` names runs deterministically.
+Every key is validated on load (:mod:`ldmseg.typed`): an unknown key or a value of the wrong type
+raises :class:`ConfigError` naming the dotted key and what was expected. The resolved config is a
+plain tree of dataclasses; :func:`override` sets dotted keys (the one override path), ``to_dict``
+turns a config back into YAML-able data (stored with every checkpoint and MLflow run) and
+:func:`config_hash` names runs deterministically.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
-import numbers
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and how to fix it."""
+from ldmseg.typed import ConfigError, build, merge, nest, to_dict
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,98 +300,6 @@ class Config:
 # --------------------------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp`` and return it in canonical form."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
-    if origin is Literal:
-        if value not in args:
-            choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:  # numpy integers too (e.g. a value Ray Tune sampled)
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
-
-
-@functools.cache
-def _fields(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
-    """The resolved annotations and field names of a config dataclass (resolving them is slow)."""
-    return typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
-
-
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints, names = _fields(cls)
-    unknown = sorted(set(values) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown config key {where}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(value, hints[name], key)
-    return cls(**kwargs)
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["train_ae.lr=1e-3", "data.num_slots=8"]`` → ``{"train_ae.lr": 0.001, "data.num_slots": 8}``.
 
@@ -422,22 +325,6 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return flat
 
 
-def _nest(assignments: Mapping[str, Any]) -> dict:
-    """``{"a.b": 1, "a.c": 2}`` → ``{"a": {"b": 1, "c": 2}}``."""
-    tree: dict = {}
-    for key, value in assignments.items():
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key}={value!r} conflicts with an earlier override of {part}")
-        if isinstance(node.get(parts[-1]), dict):
-            raise ConfigError(f"override {key}={value!r} conflicts with an override of a key inside {key}")
-        node[parts[-1]] = value
-    return tree
-
-
 def override(cfg: Config | Mapping[str, Any], assignments: Mapping[str, Any]) -> Config:
     """A new validated :class:`Config`: ``cfg`` with dotted keys set, e.g. ``{"train_ldm.lr": 1e-4}``.
 
@@ -446,7 +333,7 @@ def override(cfg: Config | Mapping[str, Any], assignments: Mapping[str, Any]) ->
     unknown key fails naming the valid keys of its section.
     """
     base = to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-    return from_dict(_merge(base, _nest(assignments)))
+    return from_dict(merge(base, nest(assignments)))
 
 
 def with_sampling(cfg: Config, options: Mapping[str, Any]) -> Config:
@@ -462,7 +349,7 @@ def sampling_fields() -> tuple[str, ...]:
 
 def from_dict(values: dict) -> Config:
     """Build and validate a :class:`Config` from a nested dict."""
-    cfg = _build(Config, values or {})
+    cfg = build(Config, values or {})
     cfg.validate()
     return cfg
 
@@ -485,54 +372,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
-
-
-def to_dict(cfg: Any) -> dict:
-    """Dataclass tree → plain dict of lists/scalars (tuples become lists)."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(cfg)
-
-
-_SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "token", "secret", "key", "signature", "credential")
-
-
-def redact_uri(uri: str | None) -> str | None:
-    """``uri`` with its credentials masked: ``https://user:pw@host/x?token=t`` → ``https://***@host/x?token=***``.
-
-    Tracking and storage URIs may embed credentials; anything printed, logged as a parameter or
-    stored in a model folder goes through this first.
-    """
-    if not uri or "://" not in uri:
-        return uri
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if any(w in k.lower() for w in _SECRET_QUERY_KEYS) else v) for k, v in pairs],
-                          safe="*")
-    if (netloc, query) == (parts.netloc, parts.query):
-        return uri  # nothing secret (and urlunsplit would rewrite ``sqlite:///x`` as ``sqlite:/x``)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def public_dict(cfg: Any) -> dict:
-    """:func:`to_dict` of a :class:`Config` with secrets redacted: what gets printed, logged and stored."""
-    d = to_dict(cfg)
-    if isinstance(d.get("tracking"), dict):
-        d["tracking"]["tracking_uri"] = redact_uri(d["tracking"].get("tracking_uri"))
-    return d
 
 
 def config_hash(cfg: Any, sections: list[str] | None = None) -> str:

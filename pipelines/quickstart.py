@@ -64,7 +64,8 @@ def run_quickstart(workdir: Path, config: str | None, overrides: list[str], *, n
     from ldmseg.segmenter import Segmenter
     from pipelines import ray_compat
     from pipelines.preprocess import run_preprocess
-    from pipelines.tracking import redact_uri, resolve_tracking_uri
+    from ldmseg.redact import redact_uri
+    from pipelines.tracking import resolve_tracking_uri
     from pipelines.train import run_train
 
     t_all = time.time()

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ldmseg.config import redact_uri
+from ldmseg.redact import redact_uri
 from ldmseg.logs import get_logger
 
 log = get_logger("mlflow")

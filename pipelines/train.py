@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ldmseg.checkpoint import MODEL_JSON
-from ldmseg.config import Config, load_config, public_dict, redact_uri, to_dict
+from ldmseg.config import Config, load_config, to_dict
+from ldmseg.redact import public_dict, redact_uri
 from ldmseg.logs import get_logger, setup_logging
 from ldmseg.training.build import STAGES
 from ldmseg.training.state import TRAINER_STATE, train_config

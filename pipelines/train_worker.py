@@ -14,7 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ldmseg.config import from_dict, override, redact_uri
+from ldmseg.config import from_dict, override
+from ldmseg.redact import redact_uri
 from ldmseg.logs import get_logger, setup_logging
 from ldmseg.training.trainer import Reporter
 

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO
 from ldmseg.checkpoint import build_components, save_model
-from ldmseg.config import load_config, redact_uri
+from ldmseg.config import load_config
+from ldmseg.redact import redact_uri
 from ldmseg.data import coco
 from ldmseg.data.slots import clean_segments
 from ldmseg.data.ids import encode_panoptic_png, is_crowd

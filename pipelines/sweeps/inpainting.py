@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ldmseg.config import redact_uri
+from ldmseg.redact import redact_uri
 from pipelines.sweeps.kit import (cached_segmenter, collect_results, log, log_summary, make_tuner, markdown_table,
                                   prepare_model_sweep, save_pq_plot, scored_trial)
 

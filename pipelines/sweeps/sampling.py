@@ -29,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from ldmseg.config import redact_uri, sampling_fields
+from ldmseg.config import sampling_fields
+from ldmseg.redact import redact_uri
 from pipelines.sweeps.kit import (cached_segmenter, collect_results, log, log_summary, make_tuner, markdown_table,
                                   prepare_model_sweep, save_pq_plot, scored_trial)
 

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ldmseg.config import override, redact_uri
+from ldmseg.config import override
+from ldmseg.redact import redact_uri
 from ldmseg.logs import get_logger
 from ldmseg.training.trainer import Reporter
 from pipelines.sweeps.kit import collect_results, failed_trial, log_summary, make_tuner, markdown_table, trial_tracker
