@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from test_evaluate_tune import TINY
+from paths import REPO
+from helpers_config import tiny_cfg
 
 
 def run(cmd: list, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -51,10 +51,9 @@ def install_wheel(tmp: Path) -> Path:
 @pytest.mark.slow
 def test_wheel_install_evaluates_with_the_sampling_config_its_sweep_saved(tmp_path):
     from ldmseg.checkpoint import build_components, save_model
-    from ldmseg.config import load_config
     from ldmseg.data.synthetic import write_scenes
 
-    cfg = load_config(REPO / "conf/tiny.yaml", TINY)  # the model's own sampling: ddim, 2 steps
+    cfg = tiny_cfg("sampling.steps=2", "sampling.count_th=0.0", "preprocess.rows_per_file=8")  # the model's own sampling: ddim, 2 steps
     save_model(tmp_path / "model", cfg, build_components(cfg), latent_scale=1.0)
     write_scenes(tmp_path / "scenes", num_images=2, size=32, seed=5, max_things=2)
     bin_ = install_wheel(tmp_path)

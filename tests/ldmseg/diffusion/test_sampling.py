@@ -7,24 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import REPO
 from ldmseg.checkpoint import build_components
-from ldmseg.config import load_config
 from ldmseg.diffusion.noise import make_train_scheduler, predict_x0
 from ldmseg.diffusion.sampling import (SAMPLERS, SIGMA_SAMPLERS, decode_latents, initial_noise, make_sampler,
                                        sample_latents)
+from helpers_config import tiny_cfg
 from helpers_denoiser import RecordingDenoiser
 
-TINY = [
-    "data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]",
-    "image_encoder.kind=pixel_unshuffle", "denoiser.block_out_channels=[16,32]", "denoiser.layers_per_block=1",
-    "denoiser.attention_levels=[false,false]", "denoiser.image_stem_channels=8",
-]
 C, H = 4, 8  # latent channels and size of the tiny config (32 px / factor 4)
-
-
-def tiny_cfg(*overrides):
-    return load_config(REPO / "conf/tiny.yaml", [*TINY, *overrides])
 
 
 @pytest.fixture(scope="module")

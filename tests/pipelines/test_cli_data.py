@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from helpers_coco import entry, image_bytes, image_for, band_id_map, truncated, write_coco_folder
 
+from paths import TINY_YAML
 from pipelines.cli import main
 from ldmseg.commands import validate as validate_command
 from ldmseg.data.synthetic import write_scenes
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _defective_folder(root: Path):
@@ -44,7 +44,7 @@ def test_synth_writes_what_it_says(tmp_path, capsys):
 
 def test_synth_knobs_from_config_and_flags(tmp_path, capsys):
     out = tmp_path / "scenes"
-    rc = main(["synth", str(out), "--config", str(REPO / "conf/tiny.yaml"), "--num-images", "2",
+    rc = main(["synth", str(out), "--config", str(TINY_YAML), "--num-images", "2",
                "--min-things", "0", "--max-things", "0", "--crowd-prob", "0", "--void-fraction", "0"])
     assert rc == 0
     doc = json.loads((out / "panoptic.json").read_text())

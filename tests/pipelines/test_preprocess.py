@@ -25,14 +25,14 @@ from ldmseg.data.encoding import image_to_tensor
 from ldmseg.data.manifest import open_fs, read_manifest
 from ldmseg.data.parquet_dataset import ShardDataset, columns_to_rows, decode_columns, decode_rows
 from ldmseg.data.synthetic import write_scenes
-from conftest import REPO
+from paths import REPO, TINY_YAML
 
 pytestmark = pytest.mark.ray
 
 
-def tiny_cfg(*overrides):
-    return load_config(REPO / "conf/tiny.yaml", ["preprocess.rows_per_file=4", "preprocess.chunk_rows=8",
-                                                 *overrides])
+def shard_cfg(*overrides):
+    """conf/tiny.yaml as it is (64 px scenes) with small shard files and chunks."""
+    return load_config(TINY_YAML, ["preprocess.rows_per_file=4", "preprocess.chunk_rows=8", *overrides])
 
 
 def test_task_size_fills_files_or_shares_small_chunks():
@@ -76,7 +76,7 @@ def check_against_memory(output: str, source: str, cfg) -> int:
 def test_synthetic_and_real_samples_round_trip(ray_session, tmp_path, coco_val_examples, coco_sample):
     from pipelines.preprocess import run_preprocess
 
-    cfg = tiny_cfg()
+    cfg = shard_cfg()
     scenes = tmp_path / "scenes"
     write_scenes(scenes, num_images=20, size=64, seed=3)
     m = run_preprocess(cfg, output=str(tmp_path / "out_syn"), source=str(scenes))
@@ -90,7 +90,7 @@ def test_synthetic_and_real_samples_round_trip(ray_session, tmp_path, coco_val_e
     from pipelines.preprocess import task_size
     from pipelines.ray_compat import cluster_cpus
 
-    big = tiny_cfg("preprocess.chunk_rows=64", "preprocess.rows_per_file=2")
+    big = shard_cfg("preprocess.chunk_rows=64", "preprocess.rows_per_file=2")
     assert task_size(20, 2, cluster_cpus()) == 2  # 4 CPUs: 20 images > 2 × 4 × 2
     m = run_preprocess(big, output=str(tmp_path / "out_full"), source=str(scenes))
     sizes = [pq.read_metadata(tmp_path / "out_full" / f).num_rows for f in m.files["train"]]
@@ -115,7 +115,7 @@ def test_training_reader_repermutes_and_ray_reader_agrees(ray_session, tmp_path)
 
     from pipelines.preprocess import run_preprocess
 
-    cfg = tiny_cfg()
+    cfg = shard_cfg()
     write_scenes(tmp_path / "s", num_images=6, size=64, seed=5)
     m = run_preprocess(cfg, output=str(tmp_path / "o"), source=str(tmp_path / "s"))
     plain = {int(s["image_id"]): s for s in ShardDataset(str(tmp_path / "o"), "train", 32, train=False)}
@@ -146,7 +146,7 @@ def test_decode_columns_equals_decode_rows(ray_session, tmp_path):
     from pipelines.preprocess import run_preprocess
 
     write_scenes(tmp_path / "s", num_images=7, size=64, seed=6)
-    m = run_preprocess(tiny_cfg(), output=str(tmp_path / "o"), source=str(tmp_path / "s"))
+    m = run_preprocess(shard_cfg(), output=str(tmp_path / "o"), source=str(tmp_path / "s"))
     files = [str(tmp_path / "o" / f) for f in m.files["train"]]
     rows = ray.data.read_parquet(files).take_all()
     table = pq.read_table(files[0]).combine_chunks()
@@ -179,7 +179,7 @@ def test_task_rows_equal_encoded_samples_and_old_shards_are_refused(tmp_path, co
     from ldmseg.data import shards
     from ldmseg.data.manifest import SCHEMA_VERSION, Manifest, check_data_config, write_manifest
 
-    cfg = load_config(REPO / "conf/tiny.yaml", ["data.resolution=128"])
+    cfg = load_config(TINY_YAML, ["data.resolution=128"])
     records = coco.load_coco_panoptic(coco_val_examples).records[:5]
     table = encode_records(records, cfg, tmp_path / "staging")
     assert table.schema.equals(shards.SCHEMA) and "valid" not in table.column_names
@@ -213,7 +213,7 @@ def test_slot_maps_beyond_256_slots_are_stored_as_uint16():
 
     id_map = np.arange(1, 32 * 32 + 1, dtype=np.int64).reshape(32, 32)  # 1024 one-pixel segments
     info = [{"id": i, "category_id": 1, "iscrowd": 0} for i in range(1, 32 * 32 + 1)]
-    cfg = load_config(REPO / "conf/tiny.yaml", ["data.resolution=32", "data.num_slots=512",
+    cfg = load_config(TINY_YAML, ["data.resolution=32", "data.num_slots=512",
                                                 "data.min_segment_area=1"])
     row = shards.encode_dense_sample(dense_sample(np.zeros((32, 32, 3), np.uint8), id_map, info), image_id=1, cfg=cfg)
     assert (row["num_segments"], row["n_merged"]) == (511, 1024 - 511)
@@ -236,7 +236,7 @@ def test_min_segment_area_counts_pixels_at_the_training_resolution():
     info = [{"id": i, "category_id": 1, "iscrowd": 0} for i in (1, 2, 3)]
     image = np.zeros((96, 96, 3), np.uint8)
     for res, n_segments, n_small in ((32, 3, 0), (16, 2, 1)):
-        cfg = load_config(REPO / "conf/tiny.yaml", [f"data.resolution={res}", "data.min_segment_area=10"])
+        cfg = load_config(TINY_YAML, [f"data.resolution={res}", "data.min_segment_area=10"])
         row = shards.encode_dense_sample(dense_sample(image, id_map, info), image_id=1, cfg=cfg)
         stored = shards.decode_slot_map(row["slot_map"], res)
         assert (row["num_segments"], row["n_small"]) == (n_segments, n_small)
@@ -248,7 +248,7 @@ def test_shard_dataset_equals_row_by_row_reference(tmp_path, coco_val_examples):
     gives, in the same order and with the same random slots for the same seed."""
     from ldmseg.data.parquet_dataset import TRAIN_COLUMNS
 
-    cfg = load_config(REPO / "conf/tiny.yaml", ["data.resolution=96"])
+    cfg = load_config(TINY_YAML, ["data.resolution=96"])
     records = coco.load_coco_panoptic(coco_val_examples).records[:7]
     table = encode_records(records, cfg, tmp_path / "staging")
     (tmp_path / "o" / "train").mkdir(parents=True)
@@ -300,7 +300,7 @@ def test_bad_inputs_are_quarantined_with_reasons(ray_session, tmp_path, capsys):
     paths = write_coco_folder(tmp_path / "bad", entries)
     out = tmp_path / "out"
     code = main(["preprocess", "--source", str(paths.root), "--output", str(out),
-                 "--config", str(REPO / "conf/tiny.yaml"), "preprocess.rows_per_file=4"])
+                 "--config", str(TINY_YAML), "preprocess.rows_per_file=4"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     m = read_manifest(*open_fs(str(out)))
@@ -324,7 +324,7 @@ def test_s3_source_and_output(ray_session, tmp_path, s3_server):
     fs.mkdir("ldmseg-test")
     write_scenes(tmp_path / "scenes", num_images=10, size=64, seed=9)
     fs.put(str(tmp_path / "scenes"), "ldmseg-test/scenes", recursive=True)
-    cfg = tiny_cfg()
+    cfg = shard_cfg()
     m = run_preprocess(cfg, output="s3://ldmseg-test/shards", source="s3://ldmseg-test/scenes")
     assert m.written == {"train": 10} and m.reconciles()
     assert fs.exists("ldmseg-test/shards/_manifest.json")
@@ -352,7 +352,7 @@ def test_val_fraction_splits_with_rejects(ray_session, tmp_path):
 
     write_scenes(tmp_path / "s", num_images=30, size=64, seed=8)
     (tmp_path / "s" / "panoptic" / sorted(p.name for p in (tmp_path / "s" / "panoptic").iterdir())[0]).unlink()
-    m = run_preprocess(tiny_cfg("preprocess.val_fraction=0.3"), output=str(tmp_path / "o"), source=str(tmp_path / "s"))
+    m = run_preprocess(shard_cfg("preprocess.val_fraction=0.3"), output=str(tmp_path / "o"), source=str(tmp_path / "s"))
     split_of = {i: assign_split(i, "train", 0.3) for i in range(1, 31)}
     errors = pq.read_table(tmp_path / "o" / "errors").to_pylist()
     assert m.quarantined == len(errors) == 1 and m.reconciles()
@@ -371,7 +371,7 @@ def test_rerun_is_idempotent_and_changed_config_refuses(ray_session, tmp_path):
     from pipelines.preprocess import run_preprocess
 
     write_scenes(tmp_path / "s", num_images=10, size=64, seed=2)
-    cfg = tiny_cfg()
+    cfg = shard_cfg()
     first = run_preprocess(cfg, output=str(tmp_path / "o"), source=str(tmp_path / "s"))
     files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "o").rglob("*.parquet"))
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "o").rglob("*.parquet")}
@@ -380,8 +380,8 @@ def test_rerun_is_idempotent_and_changed_config_refuses(ray_session, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "o").rglob("*.parquet")} == stamps
     assert again.files == first.files and again.written == first.written
     with pytest.raises(SystemExit, match="another config"):
-        run_preprocess(tiny_cfg("data.min_segment_area=20"), output=str(tmp_path / "o"), source=str(tmp_path / "s"))
-    replaced = run_preprocess(tiny_cfg("data.min_segment_area=20"), output=str(tmp_path / "o"),
+        run_preprocess(shard_cfg("data.min_segment_area=20"), output=str(tmp_path / "o"), source=str(tmp_path / "s"))
+    replaced = run_preprocess(shard_cfg("data.min_segment_area=20"), output=str(tmp_path / "o"),
                               source=str(tmp_path / "s"), overwrite=True)
     assert replaced.config_hash != first.config_hash and replaced.reconciles()
 
@@ -393,7 +393,7 @@ def test_killed_run_resumes_without_redoing_chunks(ray_session, tmp_path):
     out = tmp_path / "o"
     address = ray_session.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "pipelines.cli", "preprocess", "--source", str(tmp_path / "s"), "--output", str(out),
-           "--config", str(REPO / "conf/tiny.yaml"), "--address", address,
+           "--config", str(TINY_YAML), "--address", address,
            "preprocess.rows_per_file=4", "preprocess.chunk_rows=8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
@@ -405,7 +405,7 @@ def test_killed_run_resumes_without_redoing_chunks(ray_session, tmp_path):
     done_before = sorted(p.name for p in (out / "_progress").glob("chunk-*.json"))
     assert 1 <= len(done_before) < 5, "the run should have been killed part-way"
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "_progress").glob("chunk-*.json")}
-    m = run_preprocess(tiny_cfg(), output=str(out), source=str(tmp_path / "s"))
+    m = run_preprocess(shard_cfg(), output=str(out), source=str(tmp_path / "s"))
     assert m.written == {"train": 40} and m.reconciles()
     for name, t in stamps.items():  # finished chunks were not redone
         assert (out / "_progress" / name).stat().st_mtime_ns == t

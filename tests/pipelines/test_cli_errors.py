@@ -11,17 +11,15 @@ from pathlib import Path
 
 import pytest
 from helpers_coco import entry, write_coco_folder
+from helpers_config import tiny_cfg
 
-from conftest import REPO
+from paths import REPO, TINY_YAML
 from ldmseg import inputs
 from pipelines.cli import bad_input_message, main
 
 GARBAGE = b"\x00\xffnot a safetensors file" * 8
-TINY_MODEL = [
-    "data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16]", "image_encoder.kind=pixel_unshuffle",
-    "image_encoder.downsample_factor=2", "denoiser.block_out_channels=[16,32]", "denoiser.layers_per_block=1",
-    "denoiser.attention_levels=[false,false]", "denoiser.image_stem_channels=8",
-]
+# the tiny model with a two-level mask AE (factor 2)
+TINY_MODEL = ("mask_ae.widths=[8,16]", "image_encoder.downsample_factor=2")
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,16 +52,15 @@ def good(tmp_path_factory) -> dict[str, str]:
     """Good inputs: a model folder (save_model of a tiny config), a COCO panoptic folder, a
     preprocessed folder (its manifest is all the checks look at), a config file."""
     from ldmseg.checkpoint import build_components, save_model
-    from ldmseg.config import load_config
 
     root = tmp_path_factory.mktemp("good")
-    cfg = load_config(None, TINY_MODEL)
+    cfg = tiny_cfg(*TINY_MODEL)
     save_model(root / "model", cfg, build_components(cfg), latent_scale=1.0, extra={"stage": "ldm", "step": 0})
     coco = write_coco_folder(root / "coco", [entry(1), entry(2)])
     (root / "shards").mkdir()
     (root / "shards" / "_manifest.json").write_text("{}")
     return {"model": str(root / "model"), "coco": str(coco.root), "shards": str(root / "shards"),
-            "config": str(REPO / "conf" / "tiny.yaml")}
+            "config": str(TINY_YAML)}
 
 
 def damaged_model(good, tmp_path, what: str) -> str:

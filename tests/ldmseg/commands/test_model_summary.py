@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
+from paths import COCO_YAML, TINY_YAML
 from pipelines.cli import main
 from ldmseg.config import load_config
 from ldmseg.models.denoiser import build_denoiser
 from ldmseg.models.image_encoder import ImageEncoder
 from ldmseg.models.mask_autoencoder import MaskAutoencoder
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _summary_json(capsys, *args: str) -> dict:
@@ -23,7 +22,7 @@ def _summary_json(capsys, *args: str) -> dict:
 
 
 def test_coco_counts_match_the_paper(capsys):
-    counts = _summary_json(capsys, "--config", str(REPO / "conf" / "coco.yaml"))
+    counts = _summary_json(capsys, "--config", str(COCO_YAML))
     assert set(counts) == {"mask_autoencoder", "image_encoder", "denoiser"}
     ae, image, den = counts["mask_autoencoder"], counts["image_encoder"], counts["denoiser"]
     assert abs(ae["total"] - 2.0e6) <= 0.03 * 2.0e6 and ae["trainable"] == ae["total"]
@@ -36,7 +35,7 @@ def test_coco_counts_match_the_paper(capsys):
 
 
 def test_coco_human_output_says_nothing_was_loaded(capsys):
-    assert main(["model-summary", "--config", str(REPO / "conf" / "coco.yaml")]) == 0
+    assert main(["model-summary", "--config", str(COCO_YAML)]) == 0
     out = capsys.readouterr().out
     assert "meta device" in out and "not loaded" in out
     for name in ("mask_autoencoder", "image_encoder", "denoiser"):
@@ -44,8 +43,8 @@ def test_coco_human_output_says_nothing_was_loaded(capsys):
 
 
 def test_tiny_counts_equal_the_real_models(capsys):
-    counts = _summary_json(capsys, "--config", str(REPO / "conf" / "tiny.yaml"))
-    cfg = load_config(REPO / "conf" / "tiny.yaml")
+    counts = _summary_json(capsys, "--config", str(TINY_YAML))
+    cfg = load_config(TINY_YAML)
     ae = MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots)
     image = ImageEncoder.from_config(cfg.image_encoder)
     den = build_denoiser(cfg.denoiser, ae.latent_channels, image.out_channels, cfg.data.resolution // 4)
@@ -57,7 +56,7 @@ def test_tiny_counts_equal_the_real_models(capsys):
 
 
 def test_overrides_change_counts(capsys):
-    conf = str(REPO / "conf" / "tiny.yaml")
+    conf = str(TINY_YAML)
     base = _summary_json(capsys, "--config", conf)
     wider = _summary_json(capsys, "--config", conf, "mask_ae.widths=[16,32,128]", "image_encoder.kind=pixel_unshuffle")
     assert wider["mask_autoencoder"]["total"] > base["mask_autoencoder"]["total"]
@@ -67,5 +66,5 @@ def test_overrides_change_counts(capsys):
 
 
 def test_bad_override_is_reported(capsys):
-    assert main(["model-summary", "--config", str(REPO / "conf" / "tiny.yaml"), "mask_ae.nope=1"]) == 2
+    assert main(["model-summary", "--config", str(TINY_YAML), "mask_ae.nope=1"]) == 2
     assert "mask_ae.nope" in capsys.readouterr().err

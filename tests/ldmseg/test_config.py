@@ -1,11 +1,11 @@
 import pytest
 
 from ldmseg.config import ConfigError, config_hash, load_config, parse_overrides, to_dict
-from conftest import REPO
+from paths import REPO, TINY_YAML
 
 
 def test_tiny_and_coco_load():
-    tiny = load_config(REPO / "conf/tiny.yaml")
+    tiny = load_config(TINY_YAML)
     coco = load_config(REPO / "conf/coco.yaml")
     assert (tiny.data.resolution, tiny.data.num_slots, tiny.data.num_bits) == (64, 32, 5)
     assert (coco.data.resolution, coco.data.num_slots, coco.data.num_bits) == (512, 128, 7)
@@ -27,7 +27,7 @@ def test_shipped_cpu_configs_build_a_mask_ae_of_their_shapes(name):
 
 
 def test_overrides_apply_with_types():
-    cfg = load_config(REPO / "conf/tiny.yaml", ["train_ae.lr=3e-4", "data.num_slots=8", "sampling.sampler=euler",
+    cfg = load_config(TINY_YAML, ["train_ae.lr=3e-4", "data.num_slots=8", "sampling.sampler=euler",
                                                   "mask_ae.widths=[8,16]", "image_encoder.pretrained=null"])
     assert cfg.train_ae.lr == pytest.approx(3e-4)
     assert cfg.data.num_slots == 8 and cfg.data.num_bits == 3
@@ -46,7 +46,7 @@ def test_overrides_apply_with_types():
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
-        load_config(REPO / "conf/tiny.yaml", [override])
+        load_config(TINY_YAML, [override])
     assert needle in str(err.value)
 
 
@@ -62,9 +62,9 @@ def test_override_syntax_and_missing_file(tmp_path):
 
 
 def test_hash_is_stable_and_sensitive():
-    a = load_config(REPO / "conf/tiny.yaml")
-    b = load_config(REPO / "conf/tiny.yaml")
-    c = load_config(REPO / "conf/tiny.yaml", ["train_ae.lr=0.5"])
+    a = load_config(TINY_YAML)
+    b = load_config(TINY_YAML)
+    c = load_config(TINY_YAML, ["train_ae.lr=0.5"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
     assert config_hash(a, ["data"]) == config_hash(c, ["data"])
     assert to_dict(a)["mask_ae"]["widths"] == [16, 32, 64]

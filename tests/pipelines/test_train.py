@@ -14,24 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from paths import REPO, TINY_YAML
 from helpers_coco import score_id_maps
-from ldmseg.config import load_config
+from helpers_config import tiny_cfg, tiny_overrides
 from ldmseg.data.synthetic import write_scenes
 
 pytestmark = pytest.mark.ray
 
-TINY = [
-    "data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "mask_ae.num_points=256",
-    "image_encoder.kind=pixel_unshuffle", "denoiser.block_out_channels=[16,32]", "denoiser.layers_per_block=1",
-    "denoiser.attention_levels=[false,false]", "denoiser.image_stem_channels=8", "sampling.steps=2",
-    "train_ae.batch_size=8", "train_ldm.batch_size=8", "train_ae.warmup=2", "train_ldm.warmup=2",
-    "preprocess.rows_per_file=16",
-]
+# the tiny config, in batches of 8 over shard files of 16 rows
+TRAIN = ("mask_ae.num_points=256", "sampling.steps=2", "train_ae.batch_size=8", "train_ldm.batch_size=8",
+         "train_ae.warmup=2", "train_ldm.warmup=2", "preprocess.rows_per_file=16")
 
 
 def cfg_with(*overrides):
-    return load_config(REPO / "conf/tiny.yaml", [*TINY, *overrides])
+    return tiny_cfg(*TRAIN, *overrides)
 
 
 # post-processing that keeps every argmax segment: the validation of a model trained for a few
@@ -258,8 +254,8 @@ def test_killed_run_resumes_from_its_checkpoint(shards, ray_session, tmp_path):
     overrides = ["train_ae.iterations=400", "train_ae.report_every=5", "train_ae.checkpoint_every=5"]
     cfg = cfg_with(*overrides)
     address = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "pipelines.cli", "train", "ae", "--data", shards, "--config", str(REPO / "conf/tiny.yaml"),
-           "--run-dir", str(tmp_path), "--address", address, *TINY, *overrides]
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "ae", "--data", shards, "--config", str(TINY_YAML),
+           "--run-dir", str(tmp_path), "--address", address, *tiny_overrides(*TRAIN, *overrides)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     deadline = time.time() + 240

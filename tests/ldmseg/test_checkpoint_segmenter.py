@@ -10,9 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
 from ldmseg.checkpoint import build_components, load_model, save_model
-from ldmseg.config import load_config
 from ldmseg.data.encoding import bits_to_ids, ids_to_bits, image_to_tensor, tensor_to_image
 from ldmseg.data.resize import resize_pad
 from ldmseg.data.slots import clean_segments, remap_ids
@@ -22,17 +20,15 @@ from ldmseg import training
 from ldmseg.postprocess import postprocess
 from ldmseg.segmenter import Segmenter, choose_medoid, segment_agreement, to_coco_prediction
 from helpers_coco import score_id_maps
+from helpers_config import tiny_cfg
 
-TINY = [
-    "data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "mask_ae.num_points=256",
-    "image_encoder.block_out_channels=[8,16,16]", "denoiser.block_out_channels=[16,32]",
-    "denoiser.layers_per_block=1", "denoiser.attention_levels=[false,false]", "denoiser.image_stem_channels=8",
-    "train_ae.lr=3e-3", "train_ae.warmup=1", "sampling.steps=3", "sampling.count_th=0.01",
-]
+# the tiny config with a small AutoencoderKL image encoder, so model folders store and reload one
+VAE_TINY = ("image_encoder.kind=autoencoder_kl", "image_encoder.block_out_channels=[8,16,16]", "mask_ae.num_points=256",
+            "train_ae.lr=3e-3", "train_ae.warmup=1", "sampling.steps=3", "sampling.count_th=0.01")
 
 
-def tiny_cfg(*overrides):
-    return load_config(REPO / "conf/tiny.yaml", [*TINY, *overrides])
+def vae_tiny_cfg(*overrides):
+    return tiny_cfg(*VAE_TINY, *overrides)
 
 
 def scenes(n: int, size: int = 32, seed: int = 3, **knobs):
@@ -55,7 +51,7 @@ def scene_batch(cfg, n: int) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A model folder: mask AE trained for 80 steps (so decoded maps have segments), random denoiser."""
-    cfg = tiny_cfg()
+    cfg = vae_tiny_cfg()
     torch.manual_seed(0)
     parts = build_components(cfg)
     ae = parts["mask_autoencoder"]
@@ -173,7 +169,7 @@ def test_round_trip_is_bit_identical(trained, segmenter):
 def test_pretrained_image_encoder_is_stored_by_source(trained, tmp_path):
     folder, cfg, parts, scale = trained
     parts["image_encoder"].vae.save_pretrained(str(tmp_path / "vae"))
-    cfg2 = tiny_cfg(f"image_encoder.pretrained={tmp_path / 'vae'}")
+    cfg2 = vae_tiny_cfg(f"image_encoder.pretrained={tmp_path / 'vae'}")
     save_model(tmp_path / "m", cfg2, parts, latent_scale=scale)
     assert not (tmp_path / "m" / "image_encoder.safetensors").exists()
     entry = json.loads((tmp_path / "m" / "model.json").read_text())["components"]["image_encoder"]
@@ -435,7 +431,7 @@ def test_monitor_ldm_perfect_and_sampled(trained, tmp_path):
     check_validation_by_hand(first, panel, seg, batch, 3, 2, tmp_path / "random")
     parts["denoiser"].eval()
     # a denoiser that knows the answer: the figures are the AE's reconstructions scored
-    oracle_cfg = tiny_cfg("diffusion.prediction_type=sample")
+    oracle_cfg = vae_tiny_cfg("diffusion.prediction_type=sample")
     with torch.no_grad():
         x0 = parts["mask_autoencoder"].encode(ids_to_bits(
             torch.where(batch["valid"], batch["slot_map"], 0), parts["mask_autoencoder"].num_bits)) * scale
@@ -514,7 +510,7 @@ def test_ae_reconstruction_pq_on_real_coco_masks(trained, coco_sample, tmp_path)
     assert r["rq"] <= ceiling
     # ... and a perfect AE (no area floor in the post-processing) reaches it exactly: TP = N − n,
     # FN = n, FP = 0, every match exact
-    perfect = ae_reconstruction_pq(PerfectAE(cfg.data.num_slots), real, tiny_cfg("sampling.count_th=0.0"))
+    perfect = ae_reconstruction_pq(PerfectAE(cfg.data.num_slots), real, vae_tiny_cfg("sampling.count_th=0.0"))
     assert (perfect["n_segments"], perfect["n_over_slots"]) == (n, over)
     assert perfect["sq"] == 1.0 and perfect["rq"] == pytest.approx(ceiling, abs=1e-12)
     write_scenes(tmp_path / "scenes", num_images=6, size=32, seed=3, max_things=4)  # like the AE's training scenes

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from paths import COCO_YAML, TINY_YAML
 from ldmseg.config import DenoiserConfig, ImageEncoderConfig, load_config
 from ldmseg.models.denoiser import Denoiser, build_denoiser
 from ldmseg.models.image_encoder import ImageEncoder
 from ldmseg.models.mask_autoencoder import MaskAutoencoder
 from ldmseg.models.mask_losses import mask_ae_loss, sample_points
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = load_config(REPO / "conf" / "tiny.yaml")
+TINY = load_config(TINY_YAML)
 
 torch.set_num_threads(1)
 
@@ -95,7 +94,7 @@ def test_mask_ae_rejects_bad_inputs():
 
 
 def test_mask_ae_coco_size_matches_paper():
-    coco = load_config(REPO / "conf" / "coco.yaml")
+    coco = load_config(COCO_YAML)
     with torch.device("meta"):
         ae = MaskAutoencoder(coco.mask_ae, coco.data.num_slots)
     assert ae.downsample_factor == 8 and ae.num_bits == 7
@@ -407,7 +406,7 @@ def test_denoiser_from_stable_diffusion_unet(tmp_path):
 
 
 def test_denoiser_stable_diffusion_from_config_on_meta():
-    coco = load_config(REPO / "conf" / "coco.yaml")
+    coco = load_config(COCO_YAML)
     with torch.device("meta"):
         den = build_denoiser(coco.denoiser, latent_channels=4, image_channels=4, sample_size=64, load_pretrained=False)
     assert den.unet.conv_in.in_channels == 12

@@ -9,27 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
 from ldmseg.models.build import build_components
-from ldmseg.config import load_config
 from ldmseg.data.encoding import ids_to_bits, image_to_tensor
 from ldmseg.data.resize import resize_pad
 from ldmseg.data.slots import clean_segments, remap_ids
 from ldmseg.data.synthetic import make_config, render_scene
 from ldmseg import training
 from ldmseg.diffusion.noise import make_train_scheduler, min_snr_weights, predict_x0, prediction_target
+from helpers_config import tiny_cfg
 from helpers_denoiser import RecordingDenoiser
 
-TINY = [
-    "data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "mask_ae.num_points=256",
-    "image_encoder.kind=pixel_unshuffle", "denoiser.block_out_channels=[16,32]", "denoiser.layers_per_block=1",
-    "denoiser.attention_levels=[false,false]", "denoiser.image_stem_channels=8",
-    "train_ae.lr=3e-3", "train_ae.warmup=1", "train_ldm.lr=2e-3", "train_ldm.warmup=1",
-]
+# the tiny config, training fast enough that a few steps show learning
+TRAINING = ("mask_ae.num_points=256", "train_ae.lr=3e-3", "train_ae.warmup=1", "train_ldm.lr=2e-3", "train_ldm.warmup=1")
 
 
-def tiny_cfg(*overrides):
-    return load_config(REPO / "conf/tiny.yaml", [*TINY, *overrides])
+def training_cfg(*overrides):
+    return tiny_cfg(*TRAINING, *overrides)
 
 
 def scene_batch(cfg, n: int, seed: int = 3) -> dict:
@@ -62,7 +57,7 @@ def ldm_components(cfg, batch, seed: int = 0) -> training.LDMComponents:
 
 
 def test_min_snr_weights_follow_the_formula_per_prediction_type():
-    cfg = tiny_cfg()
+    cfg = training_cfg()
     sched = make_train_scheduler(cfg.diffusion)
     t = torch.tensor([0, 10, 100, 300, 999])
     a = sched.alphas_cumprod[t].double()
@@ -79,7 +74,7 @@ def test_min_snr_weights_follow_the_formula_per_prediction_type():
 
 @pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
 def test_predict_x0_inverts_the_target(kind):
-    cfg = tiny_cfg(f"diffusion.prediction_type={kind}")
+    cfg = training_cfg(f"diffusion.prediction_type={kind}")
     sched = make_train_scheduler(cfg.diffusion)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
@@ -123,7 +118,7 @@ def test_masked_mse_ignores_targets_on_void_cells():
 
 
 def test_all_void_batch_gives_zero_loss():
-    cfg = tiny_cfg()
+    cfg = training_cfg()
     batch = scene_batch(cfg, 2)
     comps = ldm_components(cfg, batch)
     void = dict(batch, slot_map=torch.zeros_like(batch["slot_map"]))
@@ -145,7 +140,7 @@ def eval_loss(comps, batch, cfg) -> float:
 
 
 def test_ldm_loss_falls_on_a_fixed_batch():
-    cfg = tiny_cfg("diffusion.self_condition_prob=0.5")
+    cfg = training_cfg("diffusion.self_condition_prob=0.5")
     batch = scene_batch(cfg, 8)
     comps = ldm_components(cfg, batch)
     optimizer, lr_sched = training.make_optimizer(comps.denoiser.parameters(), cfg.train_ldm)
@@ -163,7 +158,7 @@ def test_ldm_loss_falls_on_a_fixed_batch():
 
 @pytest.mark.parametrize("order", ["random", "raster"])
 def test_raster_slot_order_makes_the_loss_blind_to_the_slot_permutation(order):
-    cfg = tiny_cfg(f"diffusion.slot_order={order}")
+    cfg = training_cfg(f"diffusion.slot_order={order}")
     batch = scene_batch(cfg, 6, seed=3)
     other = scene_batch(cfg, 6, seed=3)  # the same scenes ...
     rng = np.random.default_rng(99)
@@ -181,7 +176,7 @@ def test_raster_slot_order_makes_the_loss_blind_to_the_slot_permutation(order):
 
 @pytest.mark.parametrize("prob", [0.0, 1.0])
 def test_self_conditioning_probability_extremes(prob):
-    cfg = tiny_cfg(f"diffusion.self_condition_prob={prob}")
+    cfg = training_cfg(f"diffusion.self_condition_prob={prob}")
     batch = scene_batch(cfg, 4)
     comps = ldm_components(cfg, batch)
     optimizer, _ = training.make_optimizer(comps.denoiser.parameters(), cfg.train_ldm)
@@ -196,7 +191,7 @@ def test_self_conditioning_pass_gets_the_first_passs_detached_x0(prob):
     """On the images chosen for self-conditioning a first pass without gradients (and without a
     self-conditioning input) gives x̂₀; the trained pass gets exactly that x̂₀, detached, on those
     images and zeros on the others (all of them when none is chosen)."""
-    cfg = tiny_cfg(f"diffusion.self_condition_prob={prob}")
+    cfg = training_cfg(f"diffusion.self_condition_prob={prob}")
     batch = scene_batch(cfg, 6)
     comps = ldm_components(cfg, batch)
     comps.denoiser = stub = RecordingDenoiser()
@@ -222,7 +217,7 @@ def test_self_conditioning_pass_gets_the_first_passs_detached_x0(prob):
 
 @pytest.mark.parametrize("kind", ["sample", "v_prediction"])
 def test_other_prediction_types_and_aux_loss_train(kind):
-    cfg = tiny_cfg(f"diffusion.prediction_type={kind}", "diffusion.ae_aux_weight=0.1")
+    cfg = training_cfg(f"diffusion.prediction_type={kind}", "diffusion.ae_aux_weight=0.1")
     batch = scene_batch(cfg, 4)
     comps = ldm_components(cfg, batch)
     optimizer, _ = training.make_optimizer(comps.denoiser.parameters(), cfg.train_ldm)
@@ -236,7 +231,7 @@ def test_other_prediction_types_and_aux_loss_train(kind):
 def test_mixed_precision_bf16_on_cpu_and_fp16_fallback():
     batch = None
     for mode in ("bf16", "fp16"):
-        cfg = tiny_cfg(f"train_ldm.mixed_precision={mode}")
+        cfg = training_cfg(f"train_ldm.mixed_precision={mode}")
         batch = batch if batch is not None else scene_batch(cfg, 2)
         comps = ldm_components(cfg, batch)
         optimizer, _ = training.make_optimizer(comps.denoiser.parameters(), cfg.train_ldm)
@@ -250,7 +245,7 @@ def test_mixed_precision_bf16_on_cpu_and_fp16_fallback():
 
 
 def test_ema_tracks_the_denoiser():
-    cfg = tiny_cfg()
+    cfg = training_cfg()
     batch = scene_batch(cfg, 2)
     comps = ldm_components(cfg, batch)
     comps.ema = training.make_ema(comps.denoiser, 0.9)
@@ -266,7 +261,7 @@ def test_ema_tracks_the_denoiser():
 
 
 def test_ae_train_step_learns_and_latent_scale_normalises():
-    cfg = tiny_cfg("mask_ae.latent_noise=0.1")
+    cfg = training_cfg("mask_ae.latent_noise=0.1")
     batch = scene_batch(cfg, 8)
     torch.manual_seed(0)
     ae = build_components(cfg)["mask_autoencoder"]
@@ -287,7 +282,7 @@ def test_ae_train_step_learns_and_latent_scale_normalises():
 
 
 def test_lr_schedule_warmup_then_constant_or_cosine():
-    cfg = tiny_cfg("train_ldm.warmup=4", "train_ldm.iterations=20", "train_ldm.lr=1.0")
+    cfg = training_cfg("train_ldm.warmup=4", "train_ldm.iterations=20", "train_ldm.lr=1.0")
     w = torch.nn.Parameter(torch.zeros(1))
     for schedule in ("constant", "cosine"):
         cfg.train_ldm.lr_schedule = schedule
@@ -306,7 +301,7 @@ def test_lr_schedule_warmup_then_constant_or_cosine():
 
 
 def test_cosine_follows_the_time_budget_when_it_ends_the_run_first():
-    cfg = tiny_cfg("train_ldm.warmup=4", "train_ldm.iterations=1000", "train_ldm.lr_schedule=cosine",
+    cfg = training_cfg("train_ldm.warmup=4", "train_ldm.iterations=1000", "train_ldm.lr_schedule=cosine",
                    "train_ldm.time_budget_s=100")
     tc = cfg.train_ldm
     assert training.lr_factor(10, tc) == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 996)))
@@ -361,7 +356,7 @@ def test_ae_train_step_mixes_in_random_maps(fraction):
     untouched): the step's segment count is that of the kept maps plus the procedural ones."""
     from ldmseg.data.random_maps import random_slot_maps
 
-    cfg = tiny_cfg(f"mask_ae.random_map_fraction={fraction}")
+    cfg = training_cfg(f"mask_ae.random_map_fraction={fraction}")
     batch = scene_batch(cfg, 8)
     before = batch["slot_map"].clone()
     ae = build_components(cfg)["mask_autoencoder"]
@@ -374,7 +369,7 @@ def test_ae_train_step_mixes_in_random_maps(fraction):
     assert parts["num_segments"] == expected
     assert torch.equal(batch["slot_map"], before)
     with pytest.raises(Exception, match="random_map_fraction"):
-        tiny_cfg("mask_ae.random_map_fraction=1.5")
+        training_cfg("mask_ae.random_map_fraction=1.5")
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +385,7 @@ def test_engine_steps_are_the_step_functions_on_the_stage_built_from_its_seed(tm
     from ldmseg.models.mask_autoencoder import MaskAutoencoder
     from ldmseg.training.state import TrainState
 
-    cfg = tiny_cfg("train_ldm.ema_decay=0.9")
+    cfg = training_cfg("train_ldm.ema_decay=0.9")
     batches = [scene_batch(cfg, 4, seed=s) for s in (3, 4, 5)]
 
     torch.manual_seed(cfg.train_ae.seed)
@@ -434,7 +429,7 @@ def test_trainer_checkpoints_and_monitors_at_their_cadences(tmp_path):
     from ldmseg.training.state import TRAINER_STATE, TrainState
     from ldmseg.training.trainer import Reporter, Trainer
 
-    cfg = tiny_cfg("train_ae.iterations=4", "train_ae.report_every=2", "train_ae.checkpoint_every=3",
+    cfg = training_cfg("train_ae.iterations=4", "train_ae.report_every=2", "train_ae.checkpoint_every=3",
                    "train_ae.validate_every=2")
     batch = scene_batch(cfg, 4)
     seen: list[tuple] = []

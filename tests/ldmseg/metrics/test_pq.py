@@ -24,7 +24,7 @@ from ldmseg.metrics.pq_hotcoco import hotcoco_stat
 from ldmseg.metrics.pq_io import PQInputError, load_panoptic_set, read_id_map
 from ldmseg.metrics.pq_match import AGNOSTIC_CATEGORIES, dense_index
 
-from conftest import COCO_DATA, REPO
+from paths import COCO_DATA, REPO
 
 SAMPLE = COCO_DATA / "coco-panoptic-sample"
 # the coco_sample fixture fails (does not skip) when the sample is missing from the checkout

@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers_config import tiny_cfg, tiny_overrides
+from paths import TINY_YAML
 from ldmseg.checkpoint import build_components, save_model
-from ldmseg.config import load_config
 from ldmseg.data.synthetic import write_scenes
 
-TINY = ["data.resolution=32", "data.num_slots=8", "mask_ae.widths=[8,16,32]", "image_encoder.kind=pixel_unshuffle",
-        "denoiser.block_out_channels=[16,32]", "denoiser.layers_per_block=1",
-        "denoiser.attention_levels=[false,false]", "denoiser.image_stem_channels=8", "sampling.steps=2",
-        "sampling.count_th=0.0", "preprocess.rows_per_file=8"]
+# the tiny config: 2 sampling steps, every segment kept, shard files of 8 rows
+EVALUATE = ("sampling.steps=2", "sampling.count_th=0.0", "preprocess.rows_per_file=8")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +31,7 @@ def tiny_model(tmp_path_factory) -> tuple[str, str, object]:
     from ldmseg import training
 
     torch.manual_seed(0)
-    cfg = load_config(REPO / "conf/tiny.yaml", [*TINY, "train_ae.lr=3e-3", "train_ae.warmup=1"])
+    cfg = tiny_cfg(*EVALUATE, "train_ae.lr=3e-3", "train_ae.warmup=1")
     root = tmp_path_factory.mktemp("tiny_model")
     write_scenes(root / "scenes", num_images=6, size=32, seed=21, max_things=3)
     synth, rng = make_config(6, size=32, seed=21, max_things=3), np.random.default_rng(0)
@@ -145,7 +143,7 @@ def test_evaluate_on_parquet_shards_scores_a_held_out_split_against_the_source(t
     assert again["All"]["pq"] == pytest.approx(res["pq"])
     assert not list((tmp_path / "ev").glob("ldmseg-eval-*"))
 
-    val_cfg = load_config(REPO / "conf/tiny.yaml", [*TINY, "preprocess.val_fraction=0.5"])
+    val_cfg = tiny_cfg(*EVALUATE, "preprocess.val_fraction=0.5")
     run_preprocess(val_cfg, output=str(tmp_path / "shards_val"), source=scenes)
     moved = tmp_path / "moved"
     res = evaluate(model, str(tmp_path / "shards_val"), str(tmp_path / "ev2"), sampler="ddim", steps=1, seed=0,
@@ -228,8 +226,8 @@ def test_schedule_sweep_under_asha_reports_validation_pq(tiny_model, tmp_path, r
 
     model, scenes, cfg = tiny_model
     run_preprocess(cfg, output=str(tmp_path / "shards"), source=scenes)
-    res = run_schedule_sweep(str(tmp_path / "shards"), model, str(tmp_path / "sched"), config=str(REPO / "conf/tiny.yaml"),
-                             overrides=[*TINY, "train_ldm.batch_size=4", "train_ldm.warmup=1"], num_samples=4,
+    res = run_schedule_sweep(str(tmp_path / "shards"), model, str(tmp_path / "sched"), config=str(TINY_YAML),
+                             overrides=tiny_overrides(*EVALUATE, "train_ldm.batch_size=4", "train_ldm.warmup=1"), num_samples=4,
                              max_steps=4, eval_every=2, val_images=3, val_steps=1, name="sched-test")
     assert not res["failed"] and len(res["trials"]) == 4
     assert all(set(SPACE) <= set(t) and t["steps"] in (2, 4) for t in res["trials"])
