@@ -16,6 +16,7 @@ from ldmseg.data.slots import clean_segments, remap_ids
 from ldmseg.data.synthetic import make_config, render_scene
 from ldmseg import training
 from ldmseg.diffusion.noise import make_train_scheduler, min_snr_weights, predict_x0, prediction_target
+from helpers_batches import scene_batch
 from helpers_config import tiny_cfg
 from helpers_denoiser import RecordingDenoiser
 
@@ -25,22 +26,6 @@ TRAINING = ("mask_ae.num_points=256", "train_ae.lr=3e-3", "train_ae.warmup=1", "
 
 def training_cfg(*overrides):
     return tiny_cfg(*TRAINING, *overrides)
-
-
-def scene_batch(cfg, n: int, seed: int = 3) -> dict:
-    """A training batch of ``n`` synthetic scenes at the config's resolution."""
-    synth = make_config(n, size=cfg.data.resolution, seed=seed, max_things=4)
-    rng = np.random.default_rng(seed)
-    images, slots, valids = [], [], []
-    for i in range(n):
-        scene = render_scene(synth, i)
-        clean = clean_segments(scene.id_map, scene.segments_info, cfg.data.min_segment_area)
-        image_r, ids_r, valid, _ = resize_pad(scene.image, clean.id_map, cfg.data.resolution)
-        images.append(image_r)
-        slots.append(remap_ids(ids_r, cfg.data.num_slots, rng).slot_map)
-        valids.append(valid)
-    return {"image": image_to_tensor(np.stack(images)), "slot_map": torch.from_numpy(np.stack(slots)),
-            "valid": torch.from_numpy(np.stack(valids))}
 
 
 def ldm_components(cfg, batch, seed: int = 0) -> training.LDMComponents:
