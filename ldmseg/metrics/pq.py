@@ -24,8 +24,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from ldmseg.metrics.pq_hotcoco import hotcoco_stat
-from ldmseg.metrics.pq_io import PanopticSet, PQInputError, load_panoptic_set, read_id_map
+from ldmseg.metrics.pq_hotcoco import FileEvaluation, hotcoco_stat
+from ldmseg.metrics.pq_io import PanopticSet, PQInputError, load_panoptic_set, panoptic_paths, read_id_map
 from ldmseg.metrics.pq_match import (AGNOSTIC_CATEGORIES, AGNOSTIC_CATEGORY_ID, EXCUSED_FRACTION, MATCH_IOU,
                                      SegmentMatching, match_segments, pq_image_stats)
 from ldmseg.metrics.pq_stat import GROUPS, CategoryStat, PQStat
@@ -142,8 +142,15 @@ def evaluate_folders(gt: Optional[str | os.PathLike] = None, pred: Optional[str 
     """
     if missing not in MISSING_CHOICES:
         raise ValueError(f"missing must be one of {MISSING_CHOICES}, got {missing!r}")
-    gt_set = load_panoptic_set(gt, json_path=gt_json, masks=gt_masks, role="ground truth")
-    pred_set = load_panoptic_set(pred, json_path=pred_json, masks=pred_masks, role="prediction")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    gt_files = panoptic_paths(gt, json_path=gt_json, masks=gt_masks, role="ground truth")
+    pred_files = panoptic_paths(pred, json_path=pred_json, masks=pred_masks, role="prediction")
+    from_files = None
+    if engine == "hotcoco" and not per_image and not class_agnostic and image_ids is None:
+        from_files = FileEvaluation(*gt_files, *pred_files)  # runs while Python reads and checks the JSON
+    gt_set = load_panoptic_set(json_path=gt_files[0], masks=gt_files[1], role="ground truth")
+    pred_set = load_panoptic_set(json_path=pred_files[0], masks=pred_files[1], role="prediction")
     if class_agnostic:
         categories = AGNOSTIC_CATEGORIES
     else:
@@ -153,10 +160,9 @@ def evaluate_folders(gt: Optional[str | os.PathLike] = None, pred: Optional[str 
         categories = gt_set.categories
     tasks = _pair_tasks(gt_set, pred_set, missing, image_ids)
 
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "hotcoco" and not per_image and all(t.pred_path is not None for t in tasks):
-        total = hotcoco_stat(gt_set, pred_set, [t.image_id for t in tasks], categories, class_agnostic)
+        total = hotcoco_stat(gt_set, pred_set, [t.image_id for t in tasks], categories, class_agnostic,
+                             from_files)
         if total is not None:
             return {**total.groups(categories), "n_images": len(tasks), "class_agnostic": class_agnostic}
     results = _evaluate_tasks(tasks, None if class_agnostic else {c: {} for c in categories}, class_agnostic, workers)

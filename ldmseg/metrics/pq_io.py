@@ -45,13 +45,12 @@ class PanopticSet:
         return self.masks_dir / self.annotations[image_id]["file_name"]
 
 
-def load_panoptic_set(folder: Optional[str | Path] = None, *, json_path: Optional[str | Path] = None,
-                      masks: Optional[str | Path] = None, role: str = "ground truth") -> PanopticSet:
-    """Read the JSON of a COCO panoptic folder (``FOLDER/panoptic.json``, ``FOLDER/panoptic/``).
-
-    ``json_path`` / ``masks`` replace the folder's parts; ``folder`` may then be ``None``.
-    ``role`` ("ground truth" or "prediction") only appears in messages.
-    """
+def panoptic_paths(folder: Optional[str | Path] = None, *, json_path: Optional[str | Path] = None,
+                   masks: Optional[str | Path] = None, role: str = "ground truth") -> tuple[Path, Path]:
+    """``(json_file, masks_dir)`` of a COCO panoptic folder (``FOLDER/panoptic.json``,
+    ``FOLDER/panoptic/``), both checked to exist; ``json_path`` / ``masks`` replace the folder's
+    parts (``folder`` may then be ``None``). ``role`` ("ground truth" or "prediction") only
+    appears in messages."""
     flag = "--gt" if role == "ground truth" else "--pred"
     if folder is None and (json_path is None or masks is None):
         raise PQInputError(f"no {role} given: pass a folder ({flag} FOLDER) or both {flag}-json FILE "
@@ -66,6 +65,13 @@ def load_panoptic_set(folder: Optional[str | Path] = None, *, json_path: Optiona
     if not masks_dir.is_dir():
         raise PQInputError(f"{role} mask folder {masks_dir} not found; it must hold one id PNG per image "
                            f"(or pass its path with {flag}-masks FOLDER)")
+    return json_file, masks_dir
+
+
+def load_panoptic_set(folder: Optional[str | Path] = None, *, json_path: Optional[str | Path] = None,
+                      masks: Optional[str | Path] = None, role: str = "ground truth") -> PanopticSet:
+    """Read the JSON of a COCO panoptic folder (arguments as :func:`panoptic_paths`)."""
+    json_file, masks_dir = panoptic_paths(folder, json_path=json_path, masks=masks, role=role)
     try:
         data = json.loads(json_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
