@@ -189,6 +189,12 @@ def _without_retired_keys(config: dict) -> dict:
                       if isinstance(values, dict) else values) for section, values in config.items()}
 
 
+def model_config(directory: str | Path, meta: dict | None = None) -> Config:
+    """The :class:`~ldmseg.config.Config` a local model folder was trained with (``model.json`` only)."""
+    meta = read_meta(directory) if meta is None else meta
+    return from_dict(_without_retired_keys(meta["config"]))
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a model folder written by :func:`save_model` (local or fsspec URL).
 
@@ -207,7 +213,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
 
     folder = _local(directory)
     meta = read_meta(folder)
-    cfg = from_dict(_without_retired_keys(meta["config"]))
+    cfg = model_config(folder, meta)
     if int(meta["num_slots"]) != cfg.data.num_slots:
         raise ValueError(f"{folder / MODEL_JSON}: num_slots {meta['num_slots']} disagrees with "
                          f"data.num_slots {cfg.data.num_slots}")

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal, Mapping, Optional
 import yaml
 
 from ldmseg.typed import ConfigError, build, merge, nest, to_dict
+from ldmseg.segment_config import SegmentConfig
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,10 +290,12 @@ class Config:
     train_ldm: LDMTrainConfig = field(default_factory=LDMTrainConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def validate(self) -> None:
         self.data.validate()
         self.mask_ae.validate()
+        self.segment.validate()
 
 
 # --------------------------------------------------------------------------------------------

@@ -197,3 +197,22 @@ def parse_list(flag: str, text: str, cast: Callable[[str], Any], what: str = "va
         return [cast(x) for x in items]
     except (ValueError, argparse.ArgumentTypeError) as exc:
         raise InputError(f"{flag} {text}: expected a comma list of {what} ({exc})") from None
+
+
+def sampling_preset(name_or_path: str | None) -> dict[str, Any]:
+    """The options of ``--sampling NAME|FILE`` (:func:`ldmseg.sampling_presets.load_preset`), their
+    sampler, steps and thresholds checked; ``{}`` when the flag is not given."""
+    from ldmseg.config import SamplingConfig
+    from ldmseg.sampling_presets import load_preset
+
+    if not name_or_path:
+        return {}
+    options = load_preset(name_or_path)
+    where = f"--sampling {name_or_path}:"
+    if "sampler" in options:
+        sampler(options["sampler"], f"{where} sampler")
+    if "steps" in options:
+        steps(options["steps"], f"{where} steps")
+    for key in set(SamplingConfig.THRESHOLDS) & set(options):
+        threshold(options[key], f"{where} {key}")
+    return options

@@ -16,7 +16,8 @@ in the list or the batch size) or one int per image; sample k of an image uses s
 Several samples per image (``num_samples > 1``): the returned map is the medoid sample, the one
 that agrees most with the others, where two maps agree at a pixel when the segments covering it
 match with IoU > 0.5 (or both maps are void there). ``uncertainty`` is, per pixel, the fraction of
-the other samples that disagree with the chosen one (0 = all agree).
+the other samples that disagree with the chosen one (0 = all agree), and each segment gets a
+``stability``: the fraction of the samples that reproduce it (:mod:`ldmseg.agreement`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldmseg.agreement import choose_medoid, segment_agreement, segment_stability
 from ldmseg.checkpoint import LoadedModel, load_model
 from ldmseg.config import Config, SamplingConfig, sampling_fields, with_sampling
 from ldmseg.data.encoding import ids_to_bits, image_to_tensor
@@ -54,40 +56,15 @@ class SegmentResult:
     uncertainty: np.ndarray | None = None
 
 
-def segment_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(H, W) bool: where two id maps (0 = void, ids ≥ 0) agree.
-
-    A pixel agrees when both maps are void there, or when the two segments covering it overlap
-    with IoU > 0.5 (so each segment has at most one match).
-    """
-    a = np.asarray(a, dtype=np.int64)
-    b = np.asarray(b, dtype=np.int64)
-    ka, kb = int(a.max(initial=0)) + 1, int(b.max(initial=0)) + 1
-    inter = np.bincount((a * kb + b).ravel(), minlength=ka * kb).reshape(ka, kb)
-    union = inter.sum(1)[:, None] + inter.sum(0)[None, :] - inter
-    match = inter > 0.5 * np.maximum(union, 1)
-    match[0, :] = False
-    match[:, 0] = False
-    match[0, 0] = True
-    return match[a, b]
-
-
-def choose_medoid(maps: Sequence[np.ndarray]) -> tuple[int, np.ndarray]:
-    """Index of the map agreeing most with the others (ties: first) and its (H, W) float32 uncertainty."""
-    n = len(maps)
-    if n == 1:
-        return 0, np.zeros(maps[0].shape, dtype=np.float32)
-    agree = {}
-    scores = np.zeros(n)
-    for i in range(n):
-        for j in range(i + 1, n):
-            agree[i, j] = agree[j, i] = segment_agreement(maps[i], maps[j])
-            m = agree[i, j].mean()
-            scores[i] += m
-            scores[j] += m
-    best = int(np.argmax(scores))
-    agreeing = sum(agree[best, j].astype(np.float32) for j in range(n) if j != best)
-    return best, (1.0 - agreeing / (n - 1)).astype(np.float32)
+def prepare_image(image: np.ndarray, cfg: Config) -> tuple[np.ndarray, ResizeInfo]:
+    """(H, W, 3) uint8 RGB → the (R, R, 3) uint8 input of a model of config ``cfg`` and its geometry
+    (``data.resolution`` R, ``data.resize_mode``); see :meth:`Segmenter.prepare`."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"each image must be an (H, W, 3) uint8 RGB array, got shape {image.shape} "
+                         f"dtype {image.dtype}")
+    image_r, _, _, info = resize_pad(image, None, cfg.data.resolution, cfg.data.resize_mode)
+    return image_r, info
 
 
 def match_known_slots(known_slots: np.ndarray, predicted_slots: np.ndarray, num_slots: int) -> np.ndarray:
@@ -199,13 +176,11 @@ class Segmenter:
                             f"num_samples and the sampling config's fields: {', '.join(sampling_fields())}")
         return with_sampling(self.cfg, {"sampler": sampler, "steps": steps, **options}).sampling
 
-    def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, ResizeInfo]:
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"each image must be an (H, W, 3) uint8 RGB array, got shape {image.shape} "
-                             f"dtype {image.dtype}")
-        image_r, _, valid, info = resize_pad(image, None, self.cfg.data.resolution, self.cfg.data.resize_mode)
-        return image_r, valid, info
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, ResizeInfo]:
+        """(H, W, 3) uint8 RGB → the (R, R, 3) uint8 model input (resized, aspect kept, padded to the
+        training resolution R) and its geometry, for :meth:`segment_prepared`. Needs only the
+        config: batch jobs run it on CPU workers, away from the model."""
+        return prepare_image(image, self.cfg)
 
     @torch.no_grad()
     def _sample(self, images_r: list[np.ndarray], seeds: list[int], sampling: SamplingConfig,
@@ -251,23 +226,38 @@ class Segmenter:
         seeds = [int(seed)] * len(images) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
         if len(seeds) != len(images):
             raise ValueError(f"pass one seed or one seed per image: got {len(seeds)} seeds for {len(images)} images")
-        prepared = [self._prepare(im) for im in images]
-        jobs = [(i, k) for i in range(len(images)) for k in range(num_samples)]
+        prepared = [self.prepare(im) for im in images]
+        return self.segment_prepared([p[0] for p in prepared], [p[1] for p in prepared], seeds=seeds,
+                                     sampling=sampling, num_samples=num_samples, batch_size=batch_size)
+
+    @torch.no_grad()
+    def segment_prepared(self, images_r: Sequence[np.ndarray], infos: Sequence[ResizeInfo], *, seeds: Sequence[int],
+                         sampling: SamplingConfig, num_samples: int = 1, batch_size: int | None = None
+                         ) -> list[SegmentResult]:
+        """:meth:`segment` on images already :meth:`prepare`\ d: ``images_r`` (R, R, 3) uint8 with their
+        ``infos``, one seed per image, a full :class:`~ldmseg.config.SamplingConfig`
+        (:meth:`sampling_config`). With ``num_samples`` K > 1 the map is the medoid sample, the
+        result carries the per-pixel ``uncertainty``, and each segment a ``stability``: the fraction
+        of the K samples that reproduce it at IoU > 0.5 (:mod:`ldmseg.agreement`)."""
+        jobs = [(i, k) for i in range(len(images_r)) for k in range(num_samples)]
         maps: dict[tuple[int, int], tuple[np.ndarray, list[dict]]] = {}
         chunk = max(1, int(batch_size or sampling.batch_size))
         for start in range(0, len(jobs), chunk):
             part = jobs[start:start + chunk]
-            x0 = self._sample([prepared[i][0] for i, _ in part], [seeds[i] + k for i, k in part], sampling)
+            x0 = self._sample([images_r[i] for i, _ in part], [int(seeds[i]) + k for i, k in part], sampling)
             for (i, k), z in zip(part, x0):
-                maps[i, k] = postprocess(self._logits(z, prepared[i][2]), **sampling.thresholds)
+                maps[i, k] = postprocess(self._logits(z, infos[i]), **sampling.thresholds)
         results = []
-        for i in range(len(images)):
+        for i in range(len(images_r)):
             if num_samples == 1:
                 id_map, segments = maps[i, 0]
                 results.append(SegmentResult(id_map, segments, None))
                 continue
-            best, uncertainty = choose_medoid([maps[i, k][0] for k in range(num_samples)])
+            samples = [maps[i, k][0] for k in range(num_samples)]
+            best, uncertainty = choose_medoid(samples)
             id_map, segments = maps[i, best]
+            stability = segment_stability(id_map, samples)
+            segments = [{**seg, "stability": stability.get(int(seg["id"]), 0.0)} for seg in segments]
             results.append(SegmentResult(id_map, segments, uncertainty))
         return results
 

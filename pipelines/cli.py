@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("pipelines.preprocess", "Ray Data: COCO panoptic (local or s3://) -> Parquet shards"),
     "train": ("pipelines.train", "Ray Train: train the mask autoencoder (ae) or the diffusion model (ldm)"),
     "evaluate": ("pipelines.evaluate", "segment a dataset with a trained model and report PQ"),
+    "segment": ("pipelines.segment", "Ray Data: segment a folder, bucket or list of images (COCO panoptic out)"),
     "tune": ("pipelines.tune", "Ray Tune sweeps: sampling options, training schedules, inpainting"),
     "quickstart": ("pipelines.quickstart", "the whole pipeline on synthetic scenes with a local Ray"),
 }

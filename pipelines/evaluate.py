@@ -134,19 +134,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The inputs of ``ldmseg evaluate``, checked before the model loads → the ``--sampling`` options."""
     from ldmseg import inputs
-    from ldmseg.config import SamplingConfig
-    from ldmseg.sampling_presets import load_preset
 
     inputs.sampling_flags(args.sampler, args.steps, mask_th=args.mask_th, count_th=args.count_th,
                           overlap_th=args.overlap_th)
-    sampling = load_preset(args.sampling) if args.sampling else {}
-    where = f"--sampling {args.sampling}:"
-    if "sampler" in sampling:
-        inputs.sampler(sampling["sampler"], f"{where} sampler")
-    if "steps" in sampling:
-        inputs.steps(sampling["steps"], f"{where} steps")
-    for key in set(SamplingConfig.THRESHOLDS) & set(sampling):
-        inputs.threshold(sampling[key], f"{where} {key}")
+    sampling = inputs.sampling_preset(args.sampling)
     inputs.model("--model", args.model)
     inputs.dataset("--data", args.data)
     inputs.output_folder("--output", args.output)

@@ -247,3 +247,45 @@ def torch_trainer(train_fn: Callable, config: dict, *, name: str, storage: str, 
                 "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),  # else every progress line reaches the driver twice
         datasets=datasets,
     )
+
+
+# ------------------------------------------------------------------------------------------
+# Batch inference (pipelines/segment.py)
+# ------------------------------------------------------------------------------------------
+
+
+def read_binary_files(paths: list[str], *, filesystem=None) -> "ray.data.Dataset":
+    """The bytes of ``paths`` (columns ``bytes`` and ``path``; paths as the filesystem names them,
+    without ``s3://``), decoded by nobody: a bad file never fails a block."""
+    import ray.data
+
+    return ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem,
+                                      override_num_blocks=max(1, min(len(paths), 200)))
+
+
+def map_batches_actors(ds: "ray.data.Dataset", cls: type, *, batch_size: int, min_actors: int, max_actors: int,
+                       num_cpus: float, num_gpus: float, constructor_kwargs: dict,
+                       batch_format: str = "numpy") -> "ray.data.Dataset":
+    """``cls`` (a callable class: built once per actor) over batches, on an autoscaling actor pool."""
+    import ray.data
+
+    return ds.map_batches(cls, batch_size=batch_size, batch_format=batch_format,
+                          compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+                          num_cpus=num_cpus, num_gpus=num_gpus or None, fn_constructor_kwargs=constructor_kwargs)
+
+
+def assigned_device() -> str:
+    """``cuda:K`` for the first GPU Ray assigned to this worker (Ray sets ``CUDA_VISIBLE_DEVICES``,
+    so that is ``cuda:0``), else ``cpu``."""
+    import torch
+
+    return "cuda:0" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+def worker_threads() -> int:
+    """CPUs Ray reserved for this worker (at least 1): its torch threads."""
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    except Exception:  # noqa: BLE001 - outside a worker
+        cpus = 1
+    return max(1, int(cpus))

@@ -26,3 +26,7 @@ def tiny_overrides(*overrides: str) -> list[str]:
 def tiny_cfg(*overrides: str) -> Config:
     """conf/tiny.yaml with the tiny overrides, then ``overrides``."""
     return load_config(TINY_YAML, tiny_overrides(*overrides))
+
+
+# the tiny config of the evaluation tests: 2 sampling steps, every segment kept, shard files of 8 rows
+EVALUATE = ("sampling.steps=2", "sampling.count_th=0.0", "preprocess.rows_per_file=8")

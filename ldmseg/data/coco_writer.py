@@ -15,7 +15,9 @@ Typical use::
 
 Parallel jobs give each worker its own ``part``: its :meth:`~CocoPanopticWriter.close` writes
 ``out/panoptic.parts/<part>.json`` instead, and :func:`merge_parts` joins the parts into
-``panoptic.json`` once every worker is done.
+``panoptic.json`` once every worker is done, streaming (one part in memory at a time), one entry
+per image id. File names may hold ``/`` (``panoptic/street/0001.png``). JSON files are written
+under a temporary name and moved in place, so a killed job never leaves half a file.
 """
 
 from __future__ import annotations
@@ -78,8 +80,15 @@ class CocoPanopticWriter:
     def add_annotation(self, image_id: int, file_name: str, id_map: np.ndarray, segments_info: list[dict]) -> None:
         """Write ``id_map`` ((H, W) int ids, 0 = void) to ``panoptic/<file_name>`` and list it with
         its ``segments_info`` (:func:`ldmseg.data.segments.segments_info` builds them)."""
-        self.fs.pipe_file(self._path("panoptic", file_name), encode_panoptic_png(id_map))
+        self.write_file(posixpath.join("panoptic", file_name), encode_panoptic_png(id_map))
         self.annotations.append({"image_id": int(image_id), "file_name": file_name, "segments_info": segments_info})
+
+    def write_file(self, relative: str, data: bytes) -> None:
+        """Write ``data`` to ``out/<relative>`` (parent folders made as needed)."""
+        path = self._path(relative)
+        if "/" in relative.strip("/"):
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self.fs.pipe_file(path, data)
 
     def close(self, categories: list[dict] | None = None) -> str:
         """Write the JSON (``panoptic.json``, or this part's file); returns its path.
@@ -93,7 +102,7 @@ class CocoPanopticWriter:
         else:
             path = self._path("panoptic.json")
             doc = _document(self.images, self.annotations, self.categories, self.info)
-        self.fs.pipe_file(path, json.dumps(doc).encode())
+        _put_json(self.fs, path, doc)
         return path
 
     def __enter__(self) -> "CocoPanopticWriter":
@@ -105,24 +114,49 @@ class CocoPanopticWriter:
 
 
 def merge_parts(out: str | os.PathLike, categories: list[dict], *, info: dict | None = None,
-                storage_options: dict | None = None) -> str:
-    """Join the parts written by ``CocoPanopticWriter(out, part=...)`` into ``out/panoptic.json``
-    (parts in name order) and remove them; returns the JSON's path."""
+                storage_options: dict | None = None, keep_parts: bool = False) -> tuple[str, int]:
+    """Join the parts written by ``CocoPanopticWriter(out, part=...)`` into ``out/panoptic.json``;
+    returns ``(its path, images listed)``.
+
+    Parts are read in name order, one at a time (memory does not grow with the image count); an
+    image id met again (a part written twice by a retried or resumed job) is listed once, from
+    its first part. The parts are removed unless ``keep_parts`` (a resumable job keeps them as its
+    record of what is done).
+    """
     fs, root = open_fs(os.fspath(out), storage_options)
     folder = posixpath.join(root, PARTS)
-    paths = sorted(fs.glob(posixpath.join(folder, "*.json")))
+    paths = sorted(p for p in fs.glob(posixpath.join(folder, "*.json")))
     if not paths:
         raise FileNotFoundError(f"{out} has no {PARTS}/*.json to merge; write them with "
                                 "CocoPanopticWriter(out, part=NAME) first")
-    images, annotations = [], []
-    for p in paths:
-        part = json.loads(fs.cat_file(p))
-        images.extend(part["images"])
-        annotations.extend(part["annotations"])
     path = posixpath.join(root, "panoptic.json")
-    fs.pipe_file(path, json.dumps(_document(images, annotations, categories, info)).encode())
-    fs.rm(folder, recursive=True)
-    return path
+    tmp = path + ".tmp"
+    listed = 0
+    with fs.open(tmp, "w") as f:
+        head = {} if info is None else {"info": info, "licenses": []}
+        f.write(json.dumps(head)[:-1] + (", " if head else ""))
+        for key, id_key in (("images", "id"), ("annotations", "image_id")):
+            f.write(f'"{key}": [')
+            seen: set[int] = set()
+            for p in paths:
+                for entry in json.loads(fs.cat_file(p))[key]:
+                    if entry[id_key] in seen:
+                        continue
+                    f.write((", " if seen else "") + json.dumps(entry))
+                    seen.add(entry[id_key])
+            f.write("], ")
+            listed = len(seen)
+        f.write(f'"categories": {json.dumps(categories)}}}')
+    fs.mv(tmp, path)
+    if not keep_parts:
+        fs.rm(folder, recursive=True)
+    return path, listed
+
+
+def _put_json(fs, path: str, doc: dict) -> None:
+    tmp = path + ".tmp"
+    fs.pipe_file(tmp, json.dumps(doc).encode())
+    fs.mv(tmp, path)
 
 
 def _document(images: list[dict], annotations: list[dict], categories: list[dict], info: dict | None) -> dict:

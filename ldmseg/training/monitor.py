@@ -25,10 +25,8 @@ from ldmseg.data.encoding import ids_to_bits, tensor_to_image
 from ldmseg.data.segments import segments_info
 from ldmseg.metrics.pq import PQStat, pq_image_stats
 from ldmseg.models.ddp import unwrap
+from ldmseg.overlay import colorize
 from ldmseg.postprocess import postprocess
-
-_GOLDEN = 0.6180339887498949
-
 
 def monitor_batch(data: str, split: str, n: int, num_slots: int, device) -> dict:
     """The first ``n`` rows of ``split`` of the shards in ``data`` (stored slots, no re-permutation)
@@ -37,24 +35,6 @@ def monitor_batch(data: str, split: str, n: int, num_slots: int, device) -> dict
 
     batch = next(iterate_batches(ShardDataset(data, split, num_slots, train=False), n, drop_last=False))
     return {k: batch[k].to(device) for k in ("image", "slot_map", "valid")}
-
-
-def colorize(id_map: np.ndarray) -> np.ndarray:
-    """(H, W) integer ids → (H, W, 3) uint8 colours: 0 (void) black, other ids distinct hues."""
-    ids = np.asarray(id_map).astype(np.int64)
-    hue = (ids * _GOLDEN) % 1.0
-    h6 = hue * 6.0
-    sector = np.floor(h6).astype(np.int64) % 6
-    f = h6 - np.floor(h6)
-    v, s = 0.95, 0.75
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-    rgb = np.zeros((*ids.shape, 3), np.float64)
-    for k, (r, g, b) in enumerate(table):
-        sel = sector == k
-        rgb[sel] = np.stack([np.broadcast_to(c, ids.shape)[sel] for c in (r, g, b)], axis=-1)
-    rgb[ids == 0] = 0.0
-    return (rgb * 255).round().astype(np.uint8)
 
 
 def overlay_panel(images: list[np.ndarray], gts: list[np.ndarray], preds: list[np.ndarray],

@@ -8,52 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers_config import tiny_cfg, tiny_overrides
+from helpers_config import EVALUATE, tiny_cfg, tiny_overrides
 from paths import TINY_YAML
-from ldmseg.checkpoint import build_components, save_model
-from ldmseg.data.synthetic import write_scenes
-
-# the tiny config: 2 sampling steps, every segment kept, shard files of 8 rows
-EVALUATE = ("sampling.steps=2", "sampling.count_th=0.0", "preprocess.rows_per_file=8")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> tuple[str, str, object]:
-    """A model folder whose mask AE was trained for 60 steps on the 6 test scenes (so decoded
-    samples hold segments and the scores count false positives), random denoiser; the scenes."""
-    import numpy as np
-    import torch
-
-    from ldmseg.data.encoding import image_to_tensor
-    from ldmseg.data.resize import resize_pad
-    from ldmseg.data.slots import clean_segments, remap_ids
-    from ldmseg.data.synthetic import make_config, render_scene
-    from ldmseg import training
-
-    torch.manual_seed(0)
-    cfg = tiny_cfg(*EVALUATE, "train_ae.lr=3e-3", "train_ae.warmup=1")
-    root = tmp_path_factory.mktemp("tiny_model")
-    write_scenes(root / "scenes", num_images=6, size=32, seed=21, max_things=3)
-    synth, rng = make_config(6, size=32, seed=21, max_things=3), np.random.default_rng(0)
-    images, slots, valids = [], [], []
-    for scene in (render_scene(synth, i) for i in range(6)):  # the scenes just written
-        clean = clean_segments(scene.id_map, scene.segments_info, cfg.data.min_segment_area)
-        image, ids, valid, _ = resize_pad(scene.image, clean.id_map, cfg.data.resolution)
-        images.append(image)
-        slots.append(remap_ids(ids, cfg.data.num_slots, rng).slot_map)
-        valids.append(valid)
-    batch = {"image": image_to_tensor(np.stack(images)), "slot_map": torch.from_numpy(np.stack(slots)),
-             "valid": torch.from_numpy(np.stack(valids))}
-    parts = build_components(cfg)
-    ae = parts["mask_autoencoder"]
-    optimizer, lr_scheduler = training.make_optimizer(ae.parameters(), cfg.train_ae)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        training.ae_train_step(ae, batch, optimizer, cfg, generator=generator, lr_scheduler=lr_scheduler)
-    scale = training.measure_latent_scale(ae.eval(), [batch], cfg.data.num_slots)
-    save_model(root / "model", cfg, parts, latent_scale=scale)
-    return str(root / "model"), str(root / "scenes"), cfg
-
 
 def gt_segments(folder: str, per_image: bool = False) -> list:
     """The non-crowd segments of a COCO panoptic folder, with their areas counted in its PNGs:

@@ -1,0 +1,75 @@
+"""Sampling uncertainty: how far several samples of one image agree (docs/method.md#sampling).
+
+A diffusion segmenter draws a map per seed; where the seeds disagree, the model is unsure. Two id
+maps agree on a segment when the segments overlap with IoU > 0.5 (COCO's matching rule, so each
+segment has at most one match). From K samples of an image:
+
+- :func:`choose_medoid` picks the sample agreeing most with the others and gives the per-pixel
+  disagreement (the fraction of the other samples that disagree with it at that pixel);
+- :func:`segment_stability` gives each segment of a map the fraction of the K samples that
+  reproduce it (the map itself included, so 1/K ≤ stability ≤ 1).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def segment_matches(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(Ka, Kb) bool over the ids 0..max of two (H, W) id maps (0 = void): segment i of ``a`` and
+    segment j of ``b`` overlap with IoU > 0.5; row and column 0 (void) match only each other."""
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    ka, kb = int(a.max(initial=0)) + 1, int(b.max(initial=0)) + 1
+    inter = np.bincount((a * kb + b).ravel(), minlength=ka * kb).reshape(ka, kb)
+    union = inter.sum(1)[:, None] + inter.sum(0)[None, :] - inter
+    match = inter > 0.5 * np.maximum(union, 1)
+    match[0, :] = False
+    match[:, 0] = False
+    match[0, 0] = True
+    return match
+
+
+def segment_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(H, W) bool: where two id maps (0 = void, ids ≥ 0) agree.
+
+    A pixel agrees when both maps are void there, or when the two segments covering it overlap
+    with IoU > 0.5 (so each segment has at most one match).
+    """
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    return segment_matches(a, b)[a, b]
+
+
+def choose_medoid(maps: Sequence[np.ndarray]) -> tuple[int, np.ndarray]:
+    """Index of the map agreeing most with the others (ties: first) and its (H, W) float32 uncertainty."""
+    n = len(maps)
+    if n == 1:
+        return 0, np.zeros(maps[0].shape, dtype=np.float32)
+    agree = {}
+    scores = np.zeros(n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            agree[i, j] = agree[j, i] = segment_agreement(maps[i], maps[j])
+            m = agree[i, j].mean()
+            scores[i] += m
+            scores[j] += m
+    best = int(np.argmax(scores))
+    agreeing = sum(agree[best, j].astype(np.float32) for j in range(n) if j != best)
+    return best, (1.0 - agreeing / (n - 1)).astype(np.float32)
+
+
+def segment_stability(id_map: np.ndarray, samples: Sequence[np.ndarray]) -> dict[int, float]:
+    """Segment id of ``id_map`` → the fraction of ``samples`` ((H, W) id maps, ``id_map`` itself
+    usually among them) holding a segment that matches it at IoU > 0.5."""
+    ids = [int(i) for i in np.unique(np.asarray(id_map)) if i != 0]
+    if not samples:
+        raise ValueError("segment_stability needs at least one sample")
+    hits = dict.fromkeys(ids, 0)
+    for sample in samples:
+        found = segment_matches(id_map, sample)[:, 1:].any(axis=1)
+        for i in ids:
+            hits[i] += int(found[i])
+    return {i: hits[i] / len(samples) for i in ids}
