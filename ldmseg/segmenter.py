@@ -234,7 +234,7 @@ class Segmenter:
     def segment_prepared(self, images_r: Sequence[np.ndarray], infos: Sequence[ResizeInfo], *, seeds: Sequence[int],
                          sampling: SamplingConfig, num_samples: int = 1, batch_size: int | None = None
                          ) -> list[SegmentResult]:
-        """:meth:`segment` on images already :meth:`prepare`\ d: ``images_r`` (R, R, 3) uint8 with their
+        """:meth:`segment` on images already prepared (:meth:`prepare`): ``images_r`` (R, R, 3) uint8 with their
         ``infos``, one seed per image, a full :class:`~ldmseg.config.SamplingConfig`
         (:meth:`sampling_config`). With ``num_samples`` K > 1 the map is the medoid sample, the
         result carries the per-pixel ``uncertainty``, and each segment a ``stability``: the fraction

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers_net import free_port, wait_http
 from paths import COCO_DATA
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -58,29 +59,6 @@ def ray_session(tmp_path_factory, s3_server):
     yield ray
     if started:
         ray.shutdown()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 60.0) -> None:
-    import time
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except Exception:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.3)
 
 
 @pytest.fixture(scope="session")

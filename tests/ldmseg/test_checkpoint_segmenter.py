@@ -150,7 +150,7 @@ def test_round_trip_is_bit_identical(trained, segmenter):
     b = segmenter.segment(images, seed=5)
     for ra, rb in zip(a, b):
         assert torch.equal(torch.from_numpy(ra.id_map), torch.from_numpy(rb.id_map)) and ra.segments == rb.segments
-    prep = [segmenter._prepare(im)[0] for im in images]
+    prep = [segmenter.prepare(im)[0] for im in images]
     assert torch.equal(original._sample(prep, [5, 5], cfg.sampling), segmenter._sample(prep, [5, 5], cfg.sampling))
 
 

@@ -18,7 +18,7 @@ def test_default_uri_is_sqlite_in_run_dir(tmp_path, monkeypatch):
 def test_unreachable_server_warns_once_and_goes_on(capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    from conftest import free_port
+    from helpers_net import free_port
     from ldmseg.logs import setup_logging
 
     setup_logging()  # as every command and Ray worker does
