@@ -187,6 +187,7 @@ def write_broken_images(folder, max_pixels: int) -> dict[str, str]:
         "lab.tif": (_encode(_rgb(scene_labels(32, 24)).convert("LAB"), "TIFF"), "unsupported_mode"),
         "bomb.png": (bomb_png(side, side), "too_many_pixels"),
     }
+    Path(folder).mkdir(parents=True, exist_ok=True)
     for name, (data, _) in files.items():
         (Path(folder) / name).write_bytes(data)
     return {name: reason for name, (_, reason) in files.items()}

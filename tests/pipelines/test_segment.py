@@ -32,6 +32,13 @@ def outputs(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "panoptic").rglob("*.png"))}
 
 
+def output_name(rel: str, names) -> str:
+    """The output name of ``rel`` among ``names``: its stem, with ``_<ext>`` when stems clash."""
+    stem, suffix = os.path.splitext(rel)
+    clash = sum(os.path.splitext(n)[0] == stem for n in names) > 1
+    return f"{stem}_{suffix[1:].lower()}" if clash else stem
+
+
 def listed(out: Path) -> tuple[list, list]:
     doc = json.loads((out / "panoptic.json").read_text())
     return doc["images"], doc["annotations"]
@@ -68,7 +75,7 @@ def test_folder_with_awkward_and_broken_files(tiny_model, tmp_path, ray_session)
     errors = [json.loads(line) for f in (out / "errors").glob("*.jsonl") for line in f.read_text().splitlines()]
     got = {e["name"]: e["reason"] for e in errors}
     assert len(errors) == len(broken)
-    assert got == {"broken/" + str(Path(rel).with_suffix("")): reason for rel, reason in broken.items()}
+    assert got == {"broken/" + output_name(rel, broken): reason for rel, reason in broken.items()}
     assert all(Path(e["uri"]).name in e["message"] for e in errors)
     assert summary["quarantine_reasons"] == {r: list(broken.values()).count(r) for r in set(broken.values())}
 
