@@ -103,8 +103,9 @@ def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
     return sampling
 
 
-def _model_config(model: str, work: Path, tracking_uri: str | None) -> Any:
-    from ldmseg.checkpoint import model_config
+def _model_meta(model: str, work: Path, tracking_uri: str | None) -> dict:
+    """``model.json`` of ``model`` (a folder, s3:// prefix or ``models:/`` URI), read on the driver."""
+    from ldmseg.checkpoint import read_meta
     from pipelines.evaluate import resolve_model
 
     local = resolve_model(model, work, tracking_uri)
@@ -114,7 +115,7 @@ def _model_config(model: str, work: Path, tracking_uri: str | None) -> Any:
         fs, root = fsspec.core.url_to_fs(local)
         fs.get_file(posixpath.join(root, "model.json"), str(work / "model.json"))
         local = str(work)
-    return model_config(local)
+    return read_meta(local)
 
 
 class Progress:
@@ -174,15 +175,19 @@ def segment(model: str, source: str, output: str, *, sampling: dict | None = Non
             config_file: str | None = None, overrides: list[str] | None = None, overwrite: bool = False,
             address: str | None = None, tracking_uri: str | None = None, log_mlflow: bool = True) -> dict[str, Any]:
     """Segment every image of ``source`` into ``output``; → the summary (also ``OUT/_summary.json``)."""
+    from ldmseg.checkpoint import model_config
     from ldmseg.config import config_hash, to_dict, with_sampling
     from ldmseg.data.coco_writer import merge_parts
     from ldmseg.data.manifest import open_fs
     from pipelines.segment_plan import plan as make_plan
     from pipelines.segment_steps import CATEGORIES
+    from pipelines.tracking import pin_model_uri
 
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="ldmseg-segment-") as tmp:
-        cfg = job_config(_model_config(model, Path(tmp), tracking_uri), config_file, overrides or [])
+        pinned, version = pin_model_uri(model, tracking_uri)
+        meta = _model_meta(pinned, Path(tmp), tracking_uri)
+        cfg = job_config(model_config(tmp, meta), config_file, overrides or [])
     cfg = with_sampling(cfg, {**(sampling or {}), "sampler": sampler, "steps": steps, "seed": seed})
     work = make_plan(source, output, overwrite=overwrite)
     already = work.done_segmented + work.done_quarantined
@@ -190,7 +195,7 @@ def segment(model: str, source: str, output: str, *, sampling: dict | None = Non
              f"({work.done_quarantined} of them quarantined)")
     progress = Progress(len(work.todo))
     if work.todo:
-        run_pipeline(work.todo, cfg, model=model, output=output, seed=seed, num_samples=uncertainty or 1,
+        run_pipeline(work.todo, cfg, model=pinned, output=output, seed=seed, num_samples=uncertainty or 1,
                      overlays=overlays, address=address, tracking_uri=tracking_uri, progress=progress)
     seconds = time.time() - t0
     fs, root = open_fs(output)
@@ -199,7 +204,8 @@ def segment(model: str, source: str, output: str, *, sampling: dict | None = Non
         _, listed = merge_parts(output, CATEGORIES, keep_parts=True,
                                 info={"description": f"ldmseg segment of {source}", "model": model})
     summary = {
-        "input": source, "output": output, "model": model, "found": len(work.found),
+        "input": source, "output": output, "model": model, "model_loaded": pinned, "model_version": version,
+        "model_step": meta.get("step"), "model_stage": meta.get("extra", {}).get("stage"), "found": len(work.found),
         "segmented": progress.segmented, "already_done": already, "quarantined": progress.quarantined,
         "quarantine_reasons": progress.reasons, "listed_in_json": listed,
         "reconciles": len(work.found) == progress.segmented + already + progress.quarantined,

@@ -55,8 +55,8 @@ def log_run(summary: dict[str, Any], output: str, tracking_uri: str | None) -> N
         return
     uri = resolve_tracking_uri(tracking_uri, output)
     tracker = Tracker(uri, artifact_root=local_artifact_root(uri, output))
-    params = {k: summary[k] for k in ("input", "output", "model", "sampler", "steps", "seed", "num_samples",
-                                      "config_hash")}
+    params = {k: summary[k] for k in ("input", "output", "model", "model_loaded", "model_version", "model_step",
+                                      "sampler", "steps", "seed", "num_samples", "config_hash") if summary[k] is not None}
     if not tracker.start("ldmseg-segment", f"segment-{Path(output.rstrip('/')).name}-{int(summary['seconds'])}",
                          params={**params, "segment": summary["segment"]}):
         return

@@ -199,3 +199,20 @@ def download_model(uri: str, dst: str | Path, tracking_uri: str | None = None) -
         mlflow.set_tracking_uri(tracking_uri)
     path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
     return Path(path)
+
+
+def pin_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """``models:/NAME@ALIAS`` → (``models:/NAME/VERSION``, VERSION): the version the alias points to
+    now, so that every worker of a job loads the same weights even if the alias moves meanwhile.
+    ``models:/NAME/VERSION`` → (uri, VERSION); any other URI → (uri, None)."""
+    if not uri.startswith("models:/"):
+        return uri, None
+    name, _, rest = uri[len("models:/"):].partition("@")
+    if not rest:  # models:/NAME/VERSION (or a stage name, which MLflow resolves itself)
+        version = name.rsplit("/", 1)[-1]
+        return uri, version if version.isdigit() else None
+    from mlflow.tracking import MlflowClient
+
+    version = MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias(name, rest).version
+    return f"models:/{name}/{version}", str(version)
+

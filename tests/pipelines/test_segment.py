@@ -132,6 +132,30 @@ def test_uncertainty_maps_and_stability(tiny_model, tmp_path, ray_session):
         assert set(np.unique(unc)) <= {0, 128, 255}  # 0, 1/2, 1 of the two other samples disagree
 
 
+def test_a_registered_model_is_pinned_to_its_version_and_the_job_logged(tiny_model, tmp_path, ray_session):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import Tracker
+
+    model, scenes, _ = tiny_model
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, artifact_root=str(tmp_path / "artifacts"))
+    assert tracker.start("models", "register")
+    assert str(tracker.register(model, "tiny-ldm")) == "1"
+    tracker.finish()
+    out = tmp_path / "out"
+    summary = segment("models:/tiny-ldm@current", str(Path(scenes) / "images"), str(out), seed=0, steps=2,
+                      overlays=True, tracking_uri=uri)
+    assert (summary["model_loaded"], summary["model_version"]) == ("models:/tiny-ldm/1", "1")
+    assert summary["segmented"] == summary["found"] > 0
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("ldmseg-segment").experiment_id])
+    assert len(runs) == 1
+    assert runs[0].data.params["model_version"] == "1"
+    assert runs[0].data.metrics["segmented"] == summary["segmented"]
+    assert {"overlays.png", "_summary.json"} <= {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+
+
 def test_s3_to_s3(tiny_model, ray_session, s3_server):
     import s3fs
 
