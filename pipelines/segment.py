@@ -3,6 +3,7 @@
     ldmseg segment --model runs/quickstart/models/ldm --input photos/ --output runs/seg --overlays
     ldmseg segment --model models:/ldmseg-ldm@current --input s3://bucket/photos --output s3://bucket/seg \\
         --sampling best --uncertainty 4 segment.max_actors=8 segment.num_gpus=1
+    ldmseg segment --model runs/quickstart/models/ldm --input runs/quickstart/shards --output runs/seg-shards
 
 The driver plans (lists the input, names every image, leaves out what the output already holds)
 before it starts Ray; then a streaming Ray Data pipeline reads and decodes on CPU tasks, segments
@@ -37,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model folder written by 'ldmseg train ldm' (local or s3://), or models:/NAME@ALIAS")
     parser.add_argument("--input", required=True,
                         help="folder or s3:// prefix (searched recursively for jpg, jpeg, png, webp, bmp, tif, "
-                             "tiff in any letter case), or a text file listing image paths or URIs, one per line")
+                             "tiff in any letter case), a text file listing image paths or URIs (one per line), or "
+                             "the Parquet shards of 'ldmseg preprocess' (every split; rows named SPLIT/STEM)")
     parser.add_argument("--output", required=True, help="output folder (local or s3://): panoptic/, panoptic.json, "
                                                         "errors/, _summary.json")
     parser.add_argument("--sampling", default=None,
@@ -118,6 +120,20 @@ def _model_meta(model: str, work: Path, tracking_uri: str | None) -> dict:
     return read_meta(local)
 
 
+def check_shards_match(source: str, cfg: Any) -> None:
+    """Parquet shards hold images at their training resolution: it must be the model's."""
+    from ldmseg import inputs
+    from ldmseg.data.manifest import open_fs, read_manifest
+
+    fs, root = open_fs(source)
+    stored = read_manifest(fs, root).config.get("data", {})
+    for key in ("resolution", "resize_mode"):
+        if key in stored and stored[key] != getattr(cfg.data, key):
+            raise inputs.InputError(
+                f"--input {source}: shards preprocessed with data.{key}={stored[key]}, the model uses "
+                f"{getattr(cfg.data, key)}; segment the source images instead, or shards made for this model")
+
+
 class Progress:
     """Counts of the images written back by the pipeline, logged every ``PROGRESS_EVERY_S`` seconds."""
 
@@ -145,18 +161,26 @@ class Progress:
 
 
 def run_pipeline(todo: list, cfg: Any, *, model: str, output: str, seed: int, num_samples: int, overlays: bool,
-                 address: str | None, tracking_uri: str | None, progress: Progress) -> None:
-    """The Ray Data pipeline over the images of ``todo`` (:class:`~pipelines.segment_plan.ImageRef`)."""
+                 address: str | None, tracking_uri: str | None, progress: Progress,
+                 shard_files: list[str] | None = None) -> None:
+    """The Ray Data pipeline over the images of ``todo`` (:class:`~pipelines.segment_plan.ImageRef`),
+    read from ``shard_files`` when the input is Parquet shards."""
     from ldmseg.config import to_dict
     from pipelines import ray_compat
-    from pipelines.segment_steps import SegmentModel, decode_step, write_step
+    from pipelines.segment_steps import SHARD_COLUMNS, SegmentModel, decode_step, shard_decode_step, write_step
 
     seg = cfg.segment
     ray_compat.init_ray(address)
-    ds = ray_compat.dataset_from_items([{"uri": r.uri, "name": r.name, "image_id": r.image_id} for r in todo])
-    ds = ray_compat.map_batches(ds, decode_step, batch_size=seg.decode_batch_size, batch_format="numpy",
-                                num_cpus=seg.decode_cpus,
-                                fn_kwargs={"cfg": cfg, "max_pixels": seg.max_pixels, "keep_bytes": overlays})
+    if shard_files:
+        ds = ray_compat.read_parquet(shard_files, columns=SHARD_COLUMNS)
+        ds = ray_compat.map_batches(ds, shard_decode_step, batch_size=seg.decode_batch_size, batch_format="numpy",
+                                    num_cpus=seg.decode_cpus, fn_kwargs={
+                                        "cfg": cfg, "todo": {r.image_id: r.name for r in todo}, "keep_bytes": overlays})
+    else:
+        ds = ray_compat.dataset_from_items([{"uri": r.uri, "name": r.name, "image_id": r.image_id} for r in todo])
+        ds = ray_compat.map_batches(ds, decode_step, batch_size=seg.decode_batch_size, batch_format="numpy",
+                                    num_cpus=seg.decode_cpus,
+                                    fn_kwargs={"cfg": cfg, "max_pixels": seg.max_pixels, "keep_bytes": overlays})
     ds = ray_compat.map_batches_actors(
         ds, SegmentModel, batch_size=seg.batch_size, min_actors=seg.min_actors, max_actors=seg.max_actors,
         num_cpus=seg.num_cpus, num_gpus=seg.num_gpus,
@@ -190,13 +214,16 @@ def segment(model: str, source: str, output: str, *, sampling: dict | None = Non
         cfg = job_config(model_config(tmp, meta), config_file, overrides or [])
     cfg = with_sampling(cfg, {**(sampling or {}), "sampler": sampler, "steps": steps, "seed": seed})
     work = make_plan(source, output, overwrite=overwrite)
+    if work.shard_files:
+        check_shards_match(source, cfg)
     already = work.done_segmented + work.done_quarantined
     log.info(f"{len(work.found)} images in {source}: {len(work.todo)} to segment, {already} already done "
              f"({work.done_quarantined} of them quarantined)")
     progress = Progress(len(work.todo))
     if work.todo:
         run_pipeline(work.todo, cfg, model=pinned, output=output, seed=seed, num_samples=uncertainty or 1,
-                     overlays=overlays, address=address, tracking_uri=tracking_uri, progress=progress)
+                     overlays=overlays, address=address, tracking_uri=tracking_uri, progress=progress,
+                     shard_files=work.shard_files)
     seconds = time.time() - t0
     fs, root = open_fs(output)
     listed = 0

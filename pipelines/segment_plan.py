@@ -4,7 +4,9 @@ No Ray here: the driver plans before it starts Ray, so bad arguments fail at onc
 
 Input (``--input``): a local folder or an ``s3://`` prefix, searched recursively for image suffixes
 (:data:`ldmseg.data.image_io.IMAGE_EXTENSIONS`, any letter case); or a text file listing image
-paths or URIs, one per line (``#`` comments and blank lines skipped; one filesystem per list).
+paths or URIs, one per line (``#`` comments and blank lines skipped; one filesystem per list); or
+the Parquet shards of ``ldmseg preprocess`` (a folder with ``_manifest.json``): every row of every
+split, segmented from the shard's image at the training resolution and restored to the source size.
 
 Names: an image's output name is its path relative to the input root without the suffix
 (``street/0001.jpg`` → ``panoptic/street/0001.png``), so two folders holding the same file name
@@ -12,7 +14,7 @@ keep apart; when two images of one folder differ only by suffix (``a.jpg``, ``a.
 their suffix in the name (``a_jpg``, ``a_png``). Image ids: COCO names its files by image id
 (``000000000139.jpg`` → 139), so an all-digit file stem is the id when no other input has the same
 stem; any other image gets a stable 53-bit hash of its name. Ids and names depend only on the set
-of input paths.
+of input paths. A shard row is named ``<split>/<source file stem>`` and keeps its COCO image id.
 
 Done: every image listed in a JSON part (``panoptic.parts/*.json``) or quarantined
 (``errors/*.jsonl``) by an earlier run into the same output; ``--overwrite`` forgets both.
@@ -52,11 +54,13 @@ class ImageRef:
 class Plan:
     """The found images, split into those to segment and those already done."""
 
-    namer: Namer
+    namer: Namer | None
     found: list[ImageRef]
     todo: list[ImageRef]
     done_segmented: int
     done_quarantined: int
+    shard_files: list[str] | None = None
+    """For Parquet shards input: their files (URIs); the refs' ``uri`` is the row's source file name."""
 
 
 def _uri(fs, path: str) -> str:
@@ -170,17 +174,48 @@ def done_names(out: str, storage_options: dict | None = None) -> tuple[set[str],
     return segmented, quarantined - segmented
 
 
+def shard_rows(source: str, storage_options: dict | None = None) -> tuple[list[str], list[ImageRef]] | None:
+    """For the Parquet shards of ``ldmseg preprocess`` at ``source``: ``(files, refs)``, every row of
+    every split (only the ``image_id`` and ``file_name`` columns are read); None for anything else."""
+    import pyarrow.parquet as pq
+
+    from ldmseg.data.manifest import check_schema_version, read_manifest
+
+    fs, root = open_fs(source, storage_options)
+    manifest = read_manifest(fs, root) if fs.isdir(root) else None
+    if manifest is None:
+        return None
+    check_schema_version(manifest, f"--input {source}")
+    files, refs = [], []
+    for split in sorted(manifest.files):
+        for f in manifest.files[split]:
+            path = posixpath.join(root, f)
+            with fs.open(path, "rb") as fh:
+                table = pq.read_table(fh, columns=["image_id", "file_name"])
+            files.append(_uri(fs, path))
+            refs += [ImageRef(file_name, f"{split}/{posixpath.splitext(posixpath.basename(file_name))[0]}", int(i))
+                     for i, file_name in zip(table["image_id"].to_pylist(), table["file_name"].to_pylist())]
+    if not refs:
+        raise InputError(f"--input {source}: the shards hold no rows; run 'ldmseg preprocess' again")
+    return files, refs
+
+
 def plan(source: str, out: str, *, overwrite: bool = False, storage_options: dict | None = None) -> Plan:
     """List ``source``, name its images, and leave out those ``out`` already holds (unless ``overwrite``)."""
-    uris, root = list_images(source, storage_options)
-    namer, refs = name_images(uris, root)
+    shards = shard_rows(source, storage_options)
+    namer, files = None, None
+    if shards is None:
+        uris, root = list_images(source, storage_options)
+        namer, refs = name_images(uris, root)
+    else:
+        files, refs = shards
     if overwrite:
         clear_records(out, storage_options)
-        return Plan(namer, refs, refs, 0, 0)
+        return Plan(namer, refs, refs, 0, 0, files)
     segmented, quarantined = done_names(out, storage_options)
     todo = [r for r in refs if r.name not in segmented and r.name not in quarantined]
     names = {r.name for r in refs}
-    return Plan(namer, refs, todo, len(segmented & names), len(quarantined & names))
+    return Plan(namer, refs, todo, len(segmented & names), len(quarantined & names), files)
 
 
 def clear_records(out: str, storage_options: dict | None = None) -> None:

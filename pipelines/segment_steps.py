@@ -4,7 +4,7 @@ Rows start as ``uri``, ``name`` and ``image_id`` (the plan); every step keeps th
 ``reason`` and ``message``, so a bad image travels to the write step as a row with ``ok=False``
 and is quarantined there (output order is not kept: ids travel with the rows).
 
-1. :func:`decode_step` (CPU tasks): read the bytes (a file that cannot be read is a reason, not a
+1. :func:`decode_step` (CPU tasks; :func:`shard_decode_step` for Parquet shards): read the bytes (a file that cannot be read is a reason, not a
    failed block: Ray's file readers fail the whole block), decode, apply EXIF orientation, check
    the pixel cap, resize and pad to the model's resolution → ``image_r`` (B, R, R, 3) uint8 and
    the geometry columns.
@@ -76,6 +76,52 @@ def decode_step(batch: dict[str, np.ndarray], *, cfg: Config, max_pixels: int, k
     cols = {k: np.asarray(v) for k, v in out.items()}
     cols.update(name=batch["name"], image_id=np.asarray(batch["image_id"], dtype=np.int64), uri=batch["uri"],
                 image_r=images, bytes=np.asarray(kept + [None], dtype=object)[:-1])
+    return cols
+
+
+SHARD_COLUMNS = ["image_id", "file_name", "height", "width", "resolution", "scaled_height", "scaled_width",
+                 "image", "image_format"]
+
+
+def shard_decode_step(batch: dict[str, np.ndarray], *, cfg: Config, todo: dict[int, str],
+                      keep_bytes: bool) -> dict[str, np.ndarray]:
+    """Rows of ``ldmseg preprocess`` shards (:data:`SHARD_COLUMNS`) → the columns of
+    :func:`decode_step`, for the rows whose image id is in ``todo`` (id → output name) only. The
+    image is the shard's, already at the training resolution; ``bytes`` (for overlays) is it
+    restored to the source size, as PNG."""
+    from PIL import Image
+
+    from ldmseg.data.shards import decode_image as decode_shard_image
+
+    res = cfg.data.resolution
+    rows = [i for i, image_id in enumerate(batch["image_id"]) if int(image_id) in todo]
+    out: dict[str, Any] = {k: [] for k in ("ok", "reason", "message", "bytes", "image_r", *GEOMETRY)}
+    for i in rows:
+        uri = str(batch["file_name"][i])
+        height, width = int(batch["height"][i]), int(batch["width"][i])
+        scaled_h, scaled_w = int(batch["scaled_height"][i]), int(batch["scaled_width"][i])
+        image, reason, message, data = np.zeros((res, res, 3), dtype=np.uint8), "", "", b""
+        try:
+            if int(batch["resolution"][i]) != res:
+                raise ValueError(f"a row at resolution {batch['resolution'][i]}, not the model's {res}")
+            image = decode_shard_image(bytes(batch["image"][i]), str(batch["image_format"][i]), res)
+            if keep_bytes:
+                source = Image.fromarray(image[:scaled_h, :scaled_w]).resize((width, height), Image.BILINEAR)
+                buf = io.BytesIO()
+                source.save(buf, format="PNG")
+                data = buf.getvalue()
+        except (OSError, ValueError) as exc:
+            reason, message = "corrupt", f"{uri} (image id {int(batch['image_id'][i])}): shard row unusable ({exc})"
+        for key, value in (("ok", not reason), ("reason", reason), ("message", message), ("bytes", data),
+                           ("image_r", image), ("height", height), ("width", width), ("scaled_h", scaled_h),
+                           ("scaled_w", scaled_w)):
+            out[key].append(value)
+    cols = {k: np.asarray(v) for k, v in out.items() if k not in ("bytes", "image_r")}
+    ids = [int(batch["image_id"][i]) for i in rows]
+    cols.update(name=np.asarray([todo[i] for i in ids], dtype=object), image_id=np.asarray(ids, dtype=np.int64),
+                uri=np.asarray([str(batch["file_name"][i]) for i in rows], dtype=object),
+                image_r=np.stack(out["image_r"]) if rows else np.zeros((0, res, res, 3), dtype=np.uint8),
+                bytes=np.asarray(out["bytes"] + [None], dtype=object)[:-1])
     return cols
 
 

@@ -114,6 +114,36 @@ def test_pq_of_the_output_equals_evaluate(tiny_model, tmp_path, ray_session):
     assert report["images"] == ours["n_images"] and report["with_problems"] == report["dataset_problems"] == 0
 
 
+def test_parquet_shards_input_gives_the_folder_inputs_maps(tiny_model, tmp_path, ray_session):
+    """Shards of ``ldmseg preprocess`` hold the images the folder input would prepare: the same maps."""
+    from ldmseg.inputs import InputError
+    from pipelines.preprocess import run_preprocess
+
+    model, scenes, cfg = tiny_model
+    shards = tmp_path / "shards"
+    run_preprocess(cfg, output=str(shards), source=scenes, split="val")
+    images = Path(scenes) / "images"
+    from_shards = segment(model, str(shards), str(tmp_path / "a"), seed=5, steps=2, log_mlflow=False)
+    from_folder = segment(model, str(images), str(tmp_path / "b"), seed=5, steps=2, log_mlflow=False)
+    n = len(list(images.glob("*.jpg")))
+    assert (from_shards["found"], from_shards["segmented"]) == (n, n)
+    a_images, _ = listed(tmp_path / "a")
+    b_images, _ = listed(tmp_path / "b")
+    assert sorted(i["id"] for i in a_images) == sorted(i["id"] for i in b_images)  # COCO ids kept
+    for p in sorted(images.glob("*.jpg")):
+        a = decode_panoptic_png((tmp_path / "a" / "panoptic" / "val" / f"{p.stem}.png").read_bytes())
+        b = decode_panoptic_png((tmp_path / "b" / "panoptic" / f"{p.stem}.png").read_bytes())
+        np.testing.assert_array_equal(a, b)
+    again = segment(model, str(shards), str(tmp_path / "a"), seed=5, steps=2, log_mlflow=False)
+    assert (again["segmented"], again["already_done"]) == (0, n)
+    # shards of another resolution are refused before any work
+    manifest = json.loads((shards / "_manifest.json").read_text())
+    manifest["config"]["data"]["resolution"] = cfg.data.resolution * 2
+    (shards / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="data.resolution"):
+        segment(model, str(shards), str(tmp_path / "c"), seed=5, steps=2, log_mlflow=False)
+
+
 def test_uncertainty_maps_and_stability(tiny_model, tmp_path, ray_session):
     model, scenes, _ = tiny_model
     out = tmp_path / "unc"
