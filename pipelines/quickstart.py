@@ -18,7 +18,7 @@ from pathlib import Path
 from ldmseg.config import ConfigError
 from ldmseg.logs import get_logger
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "quickstart.yaml"
+DEFAULT_CONFIG = "quickstart"  # conf/quickstart.yaml (shipped with the package: ldmseg.config.find_config)
 log = get_logger("quickstart")
 
 
@@ -152,7 +152,7 @@ def _budget(tcfg) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs/quickstart", help="where everything goes (default: %(default)s)")
-    parser.add_argument("--config", default=None, help="YAML config (default: conf/quickstart.yaml)")
+    parser.add_argument("--config", default=None, help="YAML config or shipped config name (default: quickstart, i.e. conf/quickstart.yaml)")
     parser.add_argument("--num-test", "--num-eval", dest="num_test", type=int, default=32,
                         help="test scenes to segment and score at the end (default: %(default)s)")
     parser.add_argument("--address", default=None, help="Ray address (default: a local Ray)")

@@ -35,6 +35,7 @@ def install_wheel(tmp: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for name in ("ldmseg", "pipelines"):
         shutil.copytree(REPO / name, src / name, ignore=ignore)
+    shutil.copytree(REPO / "conf", src / "conf")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip"]
@@ -65,6 +66,10 @@ def test_wheel_install_evaluates_with_the_sampling_config_its_sweep_saved(tmp_pa
     where = run([bin_ / "python", "-c", "import ldmseg, pipelines; print(ldmseg.__file__, pipelines.__file__)"],
                 work, env).stdout
     assert str(REPO) not in where and str(tmp_path / "venv") in where
+    # the shipped configs come with the wheel: the quickstart's default is found by name
+    found = run([bin_ / "python", "-c", "from ldmseg.config import find_config, load_config; "
+                 "print(find_config('quickstart')); print(load_config('conf/tiny.yaml').name)"], work, env).stdout
+    assert found.split() == [str(tmp_path / "venv" / "share" / "ldmseg" / "conf" / "quickstart.yaml"), "tiny"]
 
     common = ["--model", tmp_path / "model", "--data", tmp_path / "scenes", "--max-images", "2"]
     sweep = run([bin_ / "ldmseg", "tune", "sampling", *common, "--samplers", "euler", "--steps", "1",

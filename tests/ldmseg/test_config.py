@@ -1,6 +1,6 @@
 import pytest
 
-from ldmseg.config import ConfigError, config_hash, load_config, parse_overrides, to_dict
+from ldmseg.config import ConfigError, config_hash, find_config, load_config, parse_overrides, to_dict
 from paths import REPO, TINY_YAML
 
 
@@ -121,3 +121,14 @@ def test_numpy_numbers_are_accepted_as_config_values():
     assert (sampling.steps, sampling.eta) == (7, 0.5) and type(sampling.steps) is int and type(sampling.eta) is float
     with pytest.raises(ConfigError, match="expected an integer"):
         with_sampling(Config(), {"steps": np.float64(7.0)})
+
+
+def test_shipped_configs_are_found_by_name_and_unknown_names_list_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # away from the source tree's conf/
+    assert find_config("quickstart") == find_config("conf/quickstart.yaml") == find_config("quickstart.yaml")
+    assert find_config("quickstart").read_text() == (REPO / "conf" / "quickstart.yaml").read_text()
+    assert load_config("tiny", ["data.num_slots=16"]).data.num_slots == 16
+    with pytest.raises(ConfigError, match=r"does not exist.*bench, coco, quickstart, tiny"):
+        find_config("quickstrat")
+    with pytest.raises(ConfigError, match="does not exist"):
+        find_config(tmp_path / "other" / "quickstart.yaml")  # a path elsewhere is never replaced
