@@ -1,4 +1,5 @@
-"""Fixtures of the method-layer tests: a small trained model folder and the Segmenter loaded from it."""
+"""Fixtures of the method-layer tests: a small trained model folder, the Segmenter loaded from it, and the
+real COCO samples read whole."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from ldmseg.checkpoint import build_components, save_model
 from ldmseg import training
 from ldmseg.segmenter import Segmenter
 from helpers_batches import scene_batch
+from helpers_maps import load_folder
 from helpers_segmenter import vae_tiny_cfg
 
 
@@ -34,3 +36,8 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def segmenter(trained):
     return Segmenter.from_pretrained(trained[0], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def real_samples(coco_sample, coco_val_examples) -> list[dict]:
+    return load_folder(coco_sample) + load_folder(coco_val_examples)
