@@ -1,38 +1,29 @@
-"""Ray Data preprocessing: Parquet shards equal the in-memory encodings; quarantine; S3; resume."""
+"""Ray Data preprocessing end to end: Parquet shards equal the in-memory encodings; quarantine; S3;
+validation split; re-runs and resume."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from helpers_coco import entry, image_bytes, truncated, write_coco_folder
-from helpers_shards import decode_row, dense_sample
-from ldmseg.config import load_config, to_dict
-from ldmseg.data import coco, resize, slots
-from ldmseg.data.encoding import image_to_tensor
+from helpers_preprocess import expected_arrays, shard_cfg
+from ldmseg.data import coco
 from ldmseg.data.manifest import open_fs, read_manifest
-from ldmseg.data.parquet_dataset import ShardDataset, columns_to_rows, decode_columns, decode_rows
+from ldmseg.data.parquet_dataset import ShardDataset
 from ldmseg.data.synthetic import write_scenes
 from paths import REPO, TINY_YAML
 
 pytestmark = pytest.mark.ray
-
-
-def shard_cfg(*overrides):
-    """conf/tiny.yaml as it is (64 px scenes) with small shard files and chunks."""
-    return load_config(TINY_YAML, ["preprocess.rows_per_file=4", "preprocess.chunk_rows=8", *overrides])
 
 
 def test_task_size_fills_files_or_shares_small_chunks():
@@ -41,24 +32,6 @@ def test_task_size_fills_files_or_shares_small_chunks():
     assert task_size(10_000, 512, 8) == 512  # big chunk: one full file per task
     assert task_size(240, 512, 2) == 60  # small chunk: two tasks per CPU
     assert task_size(3, 512, 2) == 1 and task_size(0, 4, 2) == 1
-
-
-def encode_records(records: list[coco.PanopticRecord], cfg, staging: Path) -> pa.Table:
-    """The good shard rows of ``records`` as one preprocessing task writes them (no Ray)."""
-    from pipelines.preprocess_tasks import process_groups
-
-    batch = pa.table({"records": [json.dumps([vars(r) for r in records])], "split": ["train"]})
-    return process_groups(batch, to_dict(cfg), str(staging))
-
-
-def expected_arrays(rec: coco.PanopticRecord, cfg) -> dict[str, np.ndarray]:
-    """The in-memory encodings of issue 1/5 for one record, computed without the shard code."""
-    sample = coco.read_sample(rec)
-    image, ids_r, valid, _ = resize.resize_pad(sample.image, sample.id_map, cfg.data.resolution,
-                                               cfg.data.resize_mode)
-    clean = slots.clean_segments(ids_r, sample.segments_info, cfg.data.min_segment_area)  # areas at R×R
-    remap = slots.remap_ids(clean.id_map, cfg.data.num_slots, slots.eval_generator(rec.image_id))
-    return {"image": image_to_tensor(image).numpy(), "slot_map": remap.slot_map, "valid": valid}
 
 
 def check_against_memory(output: str, source: str, cfg) -> int:
@@ -108,183 +81,6 @@ def test_synthetic_and_real_samples_round_trip(ray_session, tmp_path, coco_val_e
     segs = json.loads(table.column("segments")[0].as_py())
     assert {"slot", "id", "category_id", "iscrowd", "area", "bbox"} <= set(segs[0])
     assert table.column("resolution")[0].as_py() == 64
-
-
-def test_training_reader_repermutes_and_ray_reader_agrees(ray_session, tmp_path):
-    import ray.data
-
-    from pipelines.preprocess import run_preprocess
-
-    cfg = shard_cfg()
-    write_scenes(tmp_path / "s", num_images=6, size=64, seed=5)
-    m = run_preprocess(cfg, output=str(tmp_path / "o"), source=str(tmp_path / "s"))
-    plain = {int(s["image_id"]): s for s in ShardDataset(str(tmp_path / "o"), "train", 32, train=False)}
-    rows = ray.data.read_parquet([str(tmp_path / "o" / f) for f in m.files["train"]]).take_all()
-    batch = decode_rows(rows, 32)
-    for i, image_id in enumerate(batch["image_id"].tolist()):
-        assert torch.equal(batch["slot_map"][i], plain[image_id]["slot_map"])
-        assert torch.equal(batch["image"][i], plain[image_id]["image"])
-    # training mode: same partition of pixels, different slot values
-    trained = list(ShardDataset(str(tmp_path / "o"), "train", 32, train=True, seed=1))
-    assert len(trained) == 6
-    changed = 0
-    for s in trained:
-        ref = plain[int(s["image_id"])]["slot_map"].numpy()
-        got = s["slot_map"].numpy()
-        assert np.array_equal(got == 0, ref == 0)
-        pairs = set(zip(ref[ref > 0].tolist(), got[got > 0].tolist()))
-        assert len(pairs) == len(np.unique(ref[ref > 0])) == len(np.unique(got[got > 0]))  # a bijection
-        changed += int(not np.array_equal(got, ref))
-    assert changed >= 5
-
-
-def test_decode_columns_equals_decode_rows(ray_session, tmp_path):
-    """The columnar decoder (Ray Data numpy batches, pyarrow columns) gives decode_rows' tensors,
-    which are the per-row reference decode_row's, for the same rows and seed."""
-    import ray.data
-
-    from pipelines.preprocess import run_preprocess
-
-    write_scenes(tmp_path / "s", num_images=7, size=64, seed=6)
-    m = run_preprocess(shard_cfg(), output=str(tmp_path / "o"), source=str(tmp_path / "s"))
-    files = [str(tmp_path / "o" / f) for f in m.files["train"]]
-    rows = ray.data.read_parquet(files).take_all()
-    table = pq.read_table(files[0]).combine_chunks()
-    numpy_batch = next(iter(ray.data.read_parquet(files).iter_batches(batch_size=7, batch_format="numpy")))
-    for seed in (None, 3):
-        gen = (lambda: None) if seed is None else (lambda: np.random.default_rng(seed))
-        by_rows = decode_rows(rows, 32, gen())
-        g = gen()
-        ref = [decode_row(r, 32, g) for r in rows]
-        for i, r in enumerate(ref):
-            assert np.array_equal(by_rows["image"][i].numpy(), r["image"])
-            assert np.array_equal(by_rows["slot_map"][i].numpy(), r["slot_map"])
-            assert np.array_equal(by_rows["valid"][i].numpy(), r["valid"])
-        by_cols = decode_columns(numpy_batch, 32, gen())
-        assert by_cols["image"].shape == (7, 3, 64, 64) and by_cols["image"].is_contiguous()
-        for k in ("image", "slot_map", "valid", "image_id"):
-            assert by_cols[k].dtype == by_rows[k].dtype
-            assert torch.equal(by_cols[k], decode_rows(columns_to_rows(numpy_batch), 32, gen())[k])
-        arrow = decode_columns({c: table.column(c) for c in table.column_names}, 32, gen())
-        again = decode_rows(table.to_pylist(), 32, gen())
-        for k in ("image", "slot_map", "valid", "image_id"):
-            assert torch.equal(arrow[k], again[k])
-
-
-def test_task_rows_equal_encoded_samples_and_old_shards_are_refused(tmp_path, coco_val_examples):
-    """A task (dense labels, label table, direct image column) writes encode_dense_sample's rows,
-    whose raw slot maps are the in-memory encoding's; shards of schema version 3 (slot maps as
-    PNG, a ``valid`` column) are refused with the command that fixes them."""
-    from ldmseg.config import ConfigError
-    from ldmseg.data import shards
-    from ldmseg.data.manifest import SCHEMA_VERSION, Manifest, check_data_config, write_manifest
-
-    cfg = load_config(TINY_YAML, ["data.resolution=128"])
-    records = coco.load_coco_panoptic(coco_val_examples).records[:5]
-    table = encode_records(records, cfg, tmp_path / "staging")
-    assert table.schema.equals(shards.SCHEMA) and "valid" not in table.column_names
-    for row, rec in zip(table.to_pylist(), records):
-        expected = shards.encode_dense_sample(coco.read_dense_sample(rec), image_id=rec.image_id, cfg=cfg,
-                                              file_name=rec.file_name, segments_file=rec.segments_file)
-        assert row == expected
-        source = Path(rec.image_path).read_bytes() + Path(rec.panoptic_path).read_bytes()
-        assert row["checksum"] == hashlib.sha256(source).hexdigest()
-        stored = shards.decode_slot_map(row["slot_map"], 128)
-        assert stored.dtype == np.uint8 and len(row["slot_map"]) == 128 * 128
-        assert np.array_equal(stored, expected_arrays(rec, cfg)["slot_map"])
-
-    old_png = image_bytes(np.zeros((128, 128, 3), np.uint8), fmt="PNG", mode="L")
-    old = {**table.to_pylist()[0], "slot_map": old_png}  # a row of schema version 3: slot map as PNG
-    with pytest.raises(shards.ShardFormatError, match="re-run `ldmseg preprocess`"):
-        decode_rows([old], 32)
-    m = Manifest(schema_version=SCHEMA_VERSION - 1, config_hash="x", source="s", source_fingerprint="f",
-                 complete=True, files={"train": ["train/a.parquet"]})
-    (tmp_path / "old" / "train").mkdir(parents=True)
-    pq.write_table(table, tmp_path / "old" / "train" / "a.parquet")
-    write_manifest(*open_fs(str(tmp_path / "old")), m)
-    with pytest.raises(ConfigError, match="schema version 3.*re-run `ldmseg preprocess`"):
-        ShardDataset(str(tmp_path / "old"), "train", 32)
-    with pytest.raises(ConfigError, match="re-run `ldmseg preprocess`"):
-        check_data_config(m, cfg.data, "--data old")
-
-
-def test_slot_maps_beyond_256_slots_are_stored_as_uint16():
-    from ldmseg.data import shards
-
-    id_map = np.arange(1, 32 * 32 + 1, dtype=np.int64).reshape(32, 32)  # 1024 one-pixel segments
-    info = [{"id": i, "category_id": 1, "iscrowd": 0} for i in range(1, 32 * 32 + 1)]
-    cfg = load_config(TINY_YAML, ["data.resolution=32", "data.num_slots=512",
-                                                "data.min_segment_area=1"])
-    row = shards.encode_dense_sample(dense_sample(np.zeros((32, 32, 3), np.uint8), id_map, info), image_id=1, cfg=cfg)
-    assert (row["num_segments"], row["n_merged"]) == (511, 1024 - 511)
-    assert len(row["slot_map"]) == 2 * 32 * 32
-    stored = shards.decode_slot_map(row["slot_map"], 32)
-    assert stored.dtype == np.dtype("<u2") and len(np.unique(stored[stored > 0])) == row["num_segments"]
-    batch = decode_rows([row], 512, np.random.default_rng(0))
-    assert torch.equal(batch["slot_map"][0], torch.from_numpy(decode_row(row, 512, np.random.default_rng(0))["slot_map"]))
-
-
-def test_min_segment_area_counts_pixels_at_the_training_resolution():
-    """A 12×12 segment (144 px) of a 96×96 map is 4×4 = 16 px at 32×32 (kept with min area 10)
-    and 2×2 = 4 px at 16×16: there it becomes void and is counted in ``n_small``."""
-    from ldmseg.data import shards
-
-    id_map = np.zeros((96, 96), np.int64)
-    id_map[:48] = 1
-    id_map[48:] = 2
-    id_map[60:72, 60:72] = 3
-    info = [{"id": i, "category_id": 1, "iscrowd": 0} for i in (1, 2, 3)]
-    image = np.zeros((96, 96, 3), np.uint8)
-    for res, n_segments, n_small in ((32, 3, 0), (16, 2, 1)):
-        cfg = load_config(TINY_YAML, [f"data.resolution={res}", "data.min_segment_area=10"])
-        row = shards.encode_dense_sample(dense_sample(image, id_map, info), image_id=1, cfg=cfg)
-        stored = shards.decode_slot_map(row["slot_map"], res)
-        assert (row["num_segments"], row["n_small"]) == (n_segments, n_small)
-        assert len(np.unique(stored[stored > 0])) == n_segments
-
-
-def test_shard_dataset_equals_row_by_row_reference(tmp_path, coco_val_examples):
-    """ShardDataset (columns sliced per sample) yields what reading row dicts and decode_row
-    gives, in the same order and with the same random slots for the same seed."""
-    from ldmseg.data.parquet_dataset import TRAIN_COLUMNS
-
-    cfg = load_config(TINY_YAML, ["data.resolution=96"])
-    records = coco.load_coco_panoptic(coco_val_examples).records[:7]
-    table = encode_records(records, cfg, tmp_path / "staging")
-    (tmp_path / "o" / "train").mkdir(parents=True)
-    files = [str(tmp_path / "o" / "train" / f"{k}.parquet") for k in ("a", "b")]
-    pq.write_table(table.slice(0, 3), files[0])
-    pq.write_table(table.slice(3), files[1])
-
-    def reference(train: bool, shuffle_buffer: int, epochs: int):
-        rng = np.random.default_rng([4, 0])
-        for _ in range(epochs):
-            order = list(files)
-            if train:
-                rng.shuffle(order)
-            rows = [r for f in order for r in pq.read_table(f, columns=TRAIN_COLUMNS).to_pylist()]
-            buffer = []
-            for row in rows:
-                if not train:
-                    yield decode_row(row, 32, None), row["image_id"]
-                    continue
-                buffer.append(row)
-                if len(buffer) >= shuffle_buffer:
-                    r = buffer.pop(int(rng.integers(len(buffer))))
-                    yield decode_row(r, 32, rng), r["image_id"]
-            rng.shuffle(buffer)
-            for r in buffer:
-                yield decode_row(r, 32, rng), r["image_id"]
-
-    for train, buffer, epochs in ((True, 3, 3), (True, 256, 2), (False, 256, 1)):
-        got = ShardDataset(str(tmp_path / "o"), "train", 32, train=train, seed=4, shuffle_buffer=buffer,
-                           repeat=train)
-        it = iter(got)
-        for expected, image_id in reference(train, buffer, epochs):
-            sample = next(it)
-            assert int(sample["image_id"]) == image_id and sample["image"].shape == (3, 96, 96)
-            for k in ("image", "slot_map", "valid"):
-                assert np.array_equal(sample[k].numpy(), expected[k]), k
 
 
 def test_bad_inputs_are_quarantined_with_reasons(ray_session, tmp_path, capsys):

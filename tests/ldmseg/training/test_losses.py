@@ -1,0 +1,65 @@
+"""The LDM loss (ldmseg.training.losses): masking of all-void latent cells, and the raster slot order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ldmseg.data.slots import remap_ids
+from ldmseg import training
+from helpers_batches import scene_batch
+from helpers_training import ldm_components, training_cfg
+
+
+def test_latent_weights_are_zero_only_on_all_void_cells():
+    slot_map = torch.zeros(1, 8, 8, dtype=torch.int64)
+    valid = torch.ones(1, 8, 8, dtype=torch.bool)
+    slot_map[0, 0, 0] = 3  # one segment pixel in cell (0, 0)
+    slot_map[0, 4:8, 4:8] = 5  # a whole cell (1, 1)
+    slot_map[0, 0, 7] = 2  # a segment pixel on padding in cell (0, 1)
+    valid[0, :, 6:] = False
+    w = training.latent_weights(slot_map, valid, 4)
+    assert w.shape == (1, 1, 2, 2)
+    assert w[0, 0].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_masked_mse_ignores_targets_on_void_cells():
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    weights = (torch.rand(2, 1, 4, 4, generator=g) > 0.4).float()
+    snr_w = torch.tensor([0.5, 1.0])
+    loss = training.masked_mse(pred, target, weights, snr_w)
+    changed = target + 100.0 * (1 - weights)  # only void cells change
+    assert training.masked_mse(pred, changed, weights, snr_w) == loss
+    assert training.masked_mse(pred, target + 0.1 * weights, weights, snr_w) != loss
+    ones = torch.ones(2, 1, 4, 4)
+    assert torch.allclose(training.masked_mse(pred, target, ones, torch.ones(2)),
+                          torch.nn.functional.mse_loss(pred, target))
+
+
+def test_all_void_batch_gives_zero_loss():
+    cfg = training_cfg()
+    batch = scene_batch(cfg, 2)
+    comps = ldm_components(cfg, batch)
+    void = dict(batch, slot_map=torch.zeros_like(batch["slot_map"]))
+    loss, parts = training.ldm_loss(comps, void, cfg, generator=torch.Generator().manual_seed(0))
+    assert loss.item() == 0.0 and parts["void_cell_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("order", ["random", "raster"])
+def test_raster_slot_order_makes_the_loss_blind_to_the_slot_permutation(order):
+    cfg = training_cfg(f"diffusion.slot_order={order}")
+    batch = scene_batch(cfg, 6, seed=3)
+    other = scene_batch(cfg, 6, seed=3)  # the same scenes ...
+    rng = np.random.default_rng(99)
+    other["slot_map"] = torch.from_numpy(np.stack(  # ... with other random slots
+        [remap_ids(m, cfg.data.num_slots, rng).slot_map for m in batch["slot_map"].numpy()]))
+    assert not torch.equal(other["slot_map"], batch["slot_map"])
+    comps = ldm_components(cfg, batch)
+    losses = [float(training.ldm_loss(comps, b, cfg, generator=torch.Generator().manual_seed(0))[0])
+              for b in (batch, other)]
+    if order == "raster":
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    else:
+        assert abs(losses[0] - losses[1]) > 1e-4 * losses[0]
