@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal, Mapping, Optional
 
 import yaml
 
+from ldmseg.config_files import find_config
 from ldmseg.typed import ConfigError, build, merge, nest, to_dict
 from ldmseg.segment_config import SegmentConfig
 
@@ -357,32 +358,8 @@ def from_dict(values: dict) -> Config:
     return cfg
 
 
-def shipped_config_dirs() -> list[Path]:
-    """Where the configs that ship with ldmseg live: ``conf/`` of a source checkout (or an
-    editable install), then ``<prefix>/share/ldmseg/conf`` of a wheel install."""
-    import sys
-
-    return [Path(__file__).resolve().parents[1] / "conf", Path(sys.prefix) / "share" / "ldmseg" / "conf"]
-
-
-def find_config(path: str | Path) -> Path:
-    """A config file: ``path`` if it is a file, else the shipped config of that name (``quickstart``,
-    ``conf/quickstart.yaml`` and ``quickstart.yaml`` all name it), so that a wheel install finds them."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
-    if path.parent in (Path("."), Path("conf")):
-        for folder in shipped_config_dirs():
-            if (folder / name).is_file():
-                return folder / name
-    shipped = sorted({p.stem for d in shipped_config_dirs() if d.is_dir() for p in d.glob("*.yaml")})
-    raise ConfigError(f"config file {path} does not exist; pass a YAML file or a shipped config name "
-                      f"({', '.join(shipped) or 'none found'})")
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (YAML, or a shipped config's name: :func:`find_config`; ``None``: defaults),
+    """Load ``path`` (YAML, or a shipped config's name: :func:`~ldmseg.config_files.find_config`; ``None``: defaults),
     apply ``key=value`` overrides, validate."""
     values: dict = {}
     if path is not None:

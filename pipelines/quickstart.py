@@ -18,7 +18,7 @@ from pathlib import Path
 from ldmseg.config import ConfigError
 from ldmseg.logs import get_logger
 
-DEFAULT_CONFIG = "quickstart"  # conf/quickstart.yaml (shipped with the package: ldmseg.config.find_config)
+DEFAULT_CONFIG = "quickstart"  # conf/quickstart.yaml (shipped with the package: ldmseg.config_files)
 log = get_logger("quickstart")
 
 

@@ -67,7 +67,7 @@ def test_wheel_install_evaluates_with_the_sampling_config_its_sweep_saved(tmp_pa
                 work, env).stdout
     assert str(REPO) not in where and str(tmp_path / "venv") in where
     # the shipped configs come with the wheel: the quickstart's default is found by name
-    found = run([bin_ / "python", "-c", "from ldmseg.config import find_config, load_config; "
+    found = run([bin_ / "python", "-c", "from ldmseg.config import load_config; from ldmseg.config_files import find_config; "
                  "print(find_config('quickstart')); print(load_config('conf/tiny.yaml').name)"], work, env).stdout
     assert found.split() == [str(tmp_path / "venv" / "share" / "ldmseg" / "conf" / "quickstart.yaml"), "tiny"]
 

@@ -1,6 +1,7 @@
 import pytest
 
-from ldmseg.config import ConfigError, config_hash, find_config, load_config, parse_overrides, to_dict
+from ldmseg.config import ConfigError, config_hash, load_config, parse_overrides, to_dict
+from ldmseg.config_files import find_config
 from paths import REPO, TINY_YAML
 
 
