@@ -194,10 +194,15 @@ class Tracker:
 def download_model(uri: str, dst: str | Path, tracking_uri: str | None = None) -> Path:
     """``models:/name@alias`` (or ``runs:/...``) → a local checkpoint folder under ``dst``."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+    # the URI is passed to each call, never set globally: mlflow.set_tracking_uri would also set
+    # MLFLOW_TRACKING_URI for everything this process does afterwards
+    pinned, version = pin_model_uri(uri, tracking_uri)
+    if version is not None:  # models:/NAME/VERSION → where the registry stores that version
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        uri = client.get_model_version_download_uri(pinned[len("models:/"):].rsplit("/", 1)[0], version)
+    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
     return Path(path)
 
 
@@ -213,6 +218,7 @@ def pin_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[str, str |
         return uri, version if version.isdigit() else None
     from mlflow.tracking import MlflowClient
 
-    version = MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias(name, rest).version
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = client.get_model_version_by_alias(name, rest).version
     return f"models:/{name}/{version}", str(version)
 

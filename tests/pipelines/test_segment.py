@@ -163,6 +163,7 @@ def test_uncertainty_maps_and_stability(tiny_model, tmp_path, ray_session):
 
 
 def test_a_registered_model_is_pinned_to_its_version_and_the_job_logged(tiny_model, tmp_path, ray_session):
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking import Tracker
@@ -174,9 +175,12 @@ def test_a_registered_model_is_pinned_to_its_version_and_the_job_logged(tiny_mod
     assert str(tracker.register(model, "tiny-ldm")) == "1"
     tracker.finish()
     out = tmp_path / "out"
+    before = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri())
     summary = segment("models:/tiny-ldm@current", str(Path(scenes) / "images"), str(out), seed=0, steps=2,
                       overlays=True, tracking_uri=uri)
     assert (summary["model_loaded"], summary["model_version"]) == ("models:/tiny-ldm/1", "1")
+    # the tracking URI was passed, not set for the rest of the process (later runs would log there)
+    assert (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()) == before
     assert summary["segmented"] == summary["found"] > 0
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("ldmseg-segment").experiment_id])
@@ -216,15 +220,15 @@ def test_driver_killed_mid_run_then_rerun_completes(tiny_model, tmp_path, ray_se
     out = tmp_path / "out"
     address = ray_session.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "pipelines.cli", "segment", "--model", model, "--input", str(src), "--output",
-           str(out), "--address", address, "--no-mlflow", "sampling.steps=2", "segment.batch_size=2",
-           "segment.write_batch_size=2"]
+           str(out), "--address", address, "--no-mlflow", "sampling.steps=10", "segment.batch_size=2",
+           "segment.write_batch_size=2"]  # 10 steps: slow enough to be killed mid-run
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
         while time.time() < deadline and len(list((out / "panoptic.parts").glob("*.json"))) < 2:
             assert proc.poll() is None, "the job ended before it could be killed"
-            time.sleep(0.2)
+            time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -232,7 +236,7 @@ def test_driver_killed_mid_run_then_rerun_completes(tiny_model, tmp_path, ray_se
             proc.kill()
     parts_before = len(list((out / "panoptic.parts").glob("*.json")))
     assert 2 <= parts_before and not (out / "panoptic.json").exists()
-    summary = segment(model, str(src), str(out), seed=0, overrides=["sampling.steps=2"], log_mlflow=False)
+    summary = segment(model, str(src), str(out), seed=0, overrides=["sampling.steps=10"], log_mlflow=False)
     assert summary["already_done"] >= 4 and summary["segmented"] + summary["already_done"] == total
     images, annotations = listed(out)
     assert len(images) == len(annotations) == total
