@@ -22,6 +22,7 @@ import yaml
 from ldmseg.config_files import find_config
 from ldmseg.typed import ConfigError, build, merge, nest, to_dict
 from ldmseg.segment_config import SegmentConfig
+from ldmseg.serve_config import ServeConfig
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,11 +293,13 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def validate(self) -> None:
         self.data.validate()
         self.mask_ae.validate()
         self.segment.validate()
+        self.serve.validate()
 
 
 # --------------------------------------------------------------------------------------------

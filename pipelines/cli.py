@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train", "Ray Train: train the mask autoencoder (ae) or the diffusion model (ldm)"),
     "evaluate": ("pipelines.evaluate", "segment a dataset with a trained model and report PQ"),
     "segment": ("pipelines.segment", "Ray Data: segment a folder, bucket or list of images (COCO panoptic out)"),
+    "serve": ("pipelines.serve", "Ray Serve: a segmentation and inpainting endpoint with a web page"),
     "tune": ("pipelines.tune", "Ray Tune sweeps: sampling options, training schedules, inpainting"),
     "quickstart": ("pipelines.quickstart", "the whole pipeline on synthetic scenes with a local Ray"),
 }

@@ -65,26 +65,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "segment.batch_size=8")
 
 
-def job_config(model_cfg: Any, config_file: str | None, overrides: list[str]) -> Any:
-    """The model's config with a config file's ``segment``/``sampling`` sections and the overrides
-    (``segment.*`` / ``sampling.*`` keys only: the other sections describe the model)."""
+def job_config(model_cfg: Any, config_file: str | None, overrides: list[str],
+               sections: tuple[str, ...] = ("segment", "sampling"), command: str = "segment") -> Any:
+    """The model's config with a config file's ``sections`` and the overrides (keys of those
+    sections only: the other sections describe the model)."""
     import yaml
 
     from ldmseg.config import ConfigError, override, parse_overrides
+    from ldmseg.config_files import find_config
 
     assignments: dict[str, Any] = {}
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"--config {config_file}: no such file")
-        values = yaml.safe_load(path.read_text()) or {}
-        for section in ("segment", "sampling"):
+        values = yaml.safe_load(find_config(config_file).read_text()) or {}
+        for section in sections:
             assignments.update({f"{section}.{k}": v for k, v in (values.get(section) or {}).items()})
     assignments.update(parse_overrides(overrides))
-    foreign = sorted(k for k in assignments if k.split(".", 1)[0] not in ("segment", "sampling"))
+    foreign = sorted(k for k in assignments if k.split(".", 1)[0] not in sections)
     if foreign:
-        raise ConfigError(f"override {foreign[0]}: segment takes only segment.* and sampling.* keys (the model's "
-                          "other settings are fixed by its training)")
+        keys = " and ".join(f"{s}.*" for s in sections)
+        raise ConfigError(f"override {foreign[0]}: {command} takes only {keys} keys (the model's other "
+                          "settings are fixed by its training)")
     return override(model_cfg, assignments)
 
 
@@ -105,7 +105,7 @@ def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
     return sampling
 
 
-def _model_meta(model: str, work: Path, tracking_uri: str | None) -> dict:
+def model_meta(model: str, work: Path, tracking_uri: str | None) -> dict:
     """``model.json`` of ``model`` (a folder, s3:// prefix or ``models:/`` URI), read on the driver."""
     from ldmseg.checkpoint import read_meta
     from pipelines.evaluate import resolve_model
@@ -210,7 +210,7 @@ def segment(model: str, source: str, output: str, *, sampling: dict | None = Non
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="ldmseg-segment-") as tmp:
         pinned, version = pin_model_uri(model, tracking_uri)
-        meta = _model_meta(pinned, Path(tmp), tracking_uri)
+        meta = model_meta(pinned, Path(tmp), tracking_uri)
         cfg = job_config(model_config(tmp, meta), config_file, overrides or [])
     cfg = with_sampling(cfg, {**(sampling or {}), "sampler": sampler, "steps": steps, "seed": seed})
     work = make_plan(source, output, overwrite=overwrite)

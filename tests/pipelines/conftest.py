@@ -46,3 +46,20 @@ def tiny_model(tmp_path_factory) -> tuple[str, str, object]:
     scale = training.measure_latent_scale(ae.eval(), [batch], cfg.data.num_slots)
     save_model(root / "model", cfg, parts, latent_scale=scale)
     return str(root / "model"), str(root / "scenes"), cfg
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model, ray_session):
+    """``ldmseg serve`` of the tiny model on the session's Ray, on a free 127.0.0.1 port: its base
+    URL (e.g. ``http://127.0.0.1:PORT``) and ``/v1/model`` info. Serve is shut down at the end."""
+    from ray import serve
+
+    from helpers_net import free_port
+    from pipelines.serve import start
+
+    model, _, _ = tiny_model
+    port = free_port()
+    info = start(model, port=port, overrides=["sampling.steps=2", "serve.request_timeout_s=60",
+                                              "serve.max_request_bytes=2000000", "serve.max_pixels=4000000"])
+    yield f"http://127.0.0.1:{port}", info
+    serve.shutdown()
