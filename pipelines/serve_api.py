@@ -56,7 +56,9 @@ class GuardMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message):
-            if message["type"] == "http.response.start":
+            # Serve's proxy gives every request an X-Request-Id and echoes it on the response: add
+            # ours only when the request came without one (the app run outside Serve)
+            if message["type"] == "http.response.start" and not given:
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (b"x-request-id", request_id.encode())]}
             await send(message)
