@@ -101,14 +101,17 @@ def app_builder(args: dict[str, Any]):
     return app
 
 
-def start(model: str, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> dict:
-    """Build the app and run it on Serve (Ray must be initialised); → its info. Returns when ready."""
+def start(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME, route_prefix: str = "/",
+          **kwargs) -> dict:
+    """Build the app and run it on Serve (Ray must be initialised) as application ``name`` under
+    ``route_prefix``; → its info. Returns when ready. Serve's HTTP host and port are set by the
+    first call in a Ray session."""
     from ray import serve
 
     app, info = build_app(model, **kwargs)
     serve.start(http_options={"host": host, "port": port})
     t0 = time.time()
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    serve.run(app, name=name, route_prefix=route_prefix)
     log.info(f"serving {model} at http://{host}:{port}/ (ready in {time.time() - t0:.1f} s; API docs at /docs)")
     return info
 

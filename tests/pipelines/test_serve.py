@@ -213,3 +213,74 @@ def test_an_oversized_upload_gets_413_within_a_second_without_sending_it(served)
     r = requests.post(f"{url}/v1/segment", data=chunks(), headers={"Content-Type": "image/png"}, timeout=30)
     assert (r.status_code, r.json()["error"]) == (413, "request_too_large")
     assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
+
+
+def test_overload_answers_503_with_retry_after_and_slow_requests_504(served, tiny_model):
+    """A second application with one slot and a one-request queue: a burst gets 503s; a request
+    past its timeout gets 504 with a clear body; the main application stays ready."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from pipelines.serve import start
+
+    url, _ = served
+    start(tiny_model[0], port=urlparse(url).port, name="tight", route_prefix="/tight",
+          overrides=["sampling.steps=100", "serve.max_batch_size=1", "serve.max_ongoing_requests=1",
+                     "serve.max_queued_requests=1", "serve.request_timeout_s=0.5", "serve.max_steps=200",
+                     "serve.retry_after_s=3"])
+    try:
+        data = png(scene(6, 240, 320))
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: requests.post(f"{url}/tight/v1/segment", data=data, timeout=60,
+                                                            headers={"Content-Type": "image/png"}), range(8)))
+        codes = sorted(r.status_code for r in answers)
+        assert 503 in codes and set(codes) <= {200, 503, 504}, codes
+        busy = next(r for r in answers if r.status_code == 503)
+        assert busy.headers["retry-after"] == "3" and busy.json()["error"] == "overloaded"
+        slow = requests.post(f"{url}/tight/v1/segment", data=data, params={"steps": 200, "samples": 8}, timeout=60,
+                             headers={"Content-Type": "image/png"})
+        assert (slow.status_code, slow.json()["error"]) == (504, "timeout")
+        assert "serve.request_timeout_s" in slow.json()["detail"]
+    finally:
+        serve.delete("tight")
+    assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
+
+
+def test_the_command_serves_until_ctrl_c_then_shuts_down(tiny_model, tmp_path):
+    """``ldmseg serve`` in its own process (and its own local Ray): ready, answers, and Ctrl-C ends it with 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers_net import free_port
+    from paths import REPO
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--model", tiny_model[0], "--port",
+                             str(port), "sampling.steps=2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=open(tmp_path / "serve.log", "wb"), text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or the model still loading
+                pass
+            assert time.time() < deadline, "not ready in 180 s"
+            time.sleep(0.5)
+        first = json.loads(proc.stdout.readline())
+        assert first["url"] == f"http://127.0.0.1:{port}/" and first["model"] == tiny_model[0]
+        assert segment(f"http://127.0.0.1:{port}", png(scene(7))).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
