@@ -195,5 +195,6 @@ def run(args: argparse.Namespace) -> int:
         f"summary:      {Path(args.workdir) / 'summary.json'}",
         f"MLflow UI:    {s['mlflow_ui']}",
         f"test scenes:  {test['scenes']}",
+        f"serve it:     ldmseg serve --model {s['model']}   (then open http://127.0.0.1:8000/)",
     ]))
     return 0
