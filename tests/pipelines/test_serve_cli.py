@@ -43,3 +43,15 @@ def test_shipped_serve_config_loads_and_infra_serve_config_is_valid_for_ray():
     broken = {**doc["applications"][0], "deployments": [{"name": "Ingress", "num_replicas": "many"}]}
     with pytest.raises(Exception, match="num_replicas"):  # a wrong type fails
         ServeDeploySchema.parse_obj({**doc, "applications": [broken]})
+
+
+def test_the_serve_config_import_path_builds_the_application(good):
+    """What ``serve run infra/serve/ldmseg.yaml`` calls: ``app_builder(args)`` (no Ray needed to build)."""
+    from ray.serve import Application
+
+    from pipelines.serve import app_builder
+
+    app = app_builder({"model": good["model"], "config": "conf/serve.yaml", "overrides": ["serve.max_batch_size=4"]})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match="needs 'model'"):
+        app_builder({"config": "conf/serve.yaml"})
