@@ -53,5 +53,5 @@ def test_the_serve_config_import_path_builds_the_application(good):
 
     app = app_builder({"model": good["model"], "config": "conf/serve.yaml", "overrides": ["serve.max_batch_size=4"]})
     assert isinstance(app, Application)
-    with pytest.raises(ValueError, match="needs 'model'"):
+    with pytest.raises(ValueError, match="need 'model'"):
         app_builder({"config": "conf/serve.yaml"})
