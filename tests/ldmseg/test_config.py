@@ -129,7 +129,7 @@ def test_shipped_configs_are_found_by_name_and_unknown_names_list_them(tmp_path,
     assert find_config("quickstart") == find_config("conf/quickstart.yaml") == find_config("quickstart.yaml")
     assert find_config("quickstart").read_text() == (REPO / "conf" / "quickstart.yaml").read_text()
     assert load_config("tiny", ["data.num_slots=16"]).data.num_slots == 16
-    with pytest.raises(ConfigError, match=r"does not exist.*bench, coco, quickstart, tiny"):
+    with pytest.raises(ConfigError, match=r"does not exist.*bench, coco, quickstart, serve, tiny"):
         find_config("quickstrat")
     with pytest.raises(ConfigError, match="does not exist"):
         find_config(tmp_path / "other" / "quickstart.yaml")  # a path elsewhere is never replaced
