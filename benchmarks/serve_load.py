@@ -181,6 +181,8 @@ def main() -> int:
     parser.add_argument("--sampler", default=None, help="sampler (default: the config's)")
     parser.add_argument("--time-cap", type=float, default=1200.0,
                         help="seconds for the whole run; levels stop early beyond it (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="more serve.* overrides for both deployments, e.g. serve.batch_wait_timeout_s=0.05")
     args = parser.parse_args()
     t_start = time.time()
     deadline = t_start + args.time_cap
@@ -206,7 +208,7 @@ def main() -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         try:
-            common = [f"sampling.steps={args.steps}", "serve.max_ongoing_requests=16"]
+            common = [f"sampling.steps={args.steps}", "serve.max_ongoing_requests=16", *args.overrides]
             phases = [("batched", [*common, f"serve.max_batch_size={BATCH}"], args.concurrency),
                       ("unbatched", [*common, "serve.max_batch_size=1"], [top])]
             level = 0

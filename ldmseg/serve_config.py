@@ -13,7 +13,7 @@ class ServeConfig:
 
     max_batch_size: int = 8
     """Segment requests a model replica samples together (``@serve.batch``)."""
-    batch_wait_timeout_s: float = 0.02
+    batch_wait_timeout_s: float = 0.05
     """How long a replica waits to fill a batch after its first request."""
     max_ongoing_requests: int = 16
     """Requests a model replica holds at once; must be >= ``max_batch_size`` (Serve's default, 5,
