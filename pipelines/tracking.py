@@ -209,9 +209,11 @@ def download_model(uri: str, dst: str | Path, tracking_uri: str | None = None) -
 def pin_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
     """``models:/NAME@ALIAS`` → (``models:/NAME/VERSION``, VERSION): the version the alias points to
     now, so that every worker of a job loads the same weights even if the alias moves meanwhile.
-    ``models:/NAME/VERSION`` → (uri, VERSION); any other URI → (uri, None)."""
+    ``models:/NAME/VERSION`` → (uri, VERSION); a local folder → (its absolute path, None); any
+    other URI → (uri, None)."""
     if not uri.startswith("models:/"):
-        return uri, None
+        # a local folder as an absolute path: Ray workers need not share the driver's working dir
+        return (str(Path(uri).resolve()) if "://" not in uri and Path(uri).exists() else uri), None
     name, _, rest = uri[len("models:/"):].partition("@")
     if not rest:  # models:/NAME/VERSION (or a stage name, which MLflow resolves itself)
         version = name.rsplit("/", 1)[-1]

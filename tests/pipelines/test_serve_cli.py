@@ -55,3 +55,15 @@ def test_the_serve_config_import_path_builds_the_application(good):
     assert isinstance(app, Application)
     with pytest.raises(ValueError, match="need 'model'"):
         app_builder({"config": "conf/serve.yaml"})
+
+
+def test_a_relative_model_folder_is_handed_to_workers_as_an_absolute_path(good, monkeypatch):
+    from pathlib import Path
+
+    from pipelines.tracking import pin_model_uri
+
+    folder = Path(good["model"])
+    monkeypatch.chdir(folder.parent)
+    assert pin_model_uri(folder.name) == (str(folder.resolve()), None)
+    assert pin_model_uri("s3://bucket/model") == ("s3://bucket/model", None)
+    assert pin_model_uri("models:/ldm/3") == ("models:/ldm/3", "3")
