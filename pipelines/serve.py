@@ -102,13 +102,13 @@ def app_builder(args: dict[str, Any]):
 
 
 def start(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME, route_prefix: str = "/",
-          **kwargs) -> dict:
-    """Build the app and run it on Serve (Ray must be initialised) as application ``name`` under
-    ``route_prefix``; → its info. Returns when ready. Serve's HTTP host and port are set by the
-    first call in a Ray session."""
+          built: tuple | None = None, **kwargs) -> dict:
+    """Build the app (or take ``built``, a :func:`build_app` result) and run it on Serve (Ray must be
+    initialised) as application ``name`` under ``route_prefix``; → its info. Returns when ready.
+    Serve's HTTP host and port are set by the first call in a Ray session."""
     from ray import serve
 
-    app, info = build_app(model, **kwargs)
+    app, info = built or build_app(model, **kwargs)
     serve.start(http_options={"host": host, "port": port})
     t0 = time.time()
     serve.run(app, name=name, route_prefix=route_prefix)
@@ -133,17 +133,11 @@ def run(args: argparse.Namespace) -> int:
     from pipelines import ray_compat
 
     sampling = check_inputs(args)
-    with tempfile.TemporaryDirectory(prefix="ldmseg-serve-") as tmp:  # config errors before Ray starts
-        from ldmseg.checkpoint import model_config
-        from pipelines.segment import job_config, model_meta
-        from pipelines.tracking import pin_model_uri
-
-        pinned, _ = pin_model_uri(args.model, args.tracking_uri)
-        job_config(model_config(tmp, model_meta(pinned, Path(tmp), args.tracking_uri)), args.config,
-                   args.overrides, ("serve", "sampling"), "serve")
+    # building the app reads the model's config and checks the overrides: before Ray starts
+    built = build_app(args.model, config=args.config, overrides=args.overrides, sampling=sampling,
+                      tracking_uri=args.tracking_uri)
     ray_compat.init_ray(args.address)
-    info = start(args.model, host=args.host, port=args.port, config=args.config, overrides=args.overrides,
-                 sampling=sampling, tracking_uri=args.tracking_uri)
+    info = start(args.model, host=args.host, port=args.port, built=built)
     print(json.dumps({"url": f"http://{args.host}:{args.port}/", **info}), flush=True)
     try:
         while True:
