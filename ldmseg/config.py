@@ -225,6 +225,9 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     """CPUs Ray reserves for each training worker."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on nodes (Ray Train's ``ScalingConfig.placement_strategy``):
+    ``PACK`` fills nodes first; ``SPREAD`` puts workers on different nodes where it can."""
     torch_threads: Optional[int] = None
     """torch threads per worker (``None``: ``cpus_per_worker``). On a small machine, reserving one
     CPU but using two threads leaves a CPU free for Ray Data's read tasks."""
@@ -380,10 +383,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{where}{exc}") from None
 
 
+HASH_NEUTRAL_KEYS = ("placement_strategy",)
+"""Config keys left out of :func:`config_hash` (added later and result-neutral: old runs keep their names)."""
+
+
 def config_hash(cfg: Any, sections: list[str] | None = None) -> str:
     """Short stable hash of the config (or of some of its sections), for run names."""
     d = to_dict(cfg)
     if sections is not None:
         d = {k: d[k] for k in sections}
+    for section in d.values():  # where workers run changes no result: not part of a run's identity
+        if isinstance(section, dict):
+            for key in HASH_NEUTRAL_KEYS:
+                section.pop(key, None)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]

@@ -102,6 +102,39 @@ class GroundTruth:
         """The ground-truth arguments of :func:`ldmseg.metrics.pq.evaluate_folders`."""
         return {"gt": self.root, "gt_json": self.json_path, "gt_masks": self.masks}
 
+    def local_for_pq(self, cache_root: Path | None = None) -> "GroundTruth":
+        """This ground truth with its panoptic JSON and PNG folder on local disk (PQ reads local
+        files): remote ones (``s3://...``) are copied once per machine into ``cache_root`` (default:
+        the system temp folder), keyed by their URL; local ones are returned as they are."""
+        import hashlib
+        import tempfile
+        from dataclasses import replace
+
+        from ldmseg.data.manifest import open_fs
+
+        json_url = self.json_path or (self.root and f"{self.root.rstrip('/')}/panoptic.json")
+        masks_url = self.masks or (self.root and f"{self.root.rstrip('/')}/panoptic")
+        if "://" not in f"{json_url}{masks_url}":
+            return self
+        key = hashlib.sha256(f"{json_url}|{masks_url}".encode()).hexdigest()[:16]
+        cache = Path(cache_root or tempfile.gettempdir()) / "ldmseg-gt" / key
+        if not cache.is_dir():  # copied into a private folder, then renamed: concurrent trials never see half a copy
+            import os
+            import shutil
+
+            part = cache.with_name(f"{key}.part{os.getpid()}")
+            (part / "panoptic").mkdir(parents=True, exist_ok=True)
+            fs, path = open_fs(json_url)
+            fs.get_file(path, str(part / "panoptic.json"))
+            fs, path = open_fs(masks_url)
+            for remote in fs.ls(path, detail=False):
+                fs.get_file(remote, str(part / "panoptic" / remote.rstrip("/").split("/")[-1]))
+            try:
+                part.rename(cache)
+            except OSError:  # another process finished first
+                shutil.rmtree(part, ignore_errors=True)
+        return replace(self, root=str(cache), json_path=str(cache / "panoptic.json"), masks=str(cache / "panoptic"))
+
 
 def _exists(url: str) -> bool:
     from ldmseg.data.manifest import open_fs

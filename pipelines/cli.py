@@ -33,6 +33,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pipelines.serve", "Ray Serve: a segmentation and inpainting endpoint with a web page"),
     "tune": ("pipelines.tune", "Ray Tune sweeps: sampling options, training schedules, inpainting"),
     "quickstart": ("pipelines.quickstart", "the whole pipeline on synthetic scenes with a local Ray"),
+    "submit": ("pipelines.submit", "submit a command as a Ray job to a cluster (uploads the working tree)"),
+    "job": ("pipelines.jobs", "status, logs, stop or list of submitted Ray jobs"),
+    "check-infra": ("pipelines.infra_check", "validate the infra/ manifests offline (KubeRay, Serve, Kubernetes)"),
 }
 
 
@@ -93,6 +96,25 @@ def _top_parser() -> argparse.ArgumentParser:
     )
 
 
+def command_parser(name: str):
+    """``(module, parser)`` of command ``name`` (one of :data:`COMMANDS`), its module imported."""
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"ldmseg {name}", description=(module.__doc__ or help_).strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)  # main() takes it out of argv
+    return module, parser
+
+
+def parse_command_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """A command's arguments; argparse's usage error exits 2."""
+    try:  # options may come between positionals (``train ae --data X key=value``)
+        return parser.parse_intermixed_args(argv)
+    except TypeError:  # commands with sub-commands (``tune sampling``) or a REMAINDER cannot intermix
+        return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv
@@ -111,23 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         top.print_usage(sys.stderr)
         print(f"ldmseg: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module_name, help_ = COMMANDS[name]
     from ldmseg.logs import setup_logging
 
     setup_logging()
     try:
-        module = importlib.import_module(module_name)
+        module, parser = command_parser(name)
     except ModuleNotFoundError as exc:
         print(f"ldmseg {name}: not available in this install ({exc})", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog=f"ldmseg {name}", description=(module.__doc__ or help_).strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.add_arguments(parser)
-    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)  # taken out of argv above
-    try:  # options may come between positionals (``train ae --data X key=value``)
-        args = parser.parse_intermixed_args(argv[1:])
-    except TypeError:  # commands with sub-commands (``tune sampling``) cannot intermix
-        args = parser.parse_args(argv[1:])
+    args = parse_command_args(parser, argv[1:])
     try:
         return int(module.run(args) or 0)
     except (Exception, SystemExit) as exc:

@@ -81,7 +81,8 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, 
         stats = predict_dataset(segmenter, dataset, out / "predictions", seed=seed, batch_size=batch_size,
                                 progress=progress_logger("evaluate", "segmented"), **options)
         agnostic = evaluate_folders(pred=str(out / "predictions"), class_agnostic=True, missing="void",
-                                    image_ids=[r.image_id for r in dataset.records], **gt.pq_args())
+                                    image_ids=[r.image_id for r in dataset.records],
+                                    **gt.local_for_pq(work).pq_args())
     result: dict[str, Any] = {
         "model": model, "data": data, "scored": gt.description,
         "sampler": used.sampler, "steps": used.steps, "seed": seed,

@@ -6,6 +6,7 @@ Everything else in ``pipelines/`` calls these helpers, so a Ray upgrade touches 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from typing import Any, Callable
@@ -24,6 +25,14 @@ WORKER_ENV = {
 }
 
 
+def worker_env() -> dict[str, str]:
+    """:data:`WORKER_ENV` without the variables a submitted job's runtime env already sets (Ray
+    refuses to merge a job's runtime env with a driver's that sets the same variable)."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    job_env = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in WORKER_ENV.items() if k not in job_env}
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, temp_dir: str | None = None,
              quiet: bool = True) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray if none is given.
@@ -34,11 +43,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, temp_di
         return
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {
-        "runtime_env": {"env_vars": dict(WORKER_ENV)},
+        "runtime_env": {"env_vars": worker_env()},
         "log_to_driver": True,
         "configure_logging": True,
         "logging_level": logging.WARNING if quiet else logging.INFO,
     }
+    if quiet:
+        # no INFO/WARNING chatter from Ray's own actors (e.g. Ray Data's split coordinator, or
+        # Ray Train's placement-group cleaner polling the state API of a dashboard we do not start)
+        kwargs["logging_config"] = ray.LoggingConfig(encoding="TEXT", log_level="ERROR")
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -46,10 +59,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, temp_di
         # Ray starts workers at nice 15 (below the driver); here the workers do the work, so they
         # run at normal priority (Ray's job submission does the same for its drivers)
         os.environ.setdefault("RAY_worker_niceness", "0")
-        if quiet:
-            # no INFO/WARNING chatter from Ray's own actors (e.g. Ray Train's placement-group
-            # cleaner polls the state API, which needs the dashboard we do not start)
-            kwargs["logging_config"] = ray.LoggingConfig(encoding="TEXT", log_level="ERROR")
         kwargs.update(include_dashboard=False, num_cpus=num_cpus)
         if temp_dir:
             kwargs["_temp_dir"] = os.path.abspath(temp_dir)
@@ -224,7 +233,8 @@ def arrow_collate(fn: Callable):
 
 
 def torch_trainer(train_fn: Callable, config: dict, *, name: str, storage: str, datasets: dict, num_workers: int,
-                  use_gpu: bool, cpus_per_worker: int, torch_threads: int, num_to_keep: int, max_failures: int):
+                  use_gpu: bool, cpus_per_worker: int, torch_threads: int, num_to_keep: int, max_failures: int,
+                  placement_strategy: str = "PACK"):
     """A ``TorchTrainer`` running ``train_fn(config)`` on ``num_workers`` workers, its run ``name``
     stored under ``storage`` (keeping ``num_to_keep`` checkpoints, restarting failed workers up to
     ``max_failures`` times); workers log at WARNING (the project prints its own progress)."""
@@ -236,7 +246,8 @@ def torch_trainer(train_fn: Callable, config: dict, *, name: str, storage: str, 
         train_fn,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
+                                               resources_per_worker={"CPU": cpus_per_worker},
+                                               placement_strategy=placement_strategy),
         run_config=ray.train.RunConfig(
             name=name, storage_path=path, storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),

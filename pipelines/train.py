@@ -112,7 +112,7 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
          "val_split": val_split, "inputs": inputs.identity()},
         name=name, storage=storage, datasets={"train": dataset}, num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
         cpus_per_worker=tcfg.cpus_per_worker, torch_threads=tcfg.torch_threads or tcfg.cpus_per_worker,
-        num_to_keep=tcfg.num_to_keep, max_failures=tcfg.max_failures)
+        placement_strategy=tcfg.placement_strategy, num_to_keep=tcfg.num_to_keep, max_failures=tcfg.max_failures)
     result = trainer.fit()
     ray_compat.drop_storage_cache(storage)  # listings cached before training (inputs record, resume) miss the checkpoints
     if result.checkpoint is None:

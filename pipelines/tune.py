@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 
 # what -> (module, one-line help); each module has add_arguments(parser) and run(args) -> result dict
 SWEEPS: dict[str, tuple[str, str]] = {
@@ -43,4 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if res.get("saved"):
         summary["saved"] = res["saved"]
     print(json.dumps(summary))
+    if res["failed"] and not res["trials"]:  # nothing scored: a sweep that failed, whatever Tune says
+        print(f"ldmseg tune {args.what}: every trial failed ({len(res['failed'])}); their errors are in "
+              f"{res['output']} and in Tune's error.txt files", file=sys.stderr)
+        return 1
     return 0

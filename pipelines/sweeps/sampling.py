@@ -53,7 +53,7 @@ def score_sampling(model_dir: str, gt: dict[str, Any], out: Path, options: dict[
         dataset.records = dataset.records[:max_images]
     stats = predict_dataset(cached_segmenter(model_dir), dataset, out, seed=seed, **options)
     res = evaluate_folders(pred=str(out), class_agnostic=True, missing="void", workers=1,
-                           image_ids=[r.image_id for r in dataset.records], **truth.pq_args())
+                           image_ids=[r.image_id for r in dataset.records], **truth.local_for_pq().pq_args())
     metrics = {"pq": res["All"]["pq"], "sq": res["All"]["sq"], "rq": res["All"]["rq"],
                "seconds_per_image": stats["seconds_per_image"], "n_images": res["n_images"]}
     if any(isinstance(v, float) and math.isnan(v) for v in metrics.values()):
