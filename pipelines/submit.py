@@ -80,6 +80,15 @@ def check_command(command: str, args: list[str]) -> None:
         raise SystemExit(f"ldmseg submit: {command!r} cannot be submitted as a job; choose one of "
                          f"{', '.join(choices)} (serve: see infra/serve/ldmseg.yaml and docs/cluster.md)")
     _, parser = command_parser(command)
+
+    def error(message: str):  # one line, like every other input error, instead of argparse's usage block
+        raise SystemExit(f"ldmseg submit: the arguments of 'ldmseg {command}' do not parse: {message}; "
+                         f"see 'ldmseg {command} --help'")
+
+    parser.error = error  # type: ignore[method-assign]
+    for action in parser._subparsers._group_actions if parser._subparsers else []:  # tune's sub-commands
+        for sub in action.choices.values():
+            sub.error = error  # type: ignore[method-assign]
     parse_command_args(parser, args)
 
 

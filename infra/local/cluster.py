@@ -13,7 +13,7 @@ the cluster would listen beyond loopback. Inside it, a supervisor starts, as its
 
 - the head node: ``ray start --head --block`` (GCS, dashboard and job API on 127.0.0.1:8265);
 - ``--workers`` worker nodes: ``ray start --address=127.0.0.1:6379 --block``, each with its own
-  temp dir, port block (node manager, object manager, dashboard agent, metrics, runtime env,
+  temp dir (under ``$TMPDIR/ldmseg-ray-HASH``), port block (node manager, object manager, dashboard agent, metrics, runtime env,
   worker ports) and object-store size, and a resource ``node:workerN`` for placement;
 - an S3-compatible server (``moto_server``, 127.0.0.1:9000, bucket ``ldmseg``) and
   ``mlflow server`` (127.0.0.1:5000, sqlite store in the cluster folder, artifacts on that S3).
@@ -71,6 +71,14 @@ def client_env(root: Path) -> dict[str, str]:
     return env
 
 
+def ray_temp_root(root: Path) -> Path:
+    """The nodes' temp dirs: short (Ray's socket paths must stay under 108 bytes), one per cluster folder."""
+    import hashlib
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"ldmseg-ray-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+
+
 def node_command(index: int, *, cpus: int, object_store_mb: int, root: Path) -> list[str]:
     """``ray start --block`` for node ``index`` (0 = head) with its own ports and temp dir."""
     base = 20000 + 1000 * index  # each node's port block: 20000-20999 for the head, ...
@@ -83,8 +91,8 @@ def node_command(index: int, *, cpus: int, object_store_mb: int, root: Path) -> 
     if index == 0:
         return cmd + ["--head", f"--port={HEAD_PORT}", "--dashboard-host=127.0.0.1",
                       f"--dashboard-port={DASHBOARD_PORT}", f"--ray-client-server-port={base + 7}",
-                      f"--temp-dir={root / 'tmp' / 'head'}", '--resources={"node:head": 1}']
-    return cmd + [f"--address=127.0.0.1:{HEAD_PORT}", f"--temp-dir={root / 'tmp' / f'worker{index}'}",
+                      f"--temp-dir={ray_temp_root(root) / 'head'}", '--resources={"node:head": 1}']
+    return cmd + [f"--address=127.0.0.1:{HEAD_PORT}", f"--temp-dir={ray_temp_root(root) / f'worker{index}'}",
                   f'--resources={{"node:worker{index}": 1}}']
 
 
@@ -138,7 +146,7 @@ def supervise(root: Path, workers: int, cpus: int, object_store_mb: int) -> int:
         state = {"status": status, "supervisor": os.getpid(), "pids": {n: p.pid for n, p in procs.items()},
                  "ray_address": env["RAY_ADDRESS"], "gcs": f"127.0.0.1:{HEAD_PORT}",
                  "mlflow": env["MLFLOW_TRACKING_URI"], "s3": env["AWS_ENDPOINT_URL"], "bucket": BUCKET,
-                 "workers": workers}
+                 "workers": workers, "ray_temp": str(ray_temp_root(root))}
         tmp = root / f"{STATE}.tmp"
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(root / STATE)
@@ -177,8 +185,30 @@ def supervise(root: Path, workers: int, cpus: int, object_store_mb: int) -> int:
     return 0
 
 
+def descendants(pids: list[int]) -> set[int]:
+    """Every process below ``pids`` in the process tree (from ``/proc``): a node's raylet and Ray
+    workers, and the drivers of submitted jobs, which Ray starts in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
 def stop_all(procs: dict[str, subprocess.Popen], grace: float = 20.0) -> None:
-    """SIGTERM each started process (workers first), then SIGKILL the process group of any left."""
+    """SIGTERM each started process (workers first), then SIGKILL what is left of them: their
+    process groups and every process that was below them when the stop began."""
+    below = descendants([p.pid for p in procs.values() if p.poll() is None])
     order = sorted(procs, key=lambda n: (n == "head", n in ("s3", "mlflow")))
     for name in order:
         if procs[name].poll() is None:
@@ -195,6 +225,11 @@ def stop_all(procs: dict[str, subprocess.Popen], grace: float = 20.0) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
+    for pid in below:  # e.g. a job's driver, orphaned in its own session when its node went away
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def read_state(root: Path) -> dict:
@@ -258,6 +293,7 @@ def down(root: Path, timeout: float = 60.0) -> int:
     left = [p for p in [sup, *read_state(root)["pids"].values()] if pid_alive(p)]
     if left:
         raise SystemExit(f"cluster: processes still alive after {timeout:.0f} s: {left}")
+    shutil.rmtree(ray_temp_root(root), ignore_errors=True)  # Ray never cleans its session dirs
     print(f"cluster in {root} stopped", file=sys.stderr)
     return 0
 

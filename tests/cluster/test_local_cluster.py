@@ -68,7 +68,8 @@ from ray.util.state import list_actors, list_nodes
 A = "http://127.0.0.1:8265"
 nodes = {n.node_id: next((k[5:] for k in n.resources_total if k.startswith("node:") and k[5:] in
                           ("head", "worker1", "worker2")), "?") for n in list_nodes(address=A, detail=True)}
-alive = sorted(nodes[n.node_id] for n in list_nodes(address=A, filters=[("state", "=", "ALIVE")]))
+alive = sorted(nodes[n.node_id] for n in list_nodes(address=A, filters=[("state", "=", "ALIVE")],
+                                                   raise_on_missing_output=False))
 workers = [{"node": nodes.get(a.node_id, "?"), "state": a.state, "job": a.job_id}
            for a in list_actors(address=A, filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000)]
 print(json.dumps({"alive": alive, "train_workers": workers}))
@@ -89,9 +90,15 @@ def cluster(tmp_path_factory):
     down = subprocess.run([sys.executable, str(CLUSTER), "down", "--dir", str(root)], capture_output=True, text=True,
                           timeout=120)
     assert down.returncode == 0, down.stderr
-    left = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    mine = [line for line in left.splitlines() if str(root) in line]
-    assert not mine, f"processes of the cluster left behind:\n" + "\n".join(mine)
+    mine = []  # every process the cluster started has the cluster's token path in its environment
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            seen = (proc / "environ").read_bytes() + (proc / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if str(root).encode() in seen or state["ray_temp"].encode() in seen:
+            mine.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:200]!r}")
+    assert not mine, "processes of the cluster left behind:\n" + "\n".join(mine)
     for pid in [state["supervisor"], *state["pids"].values()]:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -111,7 +118,7 @@ def test_the_pipeline_runs_as_jobs_on_three_nodes_and_survives_a_lost_node(clust
 
     # the AE: 2 workers on different nodes, checkpoints on S3, a run and a registered model in MLflow
     train = ["--data", "s3://ldmseg/shards", *TINY, "--storage", "s3://ldmseg/ray-results"]
-    spread = ["train_ae.num_workers=2", "train_ae.placement_strategy=SPREAD"]
+    spread = ["train_ae.num_workers=2", "train_ae.placement_strategy=SPREAD", "train_ae.batch_size=8"]
     _, out = cluster.submit("train", "ae", *train, "--run-dir", str(runs / "ae"), "train_ae.iterations=30",
                             "train_ae.checkpoint_every=10", "train_ae.report_every=10", *spread)
     ae_result = json.loads(next(x for x in out.splitlines() if x.startswith('{"stage": "ae"')))
@@ -124,7 +131,8 @@ def test_the_pipeline_runs_as_jobs_on_three_nodes_and_survives_a_lost_node(clust
     job_id, _ = cluster.submit("train", "ldm", *train, "--run-dir", str(runs / "ldm"),
                                "--ae", "models:/ldmseg-ae@current", "train_ldm.iterations=40",
                                "train_ldm.checkpoint_every=10", "train_ldm.report_every=10", "train_ldm.max_failures=3",
-                               "train_ldm.num_workers=2", "train_ldm.placement_strategy=SPREAD", wait=False)
+                               "train_ldm.num_workers=2", "train_ldm.placement_strategy=SPREAD", "train_ldm.batch_size=8",
+                               wait=False)
     deadline = time.monotonic() + 300
     while "ldm step 10/40" not in cluster.logs(job_id):
         assert cluster.status(job_id) in ("PENDING", "RUNNING") and time.monotonic() < deadline, cluster.logs(job_id)
