@@ -3,7 +3,9 @@
 Commands are registered by module path and imported only when run, so ``ldmseg --help`` is fast
 and commands of the method layer never import Ray. Each command module defines
 ``add_arguments(parser)`` and ``run(args) -> int``. This module sits at the top of the pipeline
-layer: it imports the method layer (``ldmseg``) and the pipelines by name, and nothing imports it.
+layer: it imports the method layer (``ldmseg``) and the pipelines by name; only the commands that
+parse other commands' arguments (``submit``, ``check-infra``) import it back, lazily, through
+:func:`command_parser`.
 Progress records are printed on stderr (:func:`ldmseg.logs.setup_logging`).
 
 One error boundary around ``run``: an error caused by the call's inputs (a bad config key or

@@ -13,15 +13,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.submit import add_address
+def add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="the cluster's job API, http://HEAD:8265 (default: RAY_ADDRESS)")
 
+
+def resolve_address(address: str | None) -> str:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SystemExit("ldmseg submit: no cluster given; pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    if not address.startswith(("http://", "https://")):
+        raise SystemExit(f"ldmseg submit: --address {address} is not the job API; pass the dashboard's "
+                         "http://HEAD:8265 (the GCS address HEAD:6379 is for ray.init)")
+    return address.rstrip("/")
+
+
+def client(address: str):
+    """A job API client, or one line saying why the cluster cannot be reached."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # ConnectionError, auth errors: all say "cannot use this cluster"
+        raise SystemExit(f"ldmseg: cannot reach the Ray job API at {address} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); is the cluster up, and for token "
+                         "auth are RAY_AUTH_MODE=token and the token set?") from exc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["status", "logs", "stop", "list"])
     parser.add_argument("job_id", nargs="?", help="the submission id (status, logs, stop)")
     parser.add_argument("--follow", action="store_true", help="logs: keep printing until the job ends")
@@ -46,8 +72,6 @@ def follow(jobs, job_id: str, poll_s: float = 2.0) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.submit import client, resolve_address
-
     if args.action != "list" and not args.job_id:
         raise SystemExit(f"ldmseg job {args.action}: give the job id (from 'ldmseg submit' or 'ldmseg job list')")
     jobs = client(resolve_address(args.address))

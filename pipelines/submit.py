@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -40,12 +41,9 @@ UPLOAD_EXCLUDES = ["runs/", ".venv/", ".git/", "tests/", "docs/", "**/__pycache_
 NOT_SUBMITTABLE = ("submit", "job", "check-infra", "quickstart", "serve")
 
 
-def add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=None,
-                        help="the cluster's job API, http://HEAD:8265 (default: RAY_ADDRESS)")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipelines.jobs import add_address
+
     add_address(parser)
     parser.add_argument("--cpus", type=float, default=1.0, help="CPUs for the job's driver process (default 1)")
     parser.add_argument("--gpus", type=float, default=0.0, help="GPUs for the job's driver process (default 0)")
@@ -59,16 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
     parser.add_argument("command", metavar="COMMAND", help="the ldmseg command to run, e.g. preprocess, train")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments, as on the command line")
-
-
-def resolve_address(address: str | None) -> str:
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise SystemExit("ldmseg submit: no cluster given; pass --address http://HEAD:8265 or set RAY_ADDRESS")
-    if not address.startswith(("http://", "https://")):
-        raise SystemExit(f"ldmseg submit: --address {address} is not the job API; pass the dashboard's "
-                         "http://HEAD:8265 (the GCS address HEAD:6379 is for ray.init)")
-    return address.rstrip("/")
 
 
 def check_command(command: str, args: list[str]) -> None:
@@ -125,28 +113,16 @@ def job_spec(command: str, args: list[str], *, tree: Path | None, cpus: float, g
     return spec
 
 
-def client(address: str):
-    """A job API client, or one line saying why the cluster cannot be reached."""
-    from ray.job_submission import JobSubmissionClient
-
-    try:
-        return JobSubmissionClient(address)
-    except Exception as exc:  # ConnectionError, auth errors: all say "cannot use this cluster"
-        raise SystemExit(f"ldmseg: cannot reach the Ray job API at {address} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}); is the cluster up, and for token "
-                         "auth are RAY_AUTH_MODE=token and the token set?") from exc
-
-
 def run(args: argparse.Namespace) -> int:
     if args.cpus < 0 or args.gpus < 0:
         raise SystemExit("ldmseg submit: --cpus and --gpus must be >= 0")
+    from pipelines.jobs import client, follow, resolve_address
+
     address = resolve_address(args.address)
     check_command(args.command, args.args)
     tree = None if args.no_upload else source_tree(args.working_dir)
     env = {} if args.no_forward_env else forwarded_env(dict(os.environ))
     spec = job_spec(args.command, args.args, tree=tree, cpus=args.cpus, gpus=args.gpus, env=env)
-    import logging
-
     for name in ("ray._private.runtime_env", "ray.dashboard.modules.dashboard_sdk"):  # per-file upload chatter
         logging.getLogger(name).setLevel(logging.ERROR)
     jobs = client(address)
@@ -156,6 +132,4 @@ def run(args: argparse.Namespace) -> int:
           f"'ldmseg job stop {job_id}'", file=sys.stderr)
     if not args.wait:
         return 0
-    from pipelines.jobs import follow
-
     return 0 if follow(jobs, job_id) == "SUCCEEDED" else 1

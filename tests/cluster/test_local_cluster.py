@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,9 +33,10 @@ class Cluster:
         # run folders and sweep outputs stay on this machine's disk, which every node here shares
         self.env = {**os.environ, "LDMSEG_SHARED_PATHS": str(root)}
 
-    def run(self, *cmd: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    def run(self, *cmd: str, timeout: float = 600, check: bool = True, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
         proc = subprocess.run([sys.executable, str(CLUSTER), "exec", "--dir", str(self.root), "--", *cmd],
-                              capture_output=True, text=True, timeout=timeout, env=self.env, cwd=REPO)
+                              capture_output=True, text=True, timeout=timeout, env=env or self.env, cwd=REPO)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
                                  f"{proc.stderr[-3000:]}")
@@ -174,3 +176,21 @@ def test_the_pipeline_runs_as_jobs_on_three_nodes_and_survives_a_lost_node(clust
     assert ae_result["run_name"] in tracked["runs"] and ldm_result["run_name"] in tracked["runs"]
     assert sum(name.startswith(sweep["sweep_id"]) for name in tracked["runs"]) >= 3  # 2 trials + summary
     assert {"ldmseg-ae", "ldmseg-ldm"} <= set(tracked["models"])
+    artifacts = cluster.python(  # the model's files went through the server to S3
+        f"import json, mlflow; c = mlflow.MlflowClient(); "
+        f"print(json.dumps([f.path for f in c.list_artifacts('{ldm_result['mlflow_run_id']}', 'model')]))")
+    assert "model/model.json" in artifacts
+    assert any(k.endswith("/model/model.json") for k in cluster.s3_keys("mlflow"))
+
+
+def test_a_local_path_on_several_nodes_fails_early_with_what_to_pass(cluster, tmp_path):
+    """Without LDMSEG_SHARED_PATHS, a folder of the driver's machine is refused before any work."""
+    env = {k: v for k, v in cluster.env.items() if k != "LDMSEG_SHARED_PATHS"}
+    cluster.run("ldmseg", "synth", str(tmp_path / "scenes"), "--num-images", "2", "--size", "32")
+    proc = cluster.run("ldmseg", "submit", "--wait", "preprocess", "--source", str(tmp_path / "scenes"), "--output",
+                       "s3://ldmseg/refused", *TINY, check=False, env=env)
+    assert proc.returncode == 1, proc.stdout[-2000:]  # the job FAILED
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("ldmseg preprocess:"))
+    assert str(tmp_path / "scenes") in line and re.search(r"has [23] nodes", line), line
+    assert "s3://" in line and "LDMSEG_SHARED_PATHS" in line, line
+    assert not cluster.s3_keys("refused")

@@ -14,12 +14,12 @@ from pipelines.submit import UPLOAD_EXCLUDES, forwarded_env, job_spec, source_tr
 @pytest.fixture
 def no_cluster(monkeypatch):
     """Contacting a cluster fails the test: every check must come before."""
-    import pipelines.submit
+    import pipelines.jobs
 
     def fail(address):
         raise AssertionError(f"the job API at {address} was contacted before the arguments were checked")
 
-    monkeypatch.setattr(pipelines.submit, "client", fail)
+    monkeypatch.setattr(pipelines.jobs, "client", fail)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
 
 
