@@ -16,7 +16,8 @@ import yaml
 
 from paths import REPO
 from pipelines import infra_check
-from pipelines.infra_check import apply_json6902, check_paths, render
+from pipelines.infra_check import check_paths
+from pipelines.kustomize_render import apply_json6902, label, render
 
 BASE = REPO / "infra" / "kuberay" / "base"
 OVERLAYS = REPO / "infra" / "kuberay" / "overlays"
@@ -141,8 +142,8 @@ def test_a_deployment_with_a_misspelled_field_fails_with_kubernetes_validate(tmp
 
 def test_both_overlays_render_and_differ_as_intended():
     cpu, gpu = render(OVERLAYS / "cpu"), render(OVERLAYS / "gpu")
-    assert [infra_check._label(d) for d in cpu] == [infra_check._label(d) for d in gpu] == \
-        [infra_check._label(d) for d in render(BASE)]
+    assert [label(d) for d in cpu] == [label(d) for d in gpu] == \
+        [label(d) for d in render(BASE)]
     for doc in cpu:
         spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
         assert "gpu" not in [g["groupName"] for g in spec.get("workerGroupSpecs", [])]
