@@ -1,13 +1,14 @@
-"""Ray Train stages: DDP runs report metrics and checkpoints; resume; worker failure; S3; MLflow."""
+"""Ray Train stages: DDP runs report metrics and checkpoints; resume after a killed run. (Worker loss,
+S3 checkpoints and an MLflow server: tests/cluster/test_local_cluster.py, on three nodes.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -270,82 +271,6 @@ def test_killed_run_resumes_from_its_checkpoint(shards, ray_session, tmp_path):
     assert res.metrics.get("resumed_from", 0) >= 5
 
 
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
-def our_train_workers() -> list[int]:
-    """PIDs of Ray Train worker processes started by this test session's Ray (its raylet's descendants)."""
-    import ray._private.worker as ray_worker
-
-    raylets = {p.process.pid for p in ray_worker._global_node.all_processes.get("raylet", [])}
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            if "RayTrainWorker" not in cmd:
-                continue
-            pid = ancestor = int(entry)
-            while ancestor > 1 and ancestor not in raylets:
-                ancestor = _parent(ancestor)
-            if ancestor in raylets:
-                found.append(pid)
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            continue
-    return found
-
-
-def test_worker_failure_is_recovered(shards, ray_session, tmp_path):
-    from pipelines.train import run_train
-
-    cfg = cfg_with("train_ae.iterations=300", "train_ae.report_every=5", "train_ae.checkpoint_every=5",
-                   "train_ae.max_failures=1")
-    killed = {}
-
-    def killer():
-        deadline = time.time() + 200
-        while time.time() < deadline and not killed:
-            # the controller writes its snapshot once it has registered a checkpoint
-            if list((tmp_path / "ray_results").glob("*/checkpoint_manager_snapshot.json")):
-                for pid in our_train_workers():
-                    os.kill(pid, signal.SIGKILL)
-                    killed["pid"] = pid
-                    return
-            time.sleep(0.3)
-
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
-    res = run_train("ae", cfg, data=shards, run_dir=tmp_path)
-    th.join(timeout=5)
-    assert killed, "no training worker was found to kill"
-    assert res.metrics["step"] == 300 and res.metrics.get("resumed_from", 0) >= 5
-
-
-def test_checkpoints_and_artifacts_on_s3_and_a_real_mlflow_server(trained_ae, shards, tmp_path, s3_server,
-                                                                   mlflow_server):
-    import s3fs
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.train import run_train
-
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
-    fs.mkdir("ldmseg-train")
-    cfg = cfg_with("train_ldm.iterations=4", "train_ldm.report_every=2", "train_ldm.checkpoint_every=2")
-    res = run_train("ldm", cfg, data=shards, run_dir=tmp_path, ae_model=trained_ae.model_dir,
-                    storage_path="s3://ldmseg-train/ray", tracking_uri=mlflow_server)
-    fs.invalidate_cache()
-    assert fs.glob("ldmseg-train/ray/*/checkpoint_*/model.json")
-    client = MlflowClient(mlflow_server)
-    mv = client.get_model_version_by_alias("ldmseg-ldm", "current")
-    assert mv.run_id == res.mlflow_run_id
-    names = {f.path for f in client.list_artifacts(res.mlflow_run_id, "model")}
-    assert "model/model.json" in names
-
-
 def test_quickstart_end_to_end_with_a_tiny_budget(ray_session, tmp_path, capsys):
     """The README's command 1, shrunk: every stage runs, the summary is complete and honest, and the
     three data roles stay apart (val held out of training, test scenes of their own seed)."""
@@ -393,3 +318,33 @@ def test_quickstart_end_to_end_with_a_tiny_budget(ray_session, tmp_path, capsys)
     same = filecmp.dircmp(work / "scenes" / "test" / "images", tmp_path / "again" / "images")
     assert same.left_list and not same.diff_files and not same.left_only
     assert (work / "scenes" / "test" / "panoptic.json").read_bytes() == (tmp_path / "again" / "panoptic.json").read_bytes()
+
+
+def test_on_several_nodes_a_registered_ae_goes_to_the_workers_and_local_storage_fails_first(
+        trained_ae, shards, tmp_path, tmp_path_factory, monkeypatch, capfd):
+    """The command's own wiring, the cluster reporting 3 nodes (``alive_node_count`` replaced; the
+    session's Ray has one): the default storage RUN_DIR/ray_results fails before any worker starts;
+    with the folders declared shared, the workers get ``--ae models:/...`` pinned to its version
+    and download it themselves."""
+    from ldmseg.checkpoint import weights_hash
+    from ldmseg.config import ConfigError
+    from pipelines import cluster_paths
+    from pipelines.train import run_train
+
+    monkeypatch.setattr(cluster_paths, "alive_node_count", lambda: 3)
+    monkeypatch.delenv(cluster_paths.SHARED_ENV, raising=False)
+    uri = f"sqlite:///{Path(trained_ae.model_dir).parents[1] / 'mlflow.db'}"  # where the AE stage registered it
+    cfg = cfg_with("train_ldm.iterations=2", "train_ldm.report_every=2", "train_ldm.checkpoint_every=2",
+                   "train_ldm.num_workers=2")
+    with pytest.raises(ConfigError) as info:
+        run_train("ldm", cfg, data=shards, run_dir=tmp_path, ae_model="models:/ldmseg-ae@current", tracking_uri=uri)
+    message = str(info.value)
+    for part in (f"--storage {tmp_path / 'ray_results'}", "--data", "3 nodes", "s3://", "--tracking-uri http://"):
+        assert part in message, part
+    assert not (tmp_path / "ray_results").exists()
+    monkeypatch.setenv(cluster_paths.SHARED_ENV, str(tmp_path_factory.getbasetemp()))
+    res = run_train("ldm", cfg, data=shards, run_dir=tmp_path, ae_model="models:/ldmseg-ae@current", tracking_uri=uri)
+    assert res.metrics["step"] == 2
+    version = re.search(r"every worker downloads the AE (models:/ldmseg-ae/\d+) itself", capfd.readouterr().err)
+    assert version, "the workers were handed the driver's download, not the pinned URI"
+    assert weights_hash(res.model_dir) == weights_hash(trained_ae.model_dir)
