@@ -168,13 +168,25 @@ def read_meta(directory: str | Path) -> dict:
 
 
 def weights_hash(directory: str | Path, component: str = "mask_autoencoder") -> str:
-    """Short SHA-256 of a local model folder's ``<component>.safetensors`` bytes: the identity of
-    trained weights (an LDM run includes its AE's, so a new AE never resumes an old denoiser)."""
-    path = _local(directory) / f"{component}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {directory} is not a model folder with a {component}")
+    """Short SHA-256 of a model folder's ``<component>.safetensors`` bytes (local, or an fsspec URL
+    such as ``s3://bucket/models/ae``, streamed): the identity of trained weights (an LDM run
+    includes its AE's, so a new AE never resumes an old denoiser)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    if _is_remote(directory):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(directory))
+        remote = f"{root.rstrip('/')}/{component}.safetensors"
+        if not fs.isfile(remote):
+            raise FileNotFoundError(f"{directory}/{component}.safetensors not found: {directory} is not a model "
+                                    f"folder with a {component}")
+        opened = fs.open(remote, "rb")
+    else:
+        path = _local(directory) / f"{component}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {directory} is not a model folder with a {component}")
+        opened = open(path, "rb")
+    with opened as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:10]

@@ -104,7 +104,13 @@ def source_fingerprint(dataset: coco.CocoPanoptic) -> str:
 def run_preprocess(cfg: Config, *, output: str, source: str | None = None, images: str | None = None,
                    masks: str | None = None, annotations: str | None = None, split: str = "train",
                    overwrite: bool = False) -> Manifest:
-    """Preprocess a COCO panoptic source into Parquet shards under ``output``; returns the manifest."""
+    """Preprocess a COCO panoptic source into Parquet shards under ``output``; returns the manifest.
+
+    Ray must be initialised (:func:`pipelines.ray_compat.init_ray`): on several nodes the folders
+    its tasks read and write are checked first (:func:`cluster_check`)."""
+    from pipelines.cluster_paths import alive_node_count
+
+    cluster_check(output=output, source=source, images=images, masks=masks, nodes=alive_node_count())
     t0 = time.time()
     dataset = coco.load_coco_panoptic(source, images=images, masks=masks, json_path=annotations)
     records = sorted(dataset.records, key=lambda r: r.image_id)
@@ -203,6 +209,15 @@ def run_preprocess(cfg: Config, *, output: str, source: str | None = None, image
         f"{split}: {c['n_small']} under data.min_segment_area px, {c['n_crowd']} crowd, {c['n_merged']} merged "
         f"beyond {cfg.data.num_slots - 1} slots" for split, c in manifest.cleaned.items()))
     return manifest
+
+
+def cluster_check(*, output: str, source: str | None, images: str | None, masks: str | None, nodes: int) -> None:
+    """On a cluster of several nodes, the folders the preprocessing tasks read (``--source``, or
+    ``--images`` and ``--masks``: the JSON is read here, on the driver) and write (``--output``:
+    shards and rejected inputs) must be reachable from every node (:mod:`pipelines.cluster_paths`)."""
+    from pipelines.cluster_paths import require_reachable
+
+    require_reachable({"--source": source, "--images": images, "--masks": masks, "--output": output}, nodes)
 
 
 def _url(fs, path: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import posixpath
 import tempfile
 import time
@@ -160,17 +161,40 @@ class Progress:
                  f"{self.quarantined} quarantined")
 
 
-def run_pipeline(todo: list, cfg: Any, *, model: str, output: str, seed: int, num_samples: int, overlays: bool,
-                 address: str | None, tracking_uri: str | None, progress: Progress,
+def cluster_check(*, source: str, output: str, model: str, tracking_uri: str | None, nodes: int,
+                  read: list[str]) -> None:
+    """On a cluster of several nodes, what the Ray tasks and actors get must be reachable from
+    every node (:mod:`pipelines.cluster_paths`): the images or shard files they read (``read``;
+    for a list file, the folders of the images it lists), ``--output`` and ``--model``; a
+    ``models:/`` model is loaded by each actor through MLflow, so the tracking URI too."""
+    from pipelines.cluster_paths import local_path, model_uri_users, require_reachable, worker_reachable
+
+    local = local_path(source)
+    if local is not None and os.path.isdir(local):
+        inputs: dict[str, str | None] = {"--input": os.path.abspath(local)}
+    else:  # a list file (read here): the images it lists are read by the tasks
+        folders = sorted({posixpath.dirname(u) for u in read if local_path(u) is not None})
+        inputs = {f"--input {source}: the images in": next((f for f in folders if not worker_reachable(f)), None)}
+    paths = {**inputs, "--output": output, "--model": model}
+    require_reachable(paths, nodes, tracking_uri=tracking_uri,
+                      tracking_users=model_uri_users(paths, "the model actors (they load --model from MLflow)"))
+
+
+def run_pipeline(todo: list, cfg: Any, *, source: str, model: str, output: str, seed: int, num_samples: int,
+                 overlays: bool, address: str | None, tracking_uri: str | None, progress: Progress,
                  shard_files: list[str] | None = None) -> None:
-    """The Ray Data pipeline over the images of ``todo`` (:class:`~pipelines.segment_plan.ImageRef`),
-    read from ``shard_files`` when the input is Parquet shards."""
+    """The Ray Data pipeline over the images of ``todo`` (:class:`~pipelines.segment_plan.ImageRef`) of
+    ``source``, read from ``shard_files`` when the input is Parquet shards."""
     from ldmseg.config import to_dict
     from pipelines import ray_compat
+    from pipelines.cluster_paths import alive_node_count
     from pipelines.segment_steps import SHARD_COLUMNS, SegmentModel, decode_step, shard_decode_step, write_step
 
     seg = cfg.segment
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # the actors' own may differ
     ray_compat.init_ray(address)
+    cluster_check(source=source, output=output, model=model, tracking_uri=tracking_uri, nodes=alive_node_count(),
+                  read=shard_files or [r.uri for r in todo])
     if shard_files:
         ds = ray_compat.read_parquet(shard_files, columns=SHARD_COLUMNS)
         ds = ray_compat.map_batches(ds, shard_decode_step, batch_size=seg.decode_batch_size, batch_format="numpy",
@@ -221,9 +245,9 @@ def segment(model: str, source: str, output: str, *, sampling: dict | None = Non
              f"({work.done_quarantined} of them quarantined)")
     progress = Progress(len(work.todo))
     if work.todo:
-        run_pipeline(work.todo, cfg, model=pinned, output=output, seed=seed, num_samples=uncertainty or 1,
-                     overlays=overlays, address=address, tracking_uri=tracking_uri, progress=progress,
-                     shard_files=work.shard_files)
+        run_pipeline(work.todo, cfg, source=source, model=pinned, output=output, seed=seed,
+                     num_samples=uncertainty or 1, overlays=overlays, address=address, tracking_uri=tracking_uri,
+                     progress=progress, shard_files=work.shard_files)
     seconds = time.time() - t0
     fs, root = open_fs(output)
     listed = 0

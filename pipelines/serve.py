@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ def build_app(model: str, *, config: str | None = None, overrides: list[str] | N
     from pipelines.serve_model import ModelServer
     from pipelines.tracking import pin_model_uri
 
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # the replicas' own may differ
     pinned, version = pin_model_uri(model, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="ldmseg-serve-") as tmp:
         meta = model_meta(pinned, Path(tmp), tracking_uri)
@@ -91,13 +93,33 @@ def build_app(model: str, *, config: str | None = None, overrides: list[str] | N
     return bound, info
 
 
+def cluster_check(model_loaded: str, tracking_uri: str | None, nodes: int) -> None:
+    """On a cluster of several nodes, the model the replicas load (``model_loaded``: an absolute
+    folder, an ``s3://`` prefix or a pinned ``models:/`` URI) must be reachable from every node,
+    and for a ``models:/`` URI the MLflow tracking URI too (:mod:`pipelines.cluster_paths`)."""
+    from pipelines.cluster_paths import model_uri_users, require_reachable
+
+    paths = {"--model": model_loaded}
+    require_reachable(paths, nodes, tracking_uri=tracking_uri,
+                      tracking_users=model_uri_users(paths, "the model replicas (they load --model from MLflow)"))
+
+
 def app_builder(args: dict[str, Any]):
     """``import_path: pipelines.serve:app_builder`` of a Serve config file; ``args``: ``model``
-    (required), ``config``, ``overrides`` (list of key=value), ``tracking_uri``."""
+    (required), ``config``, ``overrides`` (list of key=value), ``tracking_uri``. Where Ray is
+    already initialised (a config file's app is built on the cluster) the model's reach is
+    checked (:func:`cluster_check`)."""
+    import ray
+
     if not args.get("model"):
         raise ValueError("the Serve config's args need 'model': a model folder, s3:// prefix or models:/NAME@ALIAS")
-    app, _ = build_app(str(args["model"]), config=args.get("config"), overrides=list(args.get("overrides") or []),
-                       tracking_uri=args.get("tracking_uri"))
+    app, info = build_app(str(args["model"]), config=args.get("config"), overrides=list(args.get("overrides") or []),
+                          tracking_uri=args.get("tracking_uri"))
+    if ray.is_initialized():
+        from pipelines.cluster_paths import alive_node_count
+
+        cluster_check(info["model_loaded"], args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
+                      alive_node_count())
     return app
 
 
@@ -131,12 +153,15 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from pipelines import ray_compat
+    from pipelines.cluster_paths import alive_node_count
 
     sampling = check_inputs(args)
     # building the app reads the model's config and checks the overrides: before Ray starts
     built = build_app(args.model, config=args.config, overrides=args.overrides, sampling=sampling,
                       tracking_uri=args.tracking_uri)
     ray_compat.init_ray(args.address)
+    cluster_check(built[1]["model_loaded"], args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                  alive_node_count())
     info = start(args.model, host=args.host, port=args.port, built=built)
     print(json.dumps({"url": f"http://{args.host}:{args.port}/", **info}), flush=True)
     try:

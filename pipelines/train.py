@@ -32,7 +32,7 @@ from ldmseg.redact import public_dict, redact_uri
 from ldmseg.logs import get_logger, setup_logging
 from ldmseg.training.build import STAGES
 from ldmseg.training.state import TRAINER_STATE, train_config
-from pipelines.train_inputs import note_other_runs, resolve_inputs, run_name
+from pipelines.train_inputs import StageInputs, note_other_runs, resolve_inputs, run_name
 from pipelines.train_worker import train_worker
 
 REGISTERED = {"ae": "ldmseg-ae", "ldm": "ldmseg-ldm"}
@@ -71,12 +71,18 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
     from ldmseg.data.manifest import open_fs
     from ldmseg.data.parquet_dataset import TRAIN_COLUMNS
     from pipelines import ray_compat
+    from pipelines.cluster_paths import alive_node_count
     from pipelines.tracking import Tracker, local_artifact_root
 
     ray_compat.init_ray(address)
+    storage = storage_path or str(run_dir / "ray_results")
+    nodes = alive_node_count()
+    ae_model = cluster_check(inputs, storage=storage, tracking_uri=uri, nodes=nodes)
+    if ae_model != inputs.ae_model:
+        log.info(f"{nodes} nodes: every worker downloads the AE {ae_model} itself")
     tcfg = train_config(cfg, stage)
     name = run_name(stage, cfg, inputs, name_suffix)
-    data, ae_model, files, val_split = inputs.data, inputs.ae_model, inputs.train_files, inputs.val_split
+    data, files, val_split = inputs.data, inputs.train_files, inputs.val_split
     tracker = Tracker(uri, artifact_root=local_artifact_root(uri, run_dir))
     run_id = tracker.start(cfg.tracking.experiment, name, params=public_dict(cfg),
                            tags={"ldmseg.stage": stage, "ldmseg.data": redact_uri(data),
@@ -98,7 +104,6 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
         # small data: read once before the workers take their CPUs (Ray Data then needs no CPU
         # for reads while training, and every epoch comes from the object store)
         dataset = dataset.materialize()
-    storage = storage_path or str(run_dir / "ray_results")
     note_other_runs(storage, name, inputs)
     resume = ray_compat.latest_checkpoint(storage, name, (TRAINER_STATE, MODEL_JSON))
     if resume is not None:
@@ -128,6 +133,23 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
     dt = time.time() - t0
     log.info(f"stage {stage} done in {dt:.0f} s: model in {model_dir}")
     return StageResult(stage, name, str(model_dir), metrics, run_id, dt)
+
+
+def cluster_check(inputs: StageInputs, *, storage: str, tracking_uri: str, nodes: int) -> str | None:
+    """What the Ray Train workers get must be reachable from every node (:mod:`pipelines.cluster_paths`;
+    nothing is checked on one node): the shards, the run storage (default ``RUN_DIR/ray_results``),
+    the AE and the MLflow store rank 0 logs to. → the AE as the workers get it: on several nodes
+    an ``--ae models:/...`` goes to them as its pinned URI (each worker downloads it; the AE is
+    small) instead of the driver's download; otherwise the resolved folder."""
+    from pipelines.cluster_paths import MODEL_URIS, require_reachable
+
+    ae = inputs.ae_model
+    if nodes > 1 and inputs.ae_source and inputs.ae_source.startswith(MODEL_URIS):
+        ae = inputs.ae_source
+    users = "Ray Train's rank 0" + (" (and every worker, for --ae)" if ae and ae.startswith(MODEL_URIS) else "")
+    require_reachable({"--data": inputs.data, "--storage": storage, "--ae": ae}, nodes,
+                      tracking_uri=tracking_uri, tracking_users=users)
+    return ae
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

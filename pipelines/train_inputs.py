@@ -43,7 +43,10 @@ class StageInputs:
     """``val`` if the shards have one, else ``train`` (then validation only monitors training rows)."""
     cleaned: dict
     ae_model: str | None = None
-    """LDM stage: the trained AE's local folder (``models:/`` URIs downloaded)."""
+    """LDM stage: the trained AE's folder, absolute or a URL (``models:/`` URIs downloaded)."""
+    ae_source: str | None = None
+    """LDM stage: the AE as any node can load it: a ``models:/`` URI pinned to its version
+    (``models:/NAME/VERSION``) or a ``runs:/`` URI, else the same as ``ae_model``."""
     ae_hash: str | None = None
     """LDM stage: :func:`ldmseg.checkpoint.weights_hash` of the AE."""
 
@@ -93,10 +96,13 @@ def resolve_inputs(stage: str, cfg: Config, *, data: str, ae_model: str | None, 
     if stage == "ldm":
         if not ae_model:
             raise ConfigError("the ldm stage needs --ae MODEL (a trained AE folder or models:/ldmseg-ae@current)")
+        inputs.ae_source = absolute_path(ae_model)
         if ae_model.startswith(("models:/", "runs:/")):
-            from pipelines.tracking import download_model
+            from pipelines.tracking import download_model, pin_model_uri
 
-            ae_model = str(download_model(ae_model, run_dir / "downloads" / "ae", tracking_uri))
+            # pinned: workers that download it themselves (several nodes) get the weights hashed here
+            inputs.ae_source = pin_model_uri(ae_model, tracking_uri)[0]
+            ae_model = str(download_model(inputs.ae_source, run_dir / "downloads" / "ae", tracking_uri))
         inputs.ae_model = absolute_path(ae_model)
         inputs.ae_hash = weights_hash(inputs.ae_model, "mask_autoencoder")
     return inputs

@@ -29,7 +29,7 @@ def train_worker(config: dict) -> None:
     import torch
 
     from ldmseg.training.monitor import monitor_batch
-    from ldmseg.training.state import TrainState, train_config
+    from ldmseg.training.state import train_config
     from ldmseg.training.trainer import Trainer
     from pipelines import ray_compat
 
@@ -47,7 +47,7 @@ def train_worker(config: dict) -> None:
     tcfg = train_config(cfg, stage)
     torch.set_num_threads(max(1, tcfg.torch_threads or tcfg.cpus_per_worker))
     device = ray.train.torch.get_device()
-    state = TrainState.create(stage, cfg, ae_model=config.get("ae_model"), device=device)
+    state = create_state(stage, cfg, config.get("ae_model"), config["tracking_uri"], device)
     # Ray's own checkpoint (a restarted worker group) first, else one an earlier, killed driver left
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("resume_from"):
@@ -74,6 +74,25 @@ def train_worker(config: dict) -> None:
         log.info(f"{stage} finished at step {final_step} in {reporter.seconds():.0f} s")
 
 
+def create_state(stage: str, cfg, ae_model: str | None, tracking_uri: str, device):
+    """The stage's :class:`~ldmseg.training.state.TrainState`; an AE given as a ``models:/`` or
+    ``runs:/`` URI (several nodes: see ``pipelines.train.cluster_check``) is downloaded by this
+    worker from ``tracking_uri`` first, into a folder removed once the AE is loaded."""
+    import tempfile
+    from pathlib import Path
+
+    from ldmseg.training.state import TrainState
+    from pipelines.cluster_paths import MODEL_URIS
+
+    if not (ae_model and ae_model.startswith(MODEL_URIS)):
+        return TrainState.create(stage, cfg, ae_model=ae_model, device=device)
+    from pipelines.tracking import download_model
+
+    with tempfile.TemporaryDirectory(prefix="ldmseg-ae-") as tmp:
+        folder = download_model(ae_model, Path(tmp) / "ae", tracking_uri)
+        return TrainState.create(stage, cfg, ae_model=str(folder), device=device)
+
+
 def shard_batches(shard, batch_size: int, num_slots: int, seed: int, device) -> Iterator[dict]:
     """Endless training batches of ``batch_size`` rows from a Ray Data shard (epoch after epoch),
     slots re-permuted with a numpy generator seeded with ``seed``, on ``device``."""
@@ -85,9 +104,14 @@ def shard_batches(shard, batch_size: int, num_slots: int, seed: int, device) -> 
     collate = ray_compat.arrow_collate(
         lambda table: decode_columns({c: table.column(c) for c in table.column_names}, num_slots, rng))
     while True:
+        batches = 0
         for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device=device,
                                               drop_last=True, local_shuffle_buffer_size=4 * batch_size):
+            batches += 1
             yield batch
+        if batches == 0:  # else the next epoch is empty too, and the next: training would spin forever
+            raise ValueError(f"this worker's share of the training rows is smaller than its batch of {batch_size} "
+                             "rows (whole batches only): use fewer workers, a smaller batch_size, or more data")
 
 
 class RayReporter(Reporter):

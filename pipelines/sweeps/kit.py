@@ -155,19 +155,50 @@ def prepare_model_sweep(kind: str, model: str, data: str, output: str, *, name: 
     ground-truth folder, MLflow URI and experiment → (out, uri, sweep id, base param space)."""
     from ldmseg.evaluation import resolve_ground_truth
     from pipelines import ray_compat
+    from pipelines.cluster_paths import alive_node_count
     from pipelines.evaluate import resolve_model
     from pipelines.tracking import Tracker, local_artifact_root, resolve_tracking_uri
+    from pipelines.train_inputs import absolute_path
 
     out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ray_compat.init_ray(address)
-    model_dir = resolve_model(model, out, tracking_uri)
+    model_dir = absolute_path(resolve_model(model, out, tracking_uri))  # models:/ downloaded into OUTPUT/model
     gt = resolve_ground_truth(data, out)
-    log.info(f"scoring {gt.description}")
     uri = resolve_tracking_uri(tracking_uri, out)
+    cluster_check({"--model": model_dir, **ground_truth_paths(data, gt)}, out=out, tracking_uri=uri,
+                  nodes=alive_node_count())
+    log.info(f"scoring {gt.description}")
     sweep_id = name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    space: dict[str, Any] = {"model_dir": str(Path(model_dir).resolve()), "gt": dataclasses.asdict(gt),
+    space: dict[str, Any] = {"model_dir": model_dir, "gt": dataclasses.asdict(gt),
                              "tracking_uri": uri, "artifact_root": local_artifact_root(uri, out),
                              "experiment": EXPERIMENT, "sweep_id": sweep_id, "max_images": max_images, "seed": seed}
     Tracker(uri, artifact_root=space["artifact_root"]).ensure_experiment(space["experiment"])
     return out, uri, sweep_id, space
+
+
+def ground_truth_paths(data: str, gt) -> dict[str, str | None]:
+    """The folders and files of a :class:`~ldmseg.evaluation.GroundTruth` the trials read, labelled
+    for :func:`cluster_check` (``--data``, or ``--data DATA: its source images`` for shards scored
+    against their source, or against their ground truth exported into the output folder)."""
+    from pipelines.train_inputs import absolute_path
+
+    given = absolute_path(data)
+    paths: dict[str, str | None] = {}
+    for field in ("root", "images", "masks", "json_path"):
+        value = getattr(gt, field)
+        if value and value not in paths.values():
+            label = "--data" if value == given else f"--data {data}: its ground truth {field.replace('_path', '')}"
+            paths[label] = value
+    return paths
+
+
+def cluster_check(paths: dict[str, str | None], *, out: Path, tracking_uri: str, nodes: int) -> None:
+    """On a cluster of several nodes, what the trials get must be reachable from every node
+    (:mod:`pipelines.cluster_paths`): the output folder (Ray Tune's storage ``OUTPUT/ray_tune``, a
+    downloaded ``models:/`` model in ``OUTPUT/model``), ``paths`` (flag → model, data, AE) and the
+    MLflow store each trial logs its run to."""
+    from pipelines.cluster_paths import require_reachable
+
+    require_reachable({"--output": str(out), **paths}, nodes, tracking_uri=tracking_uri,
+                      tracking_users="the Tune trials (an MLflow run each)", local_only=("--output",))

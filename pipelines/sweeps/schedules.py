@@ -33,7 +33,8 @@ from ldmseg.config import override
 from ldmseg.redact import redact_uri
 from ldmseg.logs import get_logger
 from ldmseg.training.trainer import Reporter
-from pipelines.sweeps.kit import collect_results, failed_trial, log_summary, make_tuner, markdown_table, trial_tracker
+from pipelines.sweeps.kit import (cluster_check, collect_results, failed_trial, log_summary, make_tuner, markdown_table,
+                                  trial_tracker)
 from pipelines.train_inputs import absolute_path
 
 log = get_logger("tune")
@@ -106,6 +107,7 @@ def run_schedule_sweep(data: str, ae: str, output: str, *, config: str | None = 
     from ldmseg.config import load_config, to_dict
     from ldmseg.data.manifest import list_split_files, open_fs
     from pipelines import ray_compat
+    from pipelines.cluster_paths import alive_node_count
     from pipelines.evaluate import resolve_model
     from pipelines.tracking import Tracker, local_artifact_root, resolve_tracking_uri
 
@@ -123,6 +125,9 @@ def run_schedule_sweep(data: str, ae: str, output: str, *, config: str | None = 
     except FileNotFoundError:
         val_split = "train"
     uri = resolve_tracking_uri(tracking_uri, out)
+    # models:/ AE downloaded into OUTPUT/model: reachable when the output folder (Tune's storage) is
+    cluster_check({"--data": absolute_path(data), "--ae": absolute_path(ae_dir)}, out=out,
+                  tracking_uri=uri, nodes=alive_node_count())
     sweep_id = name or f"schedules-{time.strftime('%Y%m%d-%H%M%S')}"
     space: dict[str, Any] = {
         "cfg": to_dict(cfg), "data": absolute_path(data),

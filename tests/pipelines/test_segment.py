@@ -242,3 +242,31 @@ def test_driver_killed_mid_run_then_rerun_completes(tiny_model, tmp_path, ray_se
     assert len(images) == len(annotations) == total
     assert len({a["image_id"] for a in annotations}) == total
     assert len(list((out / "panoptic").rglob("*.png"))) == total
+
+
+def test_on_several_nodes_local_paths_fail_before_any_task_unless_shared(tiny_model, tmp_path, tmp_path_factory,
+                                                                         ray_session, monkeypatch, capsys):
+    """The command's own wiring: with the cluster reporting 3 nodes (the session's Ray has one:
+    ``alive_node_count`` is replaced), ``ldmseg segment`` of local folders stops right after Ray
+    starts, in one line naming every folder; once they lie in LDMSEG_SHARED_PATHS it runs."""
+    from pipelines import cluster_paths
+    from pipelines.cli import main
+
+    model, scenes, _ = tiny_model
+    monkeypatch.setattr(cluster_paths, "alive_node_count", lambda: 3)
+    monkeypatch.delenv(cluster_paths.SHARED_ENV, raising=False)
+    out = tmp_path / "out"
+    argv = ["segment", "--model", model, "--input", str(Path(scenes) / "images"), "--output", str(out),
+            "--no-mlflow", "sampling.steps=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the error
+    assert "Traceback" not in "\n".join(err), err
+    assert err[-1].startswith(f"ldmseg segment: --input {Path(scenes) / 'images'}, --output"), err
+    for part in (f"--input {Path(scenes) / 'images'}", f"--output {out}", f"--model {model}", "3 nodes",
+                 cluster_paths.SHARED_ENV):
+        assert part in err[-1], part
+    assert not (out / "panoptic.parts").exists()  # no task ran
+    monkeypatch.setenv(cluster_paths.SHARED_ENV, str(tmp_path_factory.getbasetemp()))
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["segmented"] == summary["found"] > 0
