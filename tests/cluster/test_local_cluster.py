@@ -140,7 +140,9 @@ def test_the_pipeline_runs_as_jobs_on_three_nodes_and_survives_a_lost_node(clust
         assert cluster.status(job_id) in ("PENDING", "RUNNING") and time.monotonic() < deadline, cluster.logs(job_id)
         time.sleep(3)
     state = cluster.python(STATE_CODE)
-    busy = sorted({w["node"] for w in state["train_workers"] if w["state"] == "ALIVE" and w["node"].startswith("worker")})
+    ldm_nodes = {w["node"] for w in state["train_workers"] if w["state"] == "ALIVE"}
+    assert len(ldm_nodes - {"?"}) == 2, f"the LDM's 2 workers run on {ldm_nodes}, not on 2 nodes"
+    busy = sorted(n for n in ldm_nodes if n.startswith("worker"))
     assert busy, f"no LDM worker on a worker node: {state}"
     subprocess.run([sys.executable, str(CLUSTER), "kill-node", busy[0], "--dir", str(cluster.root)], check=True)
     while cluster.status(job_id) in ("PENDING", "RUNNING"):
@@ -194,3 +196,20 @@ def test_a_local_path_on_several_nodes_fails_early_with_what_to_pass(cluster, tm
     assert str(tmp_path / "scenes") in line and re.search(r"has [23] nodes", line), line
     assert "s3://" in line and "LDMSEG_SHARED_PATHS" in line, line
     assert not cluster.s3_keys("refused")
+
+
+def test_a_job_can_be_followed_and_stopped(cluster):
+    job_id, _ = cluster.submit("synth", "s3://ldmseg/endless", "--num-images", "1000000", "--size", "64", wait=False)
+    deadline = time.monotonic() + 120
+    while cluster.status(job_id) != "RUNNING":
+        assert time.monotonic() < deadline, cluster.logs(job_id)
+        time.sleep(1)
+    stop = json.loads(cluster.run("ldmseg", "job", "stop", job_id).stdout.strip().splitlines()[-1])
+    assert stop == {"job_id": job_id, "stop_requested": True}
+    while cluster.status(job_id) == "RUNNING":
+        assert time.monotonic() < deadline, cluster.logs(job_id)
+        time.sleep(1)
+    assert cluster.status(job_id) == "STOPPED"
+    assert cluster.run("ldmseg", "job", "status", job_id, check=False).returncode == 1
+    listed = [json.loads(x) for x in cluster.run("ldmseg", "job", "list").stdout.splitlines() if x.startswith("{")]
+    assert {"job_id": job_id, "status": "STOPPED"}.items() <= next(j for j in listed if j["job_id"] == job_id).items()
