@@ -345,4 +345,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # our own errors: one line, exit 2 (as every ldmseg command)
+            print(exc.code, file=sys.stderr)
+            sys.exit(2)
+        raise
