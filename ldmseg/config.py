@@ -261,9 +261,9 @@ class PreprocessConfig:
     """Ray Data preprocessing into Parquet shards."""
 
     rows_per_file: int = 256
-    """Rows per Parquet file, and images per Ray task (each task writes one file; a chunk with
-    fewer than 2 × CPUs × rows_per_file images is shared out evenly in smaller files; rejected
-    images leave a file short)."""
+    """Rows per Parquet file, and images per Ray task (each task writes one file), whatever the
+    cluster's CPU count: only the last file of a split in a chunk is smaller, and rejected images
+    leave a file short. A chunk of fewer files than CPUs leaves CPUs idle (raise ``chunk_rows``)."""
     chunk_rows: int = 2048
     """Images processed per resumable chunk; a finished chunk is never redone."""
     val_fraction: float = 0.0

@@ -1,15 +1,17 @@
 """Turn COCO panoptic data (local or s3://) into sharded, latent-ready Parquet with Ray Data.
 
 The JSON is read once on the driver; images are decoded, validated, cleaned, remapped
-(deterministically per image id) and resized/padded to the training resolution in parallel
-Ray tasks of ``preprocess.rows_per_file`` images (:func:`task_size`; their work:
-:mod:`pipelines.preprocess_tasks`), each written by its own task with ``write_parquet`` (one file
-of that many rows), one folder per split. Each image is decoded once and its ids are checked and
-relabelled in one pass (:func:`coco.read_dense_sample`). Tasks stage rejected inputs with their reason; they end in
-``OUT/errors/``. ``OUT/_manifest.json`` records counts that reconcile (inputs = written +
-quarantined; rows written are read back from the Parquet footers). Work proceeds in chunks; a
-finished chunk is never redone, so a killed run resumes where it stopped and a re-run of a
-finished output does nothing.
+(deterministically per image id) and resized/padded to the training resolution in parallel Ray tasks
+of ``preprocess.rows_per_file`` images (:func:`plan_files`; their work:
+:mod:`pipelines.preprocess_tasks`), each written by its own task with ``write_parquet`` (one file of
+that many rows, whatever the cluster's CPU count: only the last file of a split in a chunk is
+smaller, and a file lacks the rows its task rejected), one folder per split. Each image is decoded
+once and its ids are checked and relabelled in one pass (:func:`coco.read_dense_sample`). Tasks
+stage rejected inputs with their reason; they end in ``OUT/errors/``. ``OUT/_manifest.json`` records
+counts that reconcile (inputs = written + quarantined; rows written are read back from the Parquet
+footers) and the rows and bytes of every shard file (``file_sizes``), so training sizes its input
+without a request per file. Work proceeds in chunks; a finished chunk is never redone, so a killed
+run resumes where it stopped and a re-run of a finished output does nothing.
 
 Examples::
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import posixpath
 import sys
@@ -51,26 +54,32 @@ def assign_split(image_id: int, default: str, val_fraction: float) -> str:
     return "val" if (h / 2**64) < val_fraction else default
 
 
-def task_size(n_images: int, rows_per_file: int, cpus: int) -> int:
-    """Images per Ray task for ``n_images`` of one split in a chunk.
+def plan_files(n_images: int, rows_per_file: int, cpus: int) -> list[int]:
+    """Images per Ray task (and so per Parquet file) for ``n_images`` of one split in a chunk.
 
-    Each task writes its good rows to its own Parquet files (map and write fused: the images
-    never pass through the object store), so a task takes ``rows_per_file`` images and writes one
-    full file. A chunk too small to give every CPU two such tasks is shared out evenly instead
-    (smaller files, every CPU busy).
+    Each task writes its good rows to its own Parquet file (map and write fused: the images never
+    pass through the object store), so a task takes ``rows_per_file`` images and writes one full
+    file; only the last file of a split in a chunk may be smaller (and a file loses the rows its
+    task rejected). ``cpus`` does not change the sizes: the file size is the config's whatever the
+    cluster (sharing a chunk out over 2 × the CPUs gave 16-row files at 64 CPUs and ~30 k files
+    for COCO at 256). A chunk of fewer files than CPUs leaves CPUs idle; :func:`run_preprocess`
+    says so (a bigger ``preprocess.chunk_rows`` or a smaller ``rows_per_file`` gives more tasks).
     """
-    share = -(-n_images // max(1, 2 * cpus))
-    return max(1, min(rows_per_file, share))
+    del cpus  # the plan is the same on every cluster (the argument keeps call sites explicit)
+    size = max(1, rows_per_file)
+    return [min(size, n_images - i) for i in range(0, max(0, n_images), size)]
 
 
-def _rows_written(fs, folder: str, prefix: str) -> int:
-    """Rows in the Parquet files of one chunk in a split folder (read from the footers)."""
+def _files_written(fs, root: str, split: str, prefix: str) -> dict[str, dict[str, int]]:
+    """The Parquet files of one chunk in a split folder: path relative to ``root`` → ``rows`` (read
+    from the footer) and ``bytes`` (from the listing)."""
     fs.invalidate_cache()
-    n = 0
-    for path in fs.glob(posixpath.join(folder, f"{prefix}-*.parquet")):
+    out: dict[str, dict[str, int]] = {}
+    for path, info in sorted(fs.glob(posixpath.join(root, split, f"{prefix}-*.parquet"), detail=True).items()):
         with fs.open(path, "rb") as f:
-            n += pq.read_metadata(f).num_rows
-    return n
+            rows = pq.read_metadata(f).num_rows
+        out[posixpath.relpath(path, root)] = {"rows": int(rows), "bytes": int(info["size"])}
+    return out
 
 
 def _collect_errors(fs, folder: str) -> list[dict[str, Any]]:
@@ -156,6 +165,7 @@ def run_preprocess(cfg: Config, *, output: str, source: str | None = None, image
     chunks = [records[i:i + chunk_rows] for i in range(0, len(records), chunk_rows)]
     cfg_dict = to_dict(cfg)
     done_images = 0
+    cpus, idle_noted = ray_compat.cluster_cpus(), False
     for k, chunk in enumerate(chunks):
         marker = posixpath.join(root, PROGRESS, f"chunk-{k:05d}.json")
         if fs.exists(marker):
@@ -170,21 +180,27 @@ def run_preprocess(cfg: Config, *, output: str, source: str | None = None, image
             by_split.setdefault(assign_split(r.image_id, split, cfg.preprocess.val_fraction), []).append(r)
         staging = posixpath.join(root, PROGRESS, f"{prefix}-errors")
         counts: dict[str, int] = {}
+        written_files: dict[str, dict[str, int]] = {}
+        tasks = 0
         for s, recs in sorted(by_split.items()):
             # One item (one block) per task batch (vars: a shallow dict; asdict deep-copies).
             # Each task stages its rejects and returns its good rows only. Materialised before the
             # write: Ray Data would otherwise fuse the map into the writer's tasks, which take
             # rows_per_file *items* (batches) each, i.e. one task for the whole chunk.
-            size = task_size(len(recs), cfg.preprocess.rows_per_file, ray_compat.cluster_cpus())
-            items = [{"records": json.dumps([vars(r) for r in recs[i:i + size]]), "split": s}
-                     for i in range(0, len(recs), size)]
+            plan = plan_files(len(recs), cfg.preprocess.rows_per_file, cpus)
+            starts = itertools.accumulate(plan[:-1], initial=0)
+            items = [{"records": json.dumps([vars(r) for r in recs[a:a + n]]), "split": s}
+                     for a, n in zip(starts, plan)]
+            tasks += len(items)
             with ray_compat.one_stage_scheduling():
                 ds = ray_compat.dataset_from_items(items)
                 ds = ray_compat.map_batches(ds, process_groups, batch_size=1, batch_format="pyarrow",
                                             fn_kwargs={"cfg_dict": cfg_dict, "staging": _url(fs, staging)})
                 ray_compat.write_parquet(ds, posixpath.join(root, s), filesystem=ray_compat.arrow_filesystem(fs),
                                          rows_per_file=cfg.preprocess.rows_per_file, filename_prefix=prefix)
-            n = _rows_written(fs, posixpath.join(root, s), prefix)
+            split_files = _files_written(fs, root, s, prefix)
+            written_files.update(split_files)
+            n = sum(v["rows"] for v in split_files.values())
             if n:
                 counts[s] = n
         t_map = time.time() - tc
@@ -194,11 +210,18 @@ def run_preprocess(cfg: Config, *, output: str, source: str | None = None, image
         write_parquet_file(fs, posixpath.join(root, ERRORS, f"{prefix}.parquet"),
                            pa.Table.from_pylist(err_rows, schema=shards.ERROR_SCHEMA))
         _rm(fs, staging)
-        write_json(fs, marker, {"chunk": k, "images": len(chunk), "written": counts, "quarantined": len(err_rows)})
+        write_json(fs, marker, {"chunk": k, "images": len(chunk), "written": counts, "quarantined": len(err_rows),
+                                "files": written_files})
         done_images += len(chunk)
         rate = len(chunk) / max(time.time() - tc, 1e-9)
-        log.info(f"chunk {k + 1}/{len(chunks)}: {sum(counts.values())} written, {len(err_rows)} quarantined "
-                 f"({rate:.1f} images/s, {t_map:.1f} s decoding and writing; {done_images}/{len(records)} images done)")
+        log.info(f"chunk {k + 1}/{len(chunks)}: {sum(counts.values())} written in {len(written_files)} files, "
+                 f"{len(err_rows)} quarantined ({rate:.1f} images/s, {t_map:.1f} s decoding and writing; "
+                 f"{done_images}/{len(records)} images done)")
+        if tasks < cpus and len(chunk) == chunk_rows and not idle_noted:
+            idle_noted = True
+            log.info(f"a chunk of {chunk_rows} images gives {tasks} tasks of preprocess.rows_per_file="
+                     f"{cfg.preprocess.rows_per_file} for {cpus} CPUs: raise preprocess.chunk_rows to keep every "
+                     "CPU busy (files keep rows_per_file rows)")
 
     manifest = _finalise(fs, root, manifest, n_inputs=len(records) + len(problems))
     dt = time.time() - t0
@@ -258,6 +281,7 @@ def _finalise(fs, root: str, manifest: Manifest, n_inputs: int) -> Manifest:
     fs.invalidate_cache()  # Ray workers wrote files this process's listing cache has not seen
     written: dict[str, int] = {}
     files: dict[str, list[str]] = {}
+    sizes: dict[str, dict[str, int]] = {}
     quarantined = 0
     for marker in sorted(fs.glob(posixpath.join(root, PROGRESS, "chunk-*.json"))):
         with fs.open(marker, "r") as f:
@@ -265,6 +289,7 @@ def _finalise(fs, root: str, manifest: Manifest, n_inputs: int) -> Manifest:
         for s, n in m["written"].items():
             written[s] = written.get(s, 0) + n
         quarantined += m["quarantined"]
+        sizes.update(m.get("files", {}))  # markers of an older run (resumed) have none: read below
     for split_dir in sorted(fs.ls(root, detail=False)):
         name = posixpath.basename(split_dir.rstrip("/"))
         if name.startswith("_") or name == ERRORS or not fs.isdir(split_dir):
@@ -277,12 +302,33 @@ def _finalise(fs, root: str, manifest: Manifest, n_inputs: int) -> Manifest:
     manifest.written = {s: n for s, n in written.items() if n}
     manifest.quarantined = quarantined
     manifest.files = files
+    manifest.file_sizes = _file_sizes(fs, root, files, sizes)
+    by_split = {s: sum(manifest.file_sizes[f]["rows"] for f in paths) for s, paths in files.items() if s != ERRORS}
+    if {s: n for s, n in by_split.items() if n} != manifest.written:
+        raise RuntimeError(f"rows in the files {by_split} differ from the chunks' counts {manifest.written}")
     manifest.cleaned = {split: _cleaning_counts(fs, root, paths) for split, paths in files.items() if split != ERRORS}
     manifest.complete = True
     if not manifest.reconciles():
         raise RuntimeError(f"counts do not reconcile: {n_inputs} inputs != {written} + {quarantined}")
     write_manifest(fs, root, manifest)
     return manifest
+
+
+def _file_sizes(fs, root: str, files: dict[str, list[str]], known: dict[str, dict[str, int]]
+                ) -> dict[str, dict[str, int]]:
+    """``rows`` and ``bytes`` of every shard file of ``files`` (splits, not ``errors``): from the
+    chunk markers, else (a chunk finished by an older ldmseg) from the footer and the listing."""
+    out: dict[str, dict[str, int]] = {}
+    for split, paths in files.items():
+        if split == ERRORS:
+            continue
+        for rel in paths:
+            if rel not in known:
+                path = posixpath.join(root, rel)
+                with fs.open(path, "rb") as f:
+                    known[rel] = {"rows": int(pq.read_metadata(f).num_rows), "bytes": int(fs.size(path))}
+            out[rel] = known[rel]
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

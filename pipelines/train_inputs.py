@@ -39,6 +39,10 @@ class StageInputs:
     data_fingerprint: str
     """:func:`ldmseg.data.manifest.data_fingerprint` of ``data``."""
     train_files: list[str]
+    train_bytes: int
+    """Bytes of ``train_files``: from the manifest's ``file_sizes``, else one listing of the folder."""
+    train_rows: int | None
+    """Rows of ``train_files`` from the manifest's ``file_sizes``; ``None`` for older outputs."""
     val_split: str
     """``val`` if the shards have one, else ``train`` (then validation only monitors training rows)."""
     cleaned: dict
@@ -70,7 +74,8 @@ def resolve_inputs(stage: str, cfg: Config, *, data: str, ae_model: str | None, 
     config's ``data`` section, the AE (LDM stage) is a model folder; fingerprints for the run name."""
     from ldmseg.checkpoint import weights_hash
     from ldmseg.config import ConfigError
-    from ldmseg.data.manifest import check_data_config, data_fingerprint, list_split_files, open_fs, read_manifest
+    from ldmseg.data.manifest import (check_data_config, data_fingerprint, list_split_files, list_split_shards,
+                                      open_fs, read_manifest)
 
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
@@ -84,14 +89,18 @@ def resolve_inputs(stage: str, cfg: Config, *, data: str, ae_model: str | None, 
             raise ConfigError(f"--data {data}: preprocessing did not finish ({root}/_manifest.json says "
                               "complete: false); re-run the same 'ldmseg preprocess' command to finish it")
         check_data_config(manifest, cfg.data, f"--data {data}")
-    train_files = list_split_files(fs, root, "train")
+    shards = list_split_shards(fs, root, "train", manifest)  # sizes without a request per file
+    train_files = [f.path for f in shards]
     if not train_files:
         raise FileNotFoundError(f"--data {data}: the train split has no Parquet files")
     try:
         val_split = "val" if list_split_files(fs, root, "val") else "train"
     except FileNotFoundError:
         val_split = "train"
+    rows = [f.rows for f in shards]
     inputs = StageInputs(data=data, data_fingerprint=data_fingerprint(fs, root), train_files=train_files,
+                         train_bytes=sum(f.bytes for f in shards),
+                         train_rows=None if None in rows else sum(rows),
                          val_split=val_split, cleaned=dict(manifest.cleaned) if manifest is not None else {})
     if stage == "ldm":
         if not ae_model:

@@ -3,6 +3,7 @@
 Layout of an output folder (local or ``s3://``)::
 
     OUT/_manifest.json            schema version, config hash, source fingerprint, counts, files
+                                  (with the rows and bytes of each shard file)
     OUT/<split>/chunk-00000-00000.parquet ...   shards, one folder per split
     OUT/errors/chunk-00000.parquet               quarantine: one row per rejected input + reason
     OUT/_progress/chunk-00000.json               written when a chunk is complete (resume)
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import fsspec
@@ -55,6 +56,10 @@ class Manifest:
     """Per split, segments turned void while cleaning, summed over the rows: ``n_small`` (under
     ``data.min_segment_area`` px at the training resolution), ``n_crowd``, ``n_merged`` (beyond
     ``data.num_slots - 1`` segments)."""
+    file_sizes: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per shard file of ``files`` (its path relative to the output, splits only): ``rows`` (from its
+    Parquet footer) and ``bytes``, so readers size the input without opening or HEADing each file.
+    Empty in manifests written before it existed (:func:`list_split_shards` then lists the folder)."""
 
     def reconciles(self) -> bool:
         return self.inputs == sum(self.written.values()) + self.quarantined
@@ -65,7 +70,9 @@ def read_manifest(fs, root: str) -> Manifest | None:
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as f:
-        return Manifest(**json.load(f))
+        data = json.load(f)
+    known = {f.name for f in fields(Manifest)}
+    return Manifest(**{k: v for k, v in data.items() if k in known})  # fields of a newer ldmseg ignored
 
 
 def write_json(fs, path: str, data: Any) -> None:
@@ -131,9 +138,21 @@ def data_fingerprint(fs, root: str) -> str:
     if manifest is not None:
         blob = json.dumps([manifest.config_hash, manifest.source_fingerprint, manifest.written], sort_keys=True)
     else:
-        files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
-        blob = json.dumps([[posixpath.relpath(p, root), fs.size(p)] for p in files])
+        found = fs.find(root, detail=True)  # sizes from the listing, not a request per file
+        blob = json.dumps([[posixpath.relpath(p, root), found[p]["size"]] for p in sorted(found)
+                           if p.endswith(".parquet")])
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One Parquet file of a split (:func:`list_split_shards`)."""
+
+    path: str
+    """Full path within the output's filesystem."""
+    bytes: int
+    rows: int | None
+    """From the manifest; ``None`` for outputs whose manifest does not record it."""
 
 
 def list_split_files(fs, root: str, split: str) -> list[str]:
@@ -141,8 +160,31 @@ def list_split_files(fs, root: str, split: str) -> list[str]:
     manifest = read_manifest(fs, root)
     if manifest is not None and split in manifest.files:
         return [posixpath.join(root, f) for f in manifest.files[split]]
+    return [f.path for f in _listed(fs, root, split)]
+
+
+def list_split_shards(fs, root: str, split: str, manifest: Manifest | None = None) -> list[ShardFile]:
+    """The Parquet files of ``split`` with their sizes: from the manifest's ``file_sizes`` (no
+    request per file), else from one listing of the split's folder (bytes only; an output written
+    before the manifest recorded sizes, or without a manifest)."""
+    manifest = manifest if manifest is not None else read_manifest(fs, root)
+    if manifest is not None and split in manifest.files:
+        rels = manifest.files[split]
+        if all(r in manifest.file_sizes for r in rels):
+            return [ShardFile(posixpath.join(root, r), int(manifest.file_sizes[r]["bytes"]),
+                              int(manifest.file_sizes[r]["rows"])) for r in rels]
+        listed = {f.path: f for f in _listed(fs, root, split)}
+        paths = [posixpath.join(root, r) for r in rels]
+        return [listed.get(p) or ShardFile(p, int(fs.size(p)), None) for p in paths]
+    return _listed(fs, root, split)
+
+
+def _listed(fs, root: str, split: str) -> list[ShardFile]:
+    """The Parquet files in the split's folder, sorted, with their bytes (one listing)."""
     folder = posixpath.join(root, split)
     if not fs.isdir(folder):
         raise FileNotFoundError(f"no split {split!r} under {root} (expected the folder {folder}); "
                                 "run `ldmseg preprocess` first or pick another split")
-    return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
+    infos = fs.ls(folder, detail=True)
+    return sorted((ShardFile(i["name"], int(i.get("size") or 0), None) for i in infos
+                   if i["name"].endswith(".parquet")), key=lambda f: f.path)

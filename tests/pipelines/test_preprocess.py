@@ -26,12 +26,37 @@ from paths import REPO, TINY_YAML
 pytestmark = pytest.mark.ray
 
 
-def test_task_size_fills_files_or_shares_small_chunks():
-    from pipelines.preprocess import task_size
+@pytest.mark.parametrize("cpus", [64, 256])
+def test_file_size_is_rows_per_file_on_any_cluster(cpus):
+    """Files of ``rows_per_file`` rows except the last of a split in a chunk, whatever the CPUs
+    (sharing a chunk over 2 × CPUs gave 16-row files at 64 CPUs and ~30 k files for COCO at 256)."""
+    from pipelines.preprocess import plan_files
 
-    assert task_size(10_000, 512, 8) == 512  # big chunk: one full file per task
-    assert task_size(240, 512, 2) == 60  # small chunk: two tasks per CPU
-    assert task_size(3, 512, 2) == 1 and task_size(0, 4, 2) == 1
+    assert plan_files(2048, 512, cpus) == [512] * 4  # the default chunk: 4 tasks, 4 full files
+    assert plan_files(32768, 512, cpus) == [512] * 64  # coco.yaml's chunk: 64 tasks, 64 full files
+    plan = plan_files(2048, 100, cpus)
+    assert plan[:-1] == [100] * 20 and plan[-1] == 48 and sum(plan) == 2048
+    assert plan_files(3, 512, cpus) == [3] and plan_files(0, 4, cpus) == []
+    # COCO train (118 287 images) at 512 rows per file: 232 files on any cluster, chunks of 2 048 or
+    # of coco.yaml's 32 768 (was ~30 k files of 4 rows at 256 CPUs)
+    n = 118_287
+    for chunk, full_chunks, per_chunk in ((2048, 57, 4), (32768, 3, 64)):
+        plans = [plan_files(min(chunk, n - i), 512, cpus) for i in range(0, n, chunk)]
+        assert sum(len(p) for p in plans) == full_chunks * per_chunk + len(plans[-1]) == 232
+        assert sum(map(sum, plans)) == n and all(size == 512 for p in plans for size in p[:-1])
+    assert plan_files(2048, 512, cpus) == plan_files(2048, 512, 1)  # the CPU count changes nothing
+
+
+def check_file_sizes(out, m) -> None:
+    """The manifest's rows per file equal the Parquet footers', its bytes the files', and the rows of
+    each split add up to ``written``."""
+    assert set(m.file_sizes) == {f for split, files in m.files.items() if split != "errors" for f in files}
+    for split, files in m.files.items():
+        if split == "errors":
+            continue
+        for f in files:
+            assert m.file_sizes[f] == {"rows": pq.read_metadata(out / f).num_rows, "bytes": (out / f).stat().st_size}
+        assert sum(m.file_sizes[f]["rows"] for f in files) == m.written.get(split, 0)
 
 
 def check_against_memory(output: str, source: str, cfg) -> int:
@@ -57,17 +82,15 @@ def test_synthetic_and_real_samples_round_trip(ray_session, tmp_path, coco_val_e
     assert m.written == {"train": 20} and m.quarantined == 0
     # rows per file honoured: 20 rows over chunks of 8 in files of at most 4 rows
     sizes = [pq.read_metadata(tmp_path / "out_syn" / f).num_rows for f in m.files["train"]]
-    assert sum(sizes) == 20 and max(sizes) <= 4
+    assert sorted(sizes) == [4] * 5  # chunks of 8, 8, 4: every file full
+    check_file_sizes(tmp_path / "out_syn", m)
     assert check_against_memory(str(tmp_path / "out_syn"), str(scenes), cfg) == 20
-    # a chunk big enough for every CPU: one task per file, every file full
-    from pipelines.preprocess import task_size
-    from pipelines.ray_compat import cluster_cpus
-
-    big = shard_cfg("preprocess.chunk_rows=64", "preprocess.rows_per_file=2")
-    assert task_size(20, 2, cluster_cpus()) == 2  # 4 CPUs: 20 images > 2 × 4 × 2
+    # one chunk of 20 at 6 rows per file: three full files and a last one of 2, on any CPU count
+    big = shard_cfg("preprocess.chunk_rows=64", "preprocess.rows_per_file=6")
     m = run_preprocess(big, output=str(tmp_path / "out_full"), source=str(scenes))
     sizes = [pq.read_metadata(tmp_path / "out_full" / f).num_rows for f in m.files["train"]]
-    assert sorted(sizes) == [2] * 10
+    assert sorted(sizes) == [2, 6, 6, 6]
+    check_file_sizes(tmp_path / "out_full", m)
 
     for name, src in (("val", coco_val_examples), ("sample", coco_sample)):
         out = tmp_path / f"out_{name}"
@@ -161,6 +184,55 @@ def test_val_fraction_splits_with_rejects(ray_session, tmp_path):
         sizes = [pq.read_metadata(tmp_path / "o" / f).num_rows for f in m.files[split]]
         assert sum(sizes) == len(expected) and max(sizes) <= 4
     assert errors[0]["split"] == split_of[rejected]
+    check_file_sizes(tmp_path / "o", m)  # with a reject: the manifest still matches the footers
+
+
+def test_manifest_sizes_spare_requests_and_older_manifests_still_load(ray_session, tmp_path, monkeypatch):
+    """Training sizes its input from the manifest (no request per file); a manifest written before
+    it recorded sizes (or with a field of a newer ldmseg) loads, its sizes then come from a listing."""
+    from ldmseg.data import manifest as mf
+    from pipelines.preprocess import run_preprocess
+    from pipelines.train_inputs import resolve_inputs
+
+    write_scenes(tmp_path / "s", num_images=12, size=64, seed=5)
+    out = tmp_path / "o"
+    m = run_preprocess(shard_cfg(), output=str(out), source=str(tmp_path / "s"))
+    cfg = shard_cfg()
+    fs, root = open_fs(str(out))
+    opened: list[str] = []
+    real_size, real_open = type(fs).size, type(fs).open
+
+    def counted_size(self, path, *a, **k):
+        opened.append(str(path))
+        return real_size(self, path, *a, **k)
+
+    def counted_open(self, path, *a, **k):
+        if str(path).endswith(".parquet"):
+            opened.append(str(path))
+        return real_open(self, path, *a, **k)
+
+    monkeypatch.setattr(type(fs), "size", counted_size)
+    monkeypatch.setattr(type(fs), "open", counted_open)
+    inputs = resolve_inputs("ae", cfg, data=str(out), ae_model=None, run_dir=tmp_path / "run", tracking_uri="")
+    assert opened == []  # neither HEAD nor footer per file
+    assert inputs.train_rows == m.written["train"] == 12
+    assert inputs.train_bytes == sum((out / f).stat().st_size for f in m.files["train"])
+    assert inputs.train_files == [str(out / f) for f in m.files["train"]]
+    monkeypatch.undo()
+
+    # an older manifest: no file_sizes; a newer one: a field this ldmseg does not know
+    raw = json.loads((out / "_manifest.json").read_text())
+    del raw["file_sizes"]
+    raw["from_a_newer_ldmseg"] = 1
+    (out / "_manifest.json").write_text(json.dumps(raw))
+    old = read_manifest(fs, root)
+    assert old.file_sizes == {} and old.files == m.files
+    shards = mf.list_split_shards(fs, root, "train")
+    assert [s.path for s in shards] == [str(out / f) for f in m.files["train"]]
+    assert [s.bytes for s in shards] == [(out / f).stat().st_size for f in m.files["train"]]
+    assert {s.rows for s in shards} == {None}
+    inputs = resolve_inputs("ae", cfg, data=str(out), ae_model=None, run_dir=tmp_path / "run", tracking_uri="")
+    assert inputs.train_rows is None and inputs.train_bytes == sum(s.bytes for s in shards)
 
 
 def test_rerun_is_idempotent_and_changed_config_refuses(ray_session, tmp_path):
