@@ -25,11 +25,6 @@ from ldmseg.segment_config import SegmentConfig
 from ldmseg.serve_config import ServeConfig
 
 
-# --------------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class DataConfig:
     """Targets and encoding (docs/method.md#targets-and-encoding)."""
@@ -243,6 +238,8 @@ class TrainConfig:
     validate_images: int = 8
     """Images in the monitoring batch (from the ``val`` split if there is one, else ``train``);
     0 turns monitoring off."""
+    max_nonfinite_steps: int = 20
+    """Raise after this many optimizer steps in a row skipped for a non-finite loss or grad norm (>= 1)."""
 
 
 @dataclass
@@ -301,13 +298,13 @@ class Config:
     def validate(self) -> None:
         self.data.validate()
         self.mask_ae.validate()
+        for key in [k for k in ("train_ae", "train_ldm") if getattr(self, k).max_nonfinite_steps < 1]:
+            raise ConfigError(f"{key}.max_nonfinite_steps must be >= 1, got {getattr(self, key).max_nonfinite_steps}")
         self.segment.validate()
         self.serve.validate()
 
 
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
+# ---- Loading -------------------------------------------------------------------------------
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -383,7 +380,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{where}{exc}") from None
 
 
-HASH_NEUTRAL_KEYS = ("placement_strategy",)
+HASH_NEUTRAL_KEYS = ("placement_strategy", "max_nonfinite_steps")
 """Config keys left out of :func:`config_hash` (added later and result-neutral: old runs keep their names)."""
 
 

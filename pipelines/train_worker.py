@@ -133,8 +133,10 @@ class RayReporter(Reporter):
 
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step)
+            extra = f"  skipped {metrics['skipped_steps']:.0f} (non-finite)" if metrics.get("skipped_steps") else ""
+            extra += f"  loss scale {metrics['loss_scale']:.0f}" if "loss_scale" in metrics else ""
             log.info(f"{self.stage} step {step}/{self.iterations}  loss {metrics.get('loss', float('nan')):.4f}  "
-                     f"{metrics['samples_per_s']:.1f} samples/s  lr {metrics.get('lr', 0):.2e}")
+                     f"{metrics['samples_per_s']:.1f} samples/s  lr {metrics.get('lr', 0):.2e}{extra}")
         ray.train.report(metrics)
 
     def monitored(self, step, metrics, panel):

@@ -62,7 +62,9 @@ class TrainLoop:
 
         Besides ``step_fn``'s metrics the hooks get ``data_seconds`` (waiting for the batch) and
         ``step_seconds`` (inside ``step_fn``). ``batches`` is cycled when it runs out (it must then
-        be re-iterable, e.g. a list or a DataLoader).
+        be re-iterable, e.g. a list or a DataLoader). A batch whose metrics say ``skipped`` (truthy:
+        no update was made, see :func:`~ldmseg.training.optim.optimizer_step`) is not a step: the
+        step count, the metric means and the hooks ignore it.
         """
         hooks = hooks or Hooks()
         step = int(start_step)
@@ -86,6 +88,8 @@ class TrainLoop:
             data_seconds = time.perf_counter() - t_data
             t_step = time.perf_counter()
             metrics = step_fn(batch)
+            if metrics.get("skipped"):  # no update was made (non-finite loss or grad norm): not a step
+                continue
             metrics = {**metrics, "data_seconds": data_seconds, "step_seconds": time.perf_counter() - t_step}
             step += 1
             count += 1

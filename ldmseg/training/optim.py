@@ -3,7 +3,12 @@
 - :func:`make_optimizer`: AdamW + :func:`lr_factor` (linear warm-up, then constant or cosine);
 - :func:`make_ema` (a diffusers ``EMAModel``) and :func:`ema_copy` (the EMA weights in a copy);
 - :func:`autocast_context`, :func:`make_scaler` (a ``GradScaler`` for fp16 on CUDA);
-- :func:`optimizer_step`: backward, clip, step (through the scaler if any).
+- :func:`optimizer_step`: backward, clip, step (through the scaler if any), skipped when the loss
+  or the gradient norm is not finite; :class:`NonFiniteGuard` counts the skips and raises after
+  ``max_nonfinite_steps`` in a row.
+
+A *step* is an optimiser update that was applied: a skipped batch moves neither the weights, nor
+the lr schedule, nor the EMA, nor ``TrainState.step`` (only a ``GradScaler`` lowers its scale).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import copy
 import math
 import time
 import warnings
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -137,14 +143,69 @@ def trainable_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramete
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+class StepOutcome(NamedTuple):
+    """What :func:`optimizer_step` did."""
+
+    grad_norm: float
+    """The gradient norm before clipping, after unscaling (inf/nan when it overflowed)."""
+    skipped: bool
+    """True when the loss or ``grad_norm`` was not finite: no optimiser, lr-schedule or EMA step."""
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts optimiser steps skipped for a non-finite loss or gradient norm (:func:`optimizer_step`).
+
+    ``record`` raises ``FloatingPointError`` after ``max_consecutive`` skips in a row, so that a
+    run fails (and Ray Train's ``FailureConfig`` restarts it from the last good checkpoint) instead
+    of training on NaN weights. ``section`` names the config section in the message.
+    """
+
+    max_consecutive: int = 20
+    section: str = "train_ldm"
+    consecutive: int = 0
+    total: int = 0
+
+    def record(self, skipped: bool, step: int) -> None:
+        """Count one batch; ``step`` is the step it would have been (applied steps + 1)."""
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive >= self.max_consecutive:
+            raise FloatingPointError(
+                f"{self.section} step {step}: the loss or gradient norm was not finite for {self.consecutive} "
+                f"batches in a row ({self.section}.max_nonfinite_steps={self.max_consecutive}; {self.total} "
+                f"skipped in all); the weights were not updated. Try a lower {self.section}.lr, "
+                f"{self.section}.mixed_precision=bf16 (or no), a smaller {self.section}.grad_clip, or check the "
+                "data for NaN/inf or empty targets")
+
+
+def _all_finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """Whether the loss and the gradient norm are finite, on every rank when torch.distributed runs
+    (the ranks must skip together: gradients are all-reduced, the loss is not)."""
+    finite = (torch.isfinite(loss.detach().float()) & torch.isfinite(grad_norm.float())).to(torch.float32)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item() > 0)
+
+
 def optimizer_step(
     loss: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     grad_clip: float,
     scaler: torch.amp.GradScaler | None,
     lr_scheduler,
-) -> float:
-    """Backward, clip, step; returns the gradient norm before clipping (inf/nan if it overflowed)."""
+) -> StepOutcome:
+    """Backward, clip, step; skip the optimiser and lr-schedule steps when ``loss`` (a scalar) or
+    the gradient norm (after unscaling) is not finite.
+
+    With a ``scaler`` the loss is scaled for the backward pass and ``scaler.update()`` runs on
+    every batch, so the scale backs off after an overflow (and is halved by hand when the check
+    here skips a step the scaler saw as finite, e.g. a norm overflowing from finite gradients).
+    Gradients are left cleared (``None``) after a skipped step.
+    """
     params = trainable_params(optimizer)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -154,11 +215,23 @@ def optimizer_step(
         loss.backward()
     max_norm = grad_clip if grad_clip and grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    skipped = not _all_finite(loss, grad_norm)
     if scaler is not None:
-        scaler.step(optimizer)
+        scale = scaler.get_scale()
+        if not skipped:
+            scaler.step(optimizer)
         scaler.update()
-    else:
+        if skipped and scaler.is_enabled() and scaler.get_scale() >= scale:
+            scaler.update(scale * scaler.get_backoff_factor())
+    elif not skipped:
         optimizer.step()
-    if lr_scheduler is not None:
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    elif lr_scheduler is not None:
         lr_scheduler.step()
-    return float(grad_norm)
+    return StepOutcome(float(grad_norm), skipped)
+
+
+def loss_scale(scaler: torch.amp.GradScaler | None) -> dict[str, float]:
+    """``{"loss_scale": scale}`` of an enabled ``scaler``, else ``{}`` (a metric)."""
+    return {"loss_scale": float(scaler.get_scale())} if scaler is not None and scaler.is_enabled() else {}

@@ -1,9 +1,10 @@
 """What a training stage carries from step to step, and its resume file.
 
 :class:`TrainState` holds the stage's modules, optimiser, lr schedule, ``GradScaler`` (fp16 on
-CUDA), EMA, noise generator and step count; :meth:`TrainState.save` / :meth:`TrainState.load`
-write and read ``trainer_state.pt`` (tensors only: loaded with ``weights_only=True``) next to a
-checkpoint's model folder.
+CUDA), EMA, noise generator, step count (applied updates) and non-finite guard (skipped
+batches); :meth:`TrainState.save` / :meth:`TrainState.load` write and read ``trainer_state.pt``
+(tensors only: loaded with ``weights_only=True``; the scaler's state and the skip total included)
+next to a checkpoint's model folder.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from ldmseg.config import Config, TrainConfig
 from ldmseg.training.build import Stage, build_stage
-from ldmseg.training.optim import ema_copy, make_ema, make_optimizer, make_scaler
+from ldmseg.training.optim import NonFiniteGuard, ema_copy, make_ema, make_optimizer, make_scaler
 
 TRAINER_STATE = "trainer_state.pt"
 """The resume file of a checkpoint folder."""
@@ -41,10 +42,15 @@ class TrainState:
     generator: torch.Generator | None = None
     step: int = 0
     trained: nn.Module = field(default=None)
+    guard: NonFiniteGuard = field(default=None)
+    """Counts batches skipped for a non-finite loss or grad norm (``train_*.max_nonfinite_steps``)."""
 
     def __post_init__(self) -> None:
         if self.trained is None:
             self.trained = self.stage.model
+        if self.guard is None:
+            section = "train_ae" if self.name == "ae" else "train_ldm"
+            self.guard = NonFiniteGuard(self.train_cfg.max_nonfinite_steps, section)
 
     @classmethod
     def create(cls, stage: str, cfg: Config, *, ae_model: str | None = None,
@@ -101,7 +107,8 @@ class TrainState:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(), "step": self.step,
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "skipped_steps": self.guard.total}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -112,6 +119,7 @@ class TrainState:
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.guard.total, self.guard.consecutive = int(state.get("skipped_steps", 0)), 0
 
     def save(self, folder: str | Path) -> None:
         """Write ``folder/trainer_state.pt``."""

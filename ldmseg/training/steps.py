@@ -23,7 +23,7 @@ from ldmseg.data.random_maps import random_slot_maps
 from ldmseg.models.ddp import unwrap
 from ldmseg.models.mask_losses import mask_ae_loss
 from ldmseg.training.losses import LDMComponents, check_batch, ldm_loss
-from ldmseg.training.optim import autocast_context, check_scaler, optimizer_step
+from ldmseg.training.optim import autocast_context, check_scaler, loss_scale, optimizer_step
 
 if TYPE_CHECKING:
     from ldmseg.training.state import TrainState
@@ -50,7 +50,9 @@ def ae_train_step(
     ``cfg.train_ae.grad_clip``. ``ae`` may be wrapped in DDP. ``generator`` draws the latent
     noise and the loss points when it lives on the batch's device (otherwise the global RNG does).
 
-    Returns floats: ``loss``, ``ce``, ``bce``, ``dice``, ``num_segments``, ``grad_norm``, ``lr``.
+    Returns floats: ``loss``, ``ce``, ``bce``, ``dice``, ``num_segments``, ``grad_norm``, ``lr``,
+    ``skipped`` (1.0 when the loss or grad norm was not finite and no update was made; see
+    :func:`~ldmseg.training.optim.optimizer_step`) and, with an enabled scaler, ``loss_scale``.
     """
     image, slot_map, valid = check_batch(batch)
     module = unwrap(ae)
@@ -75,8 +77,9 @@ def ae_train_step(
         logits = ae(bits, latent_noise=noise_std, generator=generator if same_device else None)
     loss, parts = mask_ae_loss(logits.float(), slot_map, valid, cfg.mask_ae,
                                generator=generator if same_device else None)
-    grad_norm = optimizer_step(loss, optimizer, cfg.train_ae.grad_clip, scaler, lr_scheduler)
-    parts.update(grad_norm=grad_norm, lr=float(optimizer.param_groups[0]["lr"]))
+    outcome = optimizer_step(loss, optimizer, cfg.train_ae.grad_clip, scaler, lr_scheduler)
+    parts.update(grad_norm=outcome.grad_norm, lr=float(optimizer.param_groups[0]["lr"]),
+                 skipped=float(outcome.skipped), **loss_scale(scaler))
     return parts
 
 
@@ -95,33 +98,44 @@ def ldm_train_step(
 
     Runs under autocast per ``cfg.train_ldm.mixed_precision`` (for ``fp16`` pass a
     ``torch.amp.GradScaler("cuda")`` as ``scaler``), clips gradients to
-    ``cfg.train_ldm.grad_clip``, steps ``lr_scheduler`` and ``components.ema`` if given.
+    ``cfg.train_ldm.grad_clip``, steps ``lr_scheduler`` and ``components.ema`` if given (neither
+    when the loss or grad norm is not finite: the step is skipped, ``skipped`` is 1.0).
     ``scheduler`` is the training ``DDPMScheduler`` (built from the config when None).
 
     Returns floats: ``loss``, ``mse``, (``aux_ce``), ``self_condition_fraction``,
-    ``void_cell_fraction``, ``grad_norm``, ``lr``.
+    ``void_cell_fraction``, ``grad_norm``, ``lr``, ``skipped``, (``loss_scale``, with an enabled scaler).
     """
     components.denoiser.train()
     device = batch["image"].device
     check_scaler(cfg.train_ldm.mixed_precision, device, scaler)
     with autocast_context(device, cfg.train_ldm.mixed_precision):
         loss, parts = ldm_loss(components, batch, cfg, generator=generator, scheduler=scheduler)
-    parts["grad_norm"] = optimizer_step(loss, optimizer, cfg.train_ldm.grad_clip, scaler, lr_scheduler)
-    parts["lr"] = float(optimizer.param_groups[0]["lr"])
-    if components.ema is not None:
+    outcome = optimizer_step(loss, optimizer, cfg.train_ldm.grad_clip, scaler, lr_scheduler)
+    parts.update(grad_norm=outcome.grad_norm, lr=float(optimizer.param_groups[0]["lr"]),
+                 skipped=float(outcome.skipped), **loss_scale(scaler))
+    if components.ema is not None and not outcome.skipped:
         components.ema.step([p for p in unwrap(components.denoiser).parameters() if p.requires_grad])
     return parts
 
 
 def train_step(state: "TrainState", batch: dict) -> dict[str, float]:
-    """One optimiser step of ``state``'s stage on ``batch`` (``state.step`` counts it); its metrics."""
+    """One optimiser step of ``state``'s stage on ``batch``; its metrics.
+
+    ``state.step`` counts applied updates only: a batch whose loss or grad norm is not finite is
+    skipped (``skipped`` = 1.0) and counted by ``state.guard``, which raises ``FloatingPointError``
+    after ``max_nonfinite_steps`` skips in a row. ``skipped_steps`` is the run's total of skips.
+    """
     if state.name == "ae":
         metrics = ae_train_step(state.trained, batch, state.optimizer, state.cfg, generator=state.generator,
                                 scaler=state.scaler, lr_scheduler=state.lr_scheduler)
     else:
         metrics = ldm_train_step(state.components, batch, state.optimizer, state.cfg, generator=state.generator,
                                  scaler=state.scaler, lr_scheduler=state.lr_scheduler)
-    state.step += 1
+    skipped = bool(metrics["skipped"])
+    state.guard.record(skipped, state.step + 1)
+    if not skipped:
+        state.step += 1
+    metrics["skipped_steps"] = float(state.guard.total)
     return metrics
 
 

@@ -4,6 +4,8 @@ The trainer runs :func:`~ldmseg.training.steps.train_step` on a :class:`~ldmseg.
 in a :class:`~ldmseg.training.loop.TrainLoop` and, at the config's cadences,
 
 - reports the mean metrics with the throughput (``steps_per_s``, ``samples_per_s``, ``world_size``),
+  the run's total of batches skipped for a non-finite loss or grad norm (``skipped_steps``) and,
+  with a ``GradScaler``, its current ``loss_scale``,
 - monitors (rank 0, given a monitoring batch): PQ and an overlay panel (:mod:`ldmseg.training.monitor`),
   of the EMA weights when there are some,
 - checkpoints: on rank 0 a model folder (:func:`ldmseg.checkpoint.save_model`, with the latent
@@ -76,7 +78,10 @@ class Trainer(Hooks):
     def report(self, step: int, metrics: dict[str, float]) -> None:
         now = time.time()
         metrics = {k: float(v) for k, v in metrics.items()}
-        metrics.update(step=step, resumed_from=self.start_step)
+        metrics.update(step=step, resumed_from=self.start_step, skipped_steps=float(self.state.guard.total))
+        metrics.pop("skipped", None)
+        if self.state.scaler is not None and self.state.scaler.is_enabled():
+            metrics["loss_scale"] = float(self.state.scaler.get_scale())
         metrics["steps_per_s"] = (step - self._step_last) / max(now - self._t_last, 1e-9)
         metrics["samples_per_s"] = metrics["steps_per_s"] * self.state.train_cfg.batch_size
         metrics["world_size"] = self.world_size
