@@ -221,8 +221,7 @@ class TrainConfig:
     cpus_per_worker: int = 1
     """CPUs Ray reserves for each training worker."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    """How Ray places the workers on nodes (Ray Train's ``ScalingConfig.placement_strategy``):
-    ``PACK`` fills nodes first; ``SPREAD`` puts workers on different nodes where it can."""
+    """Ray Train's ``placement_strategy``: ``PACK`` fills nodes first, ``SPREAD`` spreads workers."""
     torch_threads: Optional[int] = None
     """torch threads per worker (``None``: ``cpus_per_worker``). On a small machine, reserving one
     CPU but using two threads leaves a CPU free for Ray Data's read tasks."""
@@ -298,8 +297,12 @@ class Config:
     def validate(self) -> None:
         self.data.validate()
         self.mask_ae.validate()
-        for key in [k for k in ("train_ae", "train_ldm") if getattr(self, k).max_nonfinite_steps < 1]:
-            raise ConfigError(f"{key}.max_nonfinite_steps must be >= 1, got {getattr(self, key).max_nonfinite_steps}")
+        for key, t in (("train_ae", self.train_ae), ("train_ldm", self.train_ldm)):
+            for name, value in (("max_nonfinite_steps", t.max_nonfinite_steps), ("num_workers", t.num_workers)):
+                if value < 1:
+                    raise ConfigError(f"{key}.{name} must be >= 1, got {value}")
+            if t.batch_size % t.num_workers:  # the global batch is split evenly over the workers
+                raise ConfigError(f"{key}.batch_size {t.batch_size}: not a multiple of num_workers {t.num_workers}")
         self.segment.validate()
         self.serve.validate()
 

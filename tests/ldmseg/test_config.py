@@ -44,6 +44,8 @@ def test_overrides_apply_with_types():
     ("denoiser.self_condition=maybe", "denoiser.self_condition: expected true or false"),
     ("data.num_slots=30", "power of two"),
     ("mask_ae.widths=5", "mask_ae.widths: expected a list"),
+    ("train_ldm.num_workers=3", "train_ldm.batch_size 32: not a multiple of num_workers 3"),  # not floored
+    ("train_ae.num_workers=0", "train_ae.num_workers must be >= 1, got 0"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
