@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ldmseg.redact import redact_uri
-from pipelines.sweeps.kit import (cached_segmenter, collect_results, log, log_summary, make_tuner, markdown_table,
-                                  prepare_model_sweep, save_pq_plot, scored_trial)
+from pipelines.sweeps.kit import (add_trial_resources, cached_segmenter, collect_results, log, log_summary, make_tuner,
+                                  markdown_table, prepare_model_sweep, resources_of, save_pq_plot, scored_trial)
 
 KINDS = ("sparse", "global")
 KNOWN_SLOTS = ("given", "predicted")  # Segmenter.inpaint(known_slots=...); not imported here to keep --help light
@@ -73,7 +73,8 @@ def plot_inpainting(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str], fractions: list[float],
                          sampler: str | None = None, steps: int | None = None, known_slots: str = "given",
-                         max_images: int | None = None, max_concurrent: int = 2, name: str | None = None,
+                         max_images: int | None = None, max_concurrent: int = 2,
+                         resources: dict | None = None, name: str | None = None,
                          tracking_uri: str | None = None, seed: int = 0, address: str | None = None) -> dict[str, Any]:
     import ray.tune as tune
 
@@ -91,7 +92,8 @@ def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str]
                                                     seed=seed, tracking_uri=tracking_uri, address=address)
     space.update(sampler=sampler, steps=steps, known_slots=known_slots, kind=tune.grid_search(kinds),
                  fraction=tune.grid_search(fractions))
-    tuner = make_tuner(inpainting_trial, space, out, sweep_id, metric="pq_unknown", max_concurrent=max_concurrent)
+    tuner = make_tuner(inpainting_trial, space, out, sweep_id, metric="pq_unknown", max_concurrent=max_concurrent,
+                       resources=resources)
     log.info(f"sweep {sweep_id}: inpainting with {kinds} masks at known fractions {fractions}; "
              f"MLflow {redact_uri(uri)}")
     grid = tuner.fit()
@@ -133,6 +135,7 @@ def add_arguments(parser) -> None:
                              "sampling time) (default: %(default)s)")
     parser.add_argument("--max-images", type=int, default=None, help="score on the first N images only")
     parser.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default: %(default)s)")
+    add_trial_resources(parser)
     parser.add_argument("--name", default=None, help="sweep id; re-use it to resume an interrupted sweep")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tracking-uri", default=None)
@@ -158,5 +161,6 @@ def run(args) -> dict[str, Any]:
                                 fractions=inputs.parse_list("--fractions", args.fractions, float, "numbers"),
                                 sampler=args.sampler, steps=args.steps,
                                 known_slots=args.known_slots, max_images=args.max_images,
-                                max_concurrent=args.max_concurrent, name=args.name, tracking_uri=args.tracking_uri,
+                                max_concurrent=args.max_concurrent,
+                                resources=resources_of(args), name=args.name, tracking_uri=args.tracking_uri,
                                 seed=args.seed, address=args.address)

@@ -48,6 +48,35 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def add_trial_resources(parser) -> None:
+    """``--cpus-per-trial`` and ``--gpus-per-trial``: what Ray reserves for each trial."""
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0,
+                        help="CPUs per trial, also its torch threads (default: %(default)s)")
+    parser.add_argument("--gpus-per-trial", type=float, default=None,
+                        help="GPUs per trial (default: 1 on a cluster with GPUs, else 0); a trial samples on "
+                             "the GPU Ray assigns it")
+
+
+def resources_of(args) -> dict[str, float | None]:
+    """The trial resources of a sweep's arguments (checked before Ray starts)."""
+    from ldmseg.config import ConfigError
+
+    if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
+        raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    return {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+
+
+def trial_resources(resources: dict[str, float | None] | None) -> dict[str, float]:
+    """Ray resources of one trial: ``cpu`` (default 1) and ``gpu`` (``None``: 1 when the connected
+    cluster has GPUs, else 0; without one, every trial would see every GPU and take ``cuda:0``)."""
+    import ray
+
+    wanted = {"cpu": 1.0, "gpu": None, **(resources or {})}
+    if wanted["gpu"] is None:
+        wanted["gpu"] = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return {k: float(v) for k, v in wanted.items() if v}
+
+
 def make_tuner(trainable, space: dict[str, Any], out: Path, sweep_id: str, *, metric: str, mode: str = "max",
                num_samples: int = 1, search_alg=None, scheduler=None, max_concurrent: int = 2,
                resources: dict[str, float] | None = None):
@@ -56,7 +85,7 @@ def make_tuner(trainable, space: dict[str, Any], out: Path, sweep_id: str, *, me
     import ray.tune as tune
 
     storage = str(out / "ray_tune")
-    trainable = tune.with_resources(trainable, resources or {"cpu": 1})
+    trainable = tune.with_resources(trainable, trial_resources(resources))
     exp_path = Path(storage) / sweep_id
     if exp_path.exists() and tune.Tuner.can_restore(str(exp_path)):
         log.info(f"resuming sweep {sweep_id} from {exp_path}")
@@ -126,11 +155,17 @@ _SEGMENTERS: dict[str, Any] = {}
 
 
 def cached_segmenter(model_dir: str):
-    """The :class:`~ldmseg.segmenter.Segmenter` of ``model_dir``, loaded once per trial process."""
+    """The :class:`~ldmseg.segmenter.Segmenter` of ``model_dir``, loaded once per trial process on the
+    device Ray assigned the trial (``cuda:0`` of its GPU, else the CPU) with its CPUs as torch threads."""
     from ldmseg.segmenter import Segmenter
 
     if model_dir not in _SEGMENTERS:
-        _SEGMENTERS[model_dir] = Segmenter.from_pretrained(model_dir)
+        import torch
+
+        from pipelines.ray_compat import assigned_device, worker_threads
+
+        torch.set_num_threads(worker_threads())
+        _SEGMENTERS[model_dir] = Segmenter.from_pretrained(model_dir, device=assigned_device())
     return _SEGMENTERS[model_dir]
 
 

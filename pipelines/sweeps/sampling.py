@@ -31,8 +31,8 @@ import yaml
 
 from ldmseg.config import sampling_fields
 from ldmseg.redact import redact_uri
-from pipelines.sweeps.kit import (cached_segmenter, collect_results, log, log_summary, make_tuner, markdown_table,
-                                  prepare_model_sweep, save_pq_plot, scored_trial)
+from pipelines.sweeps.kit import (add_trial_resources, cached_segmenter, collect_results, log, log_summary, make_tuner,
+                                  markdown_table, prepare_model_sweep, resources_of, save_pq_plot, scored_trial)
 
 PREFIX = "sampling."
 METRICS = ("pq", "sq", "rq", "seconds_per_image")
@@ -126,7 +126,8 @@ def search_space(samplers: list[str], steps: list[int], extra: dict[str, list], 
 
 def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str], steps: list[int],
                        search: str = "grid", num_samples: int = 1, space_extra: dict[str, list] | None = None,
-                       max_images: int | None = None, max_concurrent: int = 2, name: str | None = None,
+                       max_images: int | None = None, max_concurrent: int = 2,
+                       resources: dict | None = None, name: str | None = None,
                        save_best: str | None = None, tracking_uri: str | None = None, seed: int = 0,
                        address: str | None = None) -> dict[str, Any]:
     """Run the sweep; → sweep id, best row, trial rows, failed trials, output folder and (with
@@ -142,7 +143,7 @@ def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str
                                                     seed=seed, tracking_uri=tracking_uri, address=address)
     searched, search_alg = search_space(samplers, steps, extra, search, seed)
     tuner = make_tuner(sampling_trial, {**space, **searched}, out, sweep_id, metric="pq", num_samples=num_samples,
-                       search_alg=search_alg, max_concurrent=max_concurrent)
+                       search_alg=search_alg, max_concurrent=max_concurrent, resources=resources)
     log.info(f"sweep {sweep_id}: {search} search over samplers {samplers}, steps {steps}"
              + (f", {extra}" if extra else "") + f"; MLflow {redact_uri(uri)}")
     grid = tuner.fit()
@@ -185,6 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=1, help="optuna trials (grid: repeats of the grid)")
     parser.add_argument("--max-images", type=int, default=None, help="score on the first N images only")
     parser.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default: %(default)s)")
+    add_trial_resources(parser)
     parser.add_argument("--name", default=None, help="sweep id; re-use it to resume an interrupted sweep")
     parser.add_argument("--save-best", default=None,
                         help="save the best config as the named sampling config NAME ($LDMSEG_HOME/sampling/"
@@ -238,5 +240,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samplers, steps, extra = check_inputs(args)
     return run_sampling_sweep(args.model, args.data, args.output, samplers=samplers, steps=steps, search=args.search,
                               num_samples=args.num_samples, space_extra=extra, max_images=args.max_images,
-                              max_concurrent=args.max_concurrent, name=args.name, save_best=args.save_best,
+                              max_concurrent=args.max_concurrent,
+                              resources=resources_of(args), name=args.name, save_best=args.save_best,
                               tracking_uri=args.tracking_uri, seed=args.seed, address=args.address)

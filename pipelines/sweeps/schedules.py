@@ -33,8 +33,8 @@ from ldmseg.config import override
 from ldmseg.redact import redact_uri
 from ldmseg.logs import get_logger
 from ldmseg.training.trainer import Reporter
-from pipelines.sweeps.kit import (cluster_check, collect_results, failed_trial, log_summary, make_tuner, markdown_table,
-                                  trial_tracker)
+from pipelines.sweeps.kit import (add_trial_resources, cluster_check, collect_results, failed_trial, log_summary,
+                                  make_tuner, markdown_table, resources_of, trial_tracker)
 from pipelines.train_inputs import absolute_path
 
 log = get_logger("tune")
@@ -85,11 +85,15 @@ def schedule_trial(config: dict[str, Any]) -> None:
     tracker = trial_tracker(config, "schedule-trial", choice)
     try:
         torch.set_num_threads(int(config.get("torch_threads", 1)))
-        state = TrainState.create("ldm", cfg, ae_model=config["ae_dir"], device="cpu")
+        from pipelines.ray_compat import assigned_device
+
+        device = assigned_device()  # the trial's GPU when it has one (--gpus-per-trial), else the CPU
+        state = TrainState.create("ldm", cfg, ae_model=config["ae_dir"], device=device)
         state.seed_generator(cfg.train_ldm.seed)
         batches = iterate_batches(ShardDataset(config["data"], "train", cfg.data.num_slots, seed=cfg.train_ldm.seed,
                                                repeat=True), cfg.train_ldm.batch_size)
-        watch = monitor_batch(config["data"], config["val_split"], int(config["val_images"]), cfg.data.num_slots, "cpu")
+        watch = monitor_batch(config["data"], config["val_split"], int(config["val_images"]),
+                              cfg.data.num_slots, device)
         Trainer(state, batches, TuneReporter(tracker), monitor_batch=watch, save_checkpoints=False).run()
     except Exception as exc:
         failed_trial(tracker, exc)
@@ -99,7 +103,8 @@ def schedule_trial(config: dict[str, Any]) -> None:
 
 def run_schedule_sweep(data: str, ae: str, output: str, *, config: str | None = None, overrides: list[str] | None = None,
                        num_samples: int = 8, max_steps: int = 300, eval_every: int = 50, grace_steps: int | None = None,
-                       val_images: int = 16, val_steps: int = 10, max_concurrent: int = 2, name: str | None = None,
+                       val_images: int = 16, val_steps: int = 10, max_concurrent: int = 2,
+                       resources: dict | None = None, name: str | None = None,
                        tracking_uri: str | None = None, seed: int = 0, address: str | None = None) -> dict[str, Any]:
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler
@@ -141,7 +146,7 @@ def run_schedule_sweep(data: str, ae: str, output: str, *, config: str | None = 
     Tracker(uri, artifact_root=space["artifact_root"]).ensure_experiment(space["experiment"])
     tuner = make_tuner(schedule_trial, space, out, sweep_id, metric="val_pq", num_samples=num_samples,
                        search_alg=tune.search.BasicVariantGenerator(random_state=seed), scheduler=scheduler,
-                       max_concurrent=max_concurrent)
+                       max_concurrent=max_concurrent, resources=resources)
     log.info(f"sweep {sweep_id}: {num_samples} schedules, up to {max_steps} steps each, validation every {eval_every} "
          f"steps under ASHA; MLflow {redact_uri(uri)}")
     grid = tuner.fit()
@@ -175,6 +180,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val-images", type=int, default=16, help="validation batch size (default: %(default)s)")
     parser.add_argument("--val-steps", type=int, default=10, help="sampling steps of validation (default: %(default)s)")
     parser.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default: %(default)s)")
+    add_trial_resources(parser)
     parser.add_argument("--name", default=None, help="sweep id; re-use it to resume an interrupted sweep")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random search")
     parser.add_argument("--tracking-uri", default=None)
@@ -199,5 +205,6 @@ def run(args) -> dict[str, Any]:
     return run_schedule_sweep(args.data, args.ae, args.output, config=args.config, overrides=args.overrides,
                               num_samples=args.num_samples, max_steps=args.max_steps, eval_every=args.eval_every,
                               grace_steps=args.grace_steps, val_images=args.val_images, val_steps=args.val_steps,
-                              max_concurrent=args.max_concurrent, name=args.name, tracking_uri=args.tracking_uri,
+                              max_concurrent=args.max_concurrent,
+                              resources=resources_of(args), name=args.name, tracking_uri=args.tracking_uri,
                               seed=args.seed, address=args.address)
