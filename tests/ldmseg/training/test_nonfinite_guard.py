@@ -91,11 +91,16 @@ def test_non_finite_steps_in_a_row_raise_naming_the_step_and_what_to_try():
     assert state.step == 2
 
 
-def test_an_infinite_loss_skips_the_step_without_a_scaler():
+def _linear():
+    """A seeded 3 -> 2 linear model with the AE stage's optimiser and lr schedule."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    cfg = training_cfg()
-    optimizer, sched = training.make_optimizer(model.parameters(), cfg.train_ae)
+    optimizer, sched = training.make_optimizer(model.parameters(), training_cfg().train_ae)
+    return model, optimizer, sched
+
+
+def test_an_infinite_loss_skips_the_step_without_a_scaler():
+    model, optimizer, sched = _linear()
     x = torch.randn(5, 3)  # (B, 3)
     before = _params(model)
     outcome = optimizer_step(model(x).pow(2).mean() * float("inf"), optimizer, 1.0, None, sched)
@@ -107,10 +112,7 @@ def test_an_infinite_loss_skips_the_step_without_a_scaler():
 
 
 def test_grad_scaler_backs_off_on_a_skipped_step_and_steps_on_a_finite_one():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    cfg = training_cfg()
-    optimizer, sched = training.make_optimizer(model.parameters(), cfg.train_ae)
+    model, optimizer, sched = _linear()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
     x = torch.randn(5, 3)  # (B, 3)
     before = _params(model)
@@ -124,7 +126,7 @@ def test_grad_scaler_backs_off_on_a_skipped_step_and_steps_on_a_finite_one():
     assert scaler.get_scale() == 1024.0  # growth_interval=1: one good step doubles it
     # finite gradients whose norm overflows float32 (the scaler sees nothing wrong): skipped, the scale backs off
     big = torch.nn.Linear(2, 1, bias=False)
-    opt_big, _ = training.make_optimizer(big.parameters(), cfg.train_ae)
+    opt_big, _ = training.make_optimizer(big.parameters(), training_cfg().train_ae)
     with torch.no_grad():
         big.weight.fill_(1e-10)
     unit = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1)
