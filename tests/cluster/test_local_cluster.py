@@ -136,7 +136,12 @@ def test_the_pipeline_runs_as_jobs_on_three_nodes_and_survives_a_lost_node(clust
                                "train_ldm.num_workers=2", "train_ldm.placement_strategy=SPREAD", "train_ldm.batch_size=8",
                                wait=False)
     deadline = time.monotonic() + 300
-    while "ldm step 10/40" not in cluster.logs(job_id):
+    # the node goes once a checkpoint of this run is on S3 (the progress line comes before its upload)
+    def ldm_checkpoint_on_s3() -> bool:
+        keys = cluster.s3_keys("ray-results")
+        return any(k.startswith("ldmseg/ray-results/ldm-") and "/checkpoint_" in k for k in keys)
+
+    while not ldm_checkpoint_on_s3():
         assert cluster.status(job_id) in ("PENDING", "RUNNING") and time.monotonic() < deadline, cluster.logs(job_id)
         time.sleep(3)
     state = cluster.python(STATE_CODE)
