@@ -54,7 +54,7 @@ def test_local_paths_are_not_reachable_without_a_shared_folder(path):
 
 
 def test_shared_prefixes_by_path_components_not_strings(tmp_path, monkeypatch):
-    shared, sibling, other = tmp_path / "shared", tmp_path / "shared2", tmp_path / "other"
+    shared, sibling, other = tmp_path / "nfs", tmp_path / "nfs2", tmp_path / "other"
     for folder in (shared, sibling, other):
         folder.mkdir()
     share(monkeypatch, shared, other / "deep")
@@ -98,9 +98,9 @@ def test_local_tracking_stores_are_not_reachable(uri):
 
 
 def test_a_sqlite_or_file_store_in_a_shared_folder_is_reachable(tmp_path, monkeypatch):
-    share(monkeypatch, tmp_path / "shared")
-    assert tracking_uri_reachable(f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}")
-    assert tracking_uri_reachable((tmp_path / "shared" / "mlruns").as_uri())
+    share(monkeypatch, tmp_path / "nfs")
+    assert tracking_uri_reachable(f"sqlite:///{tmp_path / 'nfs' / 'mlflow.db'}")
+    assert tracking_uri_reachable((tmp_path / "nfs" / "mlruns").as_uri())
     assert not tracking_uri_reachable(f"sqlite:///{tmp_path / 'shared2' / 'mlflow.db'}")
 
 
@@ -117,10 +117,10 @@ def test_the_message_names_flag_path_node_count_and_the_fix(tmp_path):
 
 
 def test_every_offender_is_named_and_the_declared_folders_shown(tmp_path, monkeypatch):
-    share(monkeypatch, tmp_path / "shared")
+    share(monkeypatch, tmp_path / "nfs")
     message = raised({"--data": "runs/shards", "--storage": "/x/ray_results", "--output": "s3://b/o"}, 4)
     assert "--data runs/shards, --storage /x/ray_results are on this machine only" in message
-    assert "4 nodes" in message and str(tmp_path / "shared") in message
+    assert "4 nodes" in message and str(tmp_path / "nfs") in message
 
 
 def test_a_flag_that_takes_no_url_is_told_to_use_a_shared_folder_only():
