@@ -303,7 +303,10 @@ def kill_node(root: Path, name: str) -> int:
     if not name.startswith("worker") or name not in state["pids"]:
         raise SystemExit(f"cluster: no worker node {name!r}; choose one of "
                          f"{', '.join(n for n in state['pids'] if n.startswith('worker'))}")
-    os.killpg(state["pids"][name], signal.SIGKILL)
+    try:
+        os.killpg(state["pids"][name], signal.SIGKILL)
+    except ProcessLookupError:
+        raise SystemExit(f"cluster: {name} is not running (already killed?)") from None
     print(f"killed {name} (process group {state['pids'][name]})", file=sys.stderr)
     return 0
 
