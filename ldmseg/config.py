@@ -22,6 +22,7 @@ import yaml
 from ldmseg.config_files import find_config
 from ldmseg.typed import ConfigError, build, merge, nest, to_dict
 from ldmseg.segment_config import SegmentConfig
+from ldmseg.train_config import LDMTrainConfig, TrainConfig
 from ldmseg.serve_config import ServeConfig
 
 
@@ -203,56 +204,6 @@ class SamplingConfig:
 
 
 @dataclass
-class TrainConfig:
-    """A training stage: the mask autoencoder's (``train_ae``), and what the diffusion stage's
-    (``train_ldm``, :class:`LDMTrainConfig`) adds to."""
-
-    iterations: int = 1000
-    batch_size: int = 16
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup: int = 200
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    grad_clip: float = 1.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    seed: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    """CPUs Ray reserves for each training worker."""
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    """Ray Train's ``placement_strategy``: ``PACK`` fills nodes first, ``SPREAD`` spreads workers."""
-    torch_threads: Optional[int] = None
-    """torch threads per worker (``None``: ``cpus_per_worker``). On a small machine, reserving one
-    CPU but using two threads leaves a CPU free for Ray Data's read tasks."""
-    report_every: int = 50
-    checkpoint_every: int = 500
-    num_to_keep: int = 2
-    max_failures: int = 0
-    time_budget_s: Optional[float] = None
-    """Stop after this many seconds of training (checked between steps); ``None``: no limit."""
-    validate_every: int = 0
-    """Monitor (PQ on a fixed small batch, overlay panel; see ``ldmseg.training.monitor``) every
-    this many steps; 0: once, after the final step."""
-    validate_images: int = 8
-    """Images in the monitoring batch (from the ``val`` split if there is one, else ``train``);
-    0 turns monitoring off."""
-    max_nonfinite_steps: int = 20
-    """Raise after this many optimizer steps in a row skipped for a non-finite loss or grad norm (>= 1)."""
-
-
-@dataclass
-class LDMTrainConfig(TrainConfig):
-    """The diffusion stage (``train_ldm``): a :class:`TrainConfig` with an EMA and sampled monitoring."""
-
-    ema_decay: Optional[float] = None
-    """Decay of the denoiser's exponential moving average (saved and monitored instead of the
-    raw weights); ``None``: no EMA."""
-    validate_steps: int = 10
-    """Sampling steps of the monitoring (the config's sampler and thresholds)."""
-
-
-@dataclass
 class PreprocessConfig:
     """Ray Data preprocessing into Parquet shards."""
 
@@ -383,7 +334,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{where}{exc}") from None
 
 
-HASH_NEUTRAL_KEYS = ("placement_strategy", "max_nonfinite_steps")
+HASH_NEUTRAL_KEYS = ("placement_strategy", "max_nonfinite_steps", "checkpoint_dir", "ema_on_cpu")
 """Config keys left out of :func:`config_hash` (added later and result-neutral: old runs keep their names)."""
 
 

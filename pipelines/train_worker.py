@@ -29,6 +29,7 @@ def train_worker(config: dict) -> None:
     import torch
 
     from ldmseg.training.monitor import monitor_batch
+    from ldmseg.training.optim import enable_cuda_fast_paths
     from ldmseg.training.state import train_config
     from ldmseg.training.trainer import Trainer
     from pipelines import ray_compat
@@ -47,6 +48,7 @@ def train_worker(config: dict) -> None:
     tcfg = train_config(cfg, stage)
     torch.set_num_threads(max(1, tcfg.torch_threads or tcfg.cpus_per_worker))
     device = ray.train.torch.get_device()
+    enable_cuda_fast_paths(device)
     state = create_state(stage, cfg, config.get("ae_model"), config["tracking_uri"], device)
     # Ray's own checkpoint (a restarted worker group) first, else one an earlier, killed driver left
     ckpt = ray.train.get_checkpoint()

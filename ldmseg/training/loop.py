@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from ldmseg.config import TrainConfig
+from ldmseg.train_config import TrainConfig
 
 
 class Hooks:

@@ -24,7 +24,7 @@ from typing import Iterable, NamedTuple
 import torch
 from torch import nn
 
-from ldmseg.config import TrainConfig
+from ldmseg.train_config import TrainConfig
 from ldmseg.models.ddp import unwrap
 
 
@@ -98,13 +98,25 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def resolve_precision(mixed_precision: str, device) -> str:
+    """``mixed_precision`` with ``auto`` resolved for ``device``: ``bf16`` on a CUDA GPU that
+    supports it (Ampere and newer: no loss scaling needed), ``fp16`` on an older GPU (trained with a
+    ``GradScaler``), ``no`` (float32) elsewhere. Other values are returned unchanged."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if torch.device(device).type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def autocast_context(device: torch.device, mixed_precision: str):
-    """The autocast context for ``mixed_precision`` (``no``, ``fp16``, ``bf16``) on ``device``.
+    """The autocast context for ``mixed_precision`` (``no``, ``fp16``, ``bf16``, ``auto``) on ``device``.
 
     ``fp16`` needs CUDA and ``bf16`` a device that supports it; otherwise training runs in
-    float32 and a warning says so (once).
+    float32 and a warning says so (once). ``auto``: :func:`resolve_precision`.
     """
     device = torch.device(device)
+    mixed_precision = resolve_precision(mixed_precision, device)
     if mixed_precision == "no":
         return contextlib.nullcontext()
     if mixed_precision == "fp16":
@@ -121,19 +133,31 @@ def autocast_context(device: torch.device, mixed_precision: str):
             warn_once(f"bf16 autocast is not set up for device {device.type}; training in float32")
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+    raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or 'auto', got {mixed_precision!r}")
+
+
+def enable_cuda_fast_paths(device) -> bool:
+    """On CUDA: TF32 matmuls and convolutions (Ampere+, ~10-bit mantissa inside fp32 kernels) and
+    ``cudnn.benchmark`` (fixed training shapes: the fastest conv algorithm is picked once).
+    Returns whether anything was set (nothing on other devices)."""
+    if torch.device(device).type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return True
 
 
 def make_scaler(mixed_precision: str, device) -> torch.amp.GradScaler | None:
     """A ``GradScaler("cuda")`` for fp16 training on CUDA (small gradients would underflow), else None."""
-    if mixed_precision == "fp16" and torch.device(device).type == "cuda":
+    if resolve_precision(mixed_precision, device) == "fp16" and torch.device(device).type == "cuda":
         return torch.amp.GradScaler("cuda")
     return None
 
 
 def check_scaler(mixed_precision: str, device, scaler) -> None:
     """Warn (once) when fp16 on CUDA runs without a ``GradScaler``."""
-    if mixed_precision == "fp16" and torch.device(device).type == "cuda" and scaler is None:
+    if resolve_precision(mixed_precision, device) == "fp16" and torch.device(device).type == "cuda" and scaler is None:
         warn_once("fp16 training without a GradScaler: small gradients may underflow; pass "
                   "scaler=torch.amp.GradScaler('cuda') to the training step")
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldmseg.config import Config, TrainConfig
+from ldmseg.config import Config
+from ldmseg.train_config import TrainConfig
 from ldmseg.training.build import Stage, build_stage
 from ldmseg.training.optim import NonFiniteGuard, ema_copy, make_ema, make_optimizer, make_scaler
 
