@@ -94,6 +94,11 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def cluster_gpus() -> float:
+    """GPUs the connected Ray cluster has now (logical ones included; 0 on a CPU-only cluster)."""
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
 def dataset_from_items(items: list[dict]) -> "ray.data.Dataset":
     import ray.data
 

@@ -143,11 +143,15 @@ class Progress:
         self.last = self.t0
         self.segmented = self.quarantined = 0
         self.reasons: dict[str, int] = {}
+        self.devices: dict[str, int] = {}
+        """Images segmented per model device (``GPU 0``, ``cpu``): where the actors ran."""
 
-    def add(self, status: list[str], reasons: list[str]) -> None:
-        for s, r in zip(status, reasons):
+    def add(self, status: list[str], reasons: list[str], devices: list[str] | None = None) -> None:
+        for i, (s, r) in enumerate(zip(status, reasons)):
             if s == "segmented":
                 self.segmented += 1
+                if devices is not None:
+                    self.devices[devices[i]] = self.devices.get(devices[i], 0) + 1
             else:
                 self.quarantined += 1
                 self.reasons[r] = self.reasons.get(r, 0) + 1
@@ -214,7 +218,8 @@ def run_pipeline(todo: list, cfg: Any, *, source: str, model: str, output: str, 
                                 fn_kwargs={"out": output, "overlays": overlays, "alpha": seg.overlay_alpha,
                                            "quality": seg.overlay_quality, "max_pixels": seg.max_pixels})
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        progress.add([str(s) for s in batch["status"]], [str(r) for r in batch["reason"]])
+        progress.add([str(s) for s in batch["status"]], [str(r) for r in batch["reason"]],
+                     [str(d) for d in batch["device"]])
     progress.log()
 
 
@@ -258,7 +263,7 @@ def segment(model: str, source: str, output: str, *, sampling: dict | None = Non
         "input": source, "output": output, "model": model, "model_loaded": pinned, "model_version": version,
         "model_step": meta.get("step"), "model_stage": meta.get("extra", {}).get("stage"), "found": len(work.found),
         "segmented": progress.segmented, "already_done": already, "quarantined": progress.quarantined,
-        "quarantine_reasons": progress.reasons, "listed_in_json": listed,
+        "quarantine_reasons": progress.reasons, "devices": progress.devices, "listed_in_json": listed,
         "reconciles": len(work.found) == progress.segmented + already + progress.quarantined,
         "seconds": round(seconds, 3), "images_per_s": round(progress.segmented / max(seconds, 1e-9), 4),
         "sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps, "seed": seed,

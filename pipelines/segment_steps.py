@@ -30,6 +30,9 @@ import numpy as np
 from ldmseg.config import Config
 from ldmseg.data.image_io import ImageDecodeError, decode_image
 from ldmseg.data.resize import ResizeInfo
+from ldmseg.logs import get_logger
+
+log = get_logger("segment")
 
 CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object", "isthing": 1}]
 GEOMETRY = ("height", "width", "scaled_h", "scaled_w")
@@ -145,6 +148,8 @@ class SegmentModel:
         self._tmp = tempfile.TemporaryDirectory(prefix="ldmseg-segment-model-")
         model_dir = resolve_model(model, __import__("pathlib").Path(self._tmp.name), tracking_uri)
         self.segmenter = Segmenter.from_pretrained(model_dir, device=assigned_device())
+        self.device = device_label()
+        log.info(f"model actor on {self.device} (torch device {self.segmenter.device})")
         self.sampling = build(SamplingConfig, sampling)
         self.seed, self.num_samples = int(seed), int(num_samples)
 
@@ -178,8 +183,16 @@ class SegmentModel:
                 uncertainty[i] = np.round(r.uncertainty * 255).astype(np.uint8).tobytes()
         out = {k: batch[k] for k in KEPT + ("bytes",)}
         out.update(id_map=np.asarray(id_maps, dtype=object), segments=np.asarray(segments, dtype=object),
-                   uncertainty=np.asarray(uncertainty, dtype=object))
+                   uncertainty=np.asarray(uncertainty, dtype=object), device=np.asarray([self.device] * n, dtype=object))
         return out
+
+
+def device_label() -> str:
+    """Where this Ray worker runs its model: ``GPU 1`` (the GPU ids Ray assigned it) or ``cpu``."""
+    import ray
+
+    ids = ray.get_gpu_ids()
+    return f"GPU {','.join(str(g) for g in ids)}" if ids else "cpu"
 
 
 def part_name(names: list[str]) -> str:
@@ -228,7 +241,8 @@ def write_step(batch: dict[str, np.ndarray], *, out: str, overlays: bool, alpha:
     if errors:
         writer.write_file(f"{ERRORS}/{part}.jsonl", "".join(json.dumps(e) + "\n" for e in errors).encode())
     return {"name": np.asarray(names, dtype=object), "status": np.asarray(status, dtype=object),
-            "reason": np.asarray([str(r) for r in batch["reason"]], dtype=object)}
+            "reason": np.asarray([str(r) for r in batch["reason"]], dtype=object),
+            "device": np.asarray([str(d) for d in batch["device"]], dtype=object)}
 
 
 def _png(image) -> bytes:

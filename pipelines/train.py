@@ -81,6 +81,9 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
     if ae_model != inputs.ae_model:
         log.info(f"{nodes} nodes: every worker downloads the AE {ae_model} itself")
     tcfg = train_config(cfg, stage)
+    if tcfg.use_gpu and not ray_compat.cluster_gpus():
+        log.warning(f"train_{stage}.use_gpu is true but this Ray cluster has no GPU now: the workers wait until "
+                    f"an autoscaler adds GPU nodes (set train_{stage}.use_gpu=false to train on CPUs)")
     name = run_name(stage, cfg, inputs, name_suffix)
     data, files, val_split = inputs.data, inputs.train_files, inputs.val_split
     tracker = Tracker(uri, artifact_root=local_artifact_root(uri, run_dir))

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ldmseg.redact import redact_uri
-from pipelines.sweeps.kit import (add_trial_resources, cached_segmenter, collect_results, log, log_summary, make_tuner,
-                                  markdown_table, prepare_model_sweep, resources_of, save_pq_plot, scored_trial)
+from pipelines.sweeps.kit import (add_trial_resources, cached_segmenter, collect_results, denoiser_parameters, log,
+                                  log_summary, make_tuner, markdown_table, prepare_model_sweep, resources_of,
+                                  save_pq_plot, scored_trial)
 
 KINDS = ("sparse", "global")
 KNOWN_SLOTS = ("given", "predicted")  # Segmenter.inpaint(known_slots=...); not imported here to keep --help light
@@ -93,7 +94,7 @@ def run_inpainting_sweep(model: str, data: str, output: str, *, kinds: list[str]
     space.update(sampler=sampler, steps=steps, known_slots=known_slots, kind=tune.grid_search(kinds),
                  fraction=tune.grid_search(fractions))
     tuner = make_tuner(inpainting_trial, space, out, sweep_id, metric="pq_unknown", max_concurrent=max_concurrent,
-                       resources=resources)
+                       resources=resources, model_parameters=denoiser_parameters(space["model_dir"]))
     log.info(f"sweep {sweep_id}: inpainting with {kinds} masks at known fractions {fractions}; "
              f"MLflow {redact_uri(uri)}")
     grid = tuner.fit()

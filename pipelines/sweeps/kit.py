@@ -55,6 +55,9 @@ def add_trial_resources(parser) -> None:
     parser.add_argument("--gpus-per-trial", type=float, default=None,
                         help="GPUs per trial (default: 1 on a cluster with GPUs, else 0); a trial samples on "
                              "the GPU Ray assigns it")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help=f"sample a denoiser of more than {CPU_PARAMETER_LIMIT // 10**6} M parameters (Stable "
+                             "Diffusion's is 815 M) on CPUs when trials get no GPU (refused by default: minutes per image)")
 
 
 def resources_of(args) -> dict[str, float | None]:
@@ -63,29 +66,51 @@ def resources_of(args) -> dict[str, float | None]:
 
     if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
         raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-    return {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+    return {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial, "allow_cpu": getattr(args, "allow_cpu", False)}
 
 
-def trial_resources(resources: dict[str, float | None] | None) -> dict[str, float]:
+CPU_PARAMETER_LIMIT = 200_000_000
+"""Denoisers larger than this are not sampled on CPUs unless ``--allow-cpu`` (SD v1.x's: 815 M)."""
+
+
+def trial_resources(resources: dict[str, float | None] | None, model_parameters: int | None = None
+                    ) -> dict[str, float]:
     """Ray resources of one trial: ``cpu`` (default 1) and ``gpu`` (``None``: 1 when the connected
-    cluster has GPUs, else 0; without one, every trial would see every GPU and take ``cuda:0``)."""
-    import ray
+    cluster has GPUs, else 0; without one, every trial would see every GPU and take ``cuda:0``).
+
+    A trial without a GPU for a denoiser of ``model_parameters`` > :data:`CPU_PARAMETER_LIMIT` is
+    refused (``ConfigError``) unless ``resources["allow_cpu"]``."""
+    from ldmseg.config import ConfigError
+    from pipelines.ray_compat import cluster_gpus
 
     wanted = {"cpu": 1.0, "gpu": None, **(resources or {})}
+    allow_cpu = bool(wanted.pop("allow_cpu", False))
     if wanted["gpu"] is None:
-        wanted["gpu"] = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        wanted["gpu"] = 1.0 if cluster_gpus() > 0 else 0.0
+    if not wanted["gpu"] and (model_parameters or 0) > CPU_PARAMETER_LIMIT and not allow_cpu:
+        raise ConfigError(f"the model's denoiser has {model_parameters / 1e6:.0f} M parameters and the trials get no GPU "
+                          f"(the cluster has {cluster_gpus():g}): sampling it on CPUs takes minutes per image. Run on a "
+                          "cluster with GPUs (--gpus-per-trial 1), or pass --allow-cpu to sample on CPUs anyway")
     return {k: float(v) for k, v in wanted.items() if v}
+
+
+def denoiser_parameters(model_dir: str) -> int | None:
+    """The denoiser's parameter count recorded in a model folder's ``model.json`` (None if absent)."""
+    from ldmseg.checkpoint import read_meta
+
+    return read_meta(model_dir).get("components", {}).get("denoiser", {}).get("parameters")
 
 
 def make_tuner(trainable, space: dict[str, Any], out: Path, sweep_id: str, *, metric: str, mode: str = "max",
                num_samples: int = 1, search_alg=None, scheduler=None, max_concurrent: int = 2,
-               resources: dict[str, float] | None = None):
+               resources: dict[str, float] | None = None, model_parameters: int | None = None):
     """A ``Tuner`` for ``trainable`` storing under ``out/ray_tune/sweep_id``, or the restored one
-    when an interrupted sweep of that id is there (failed trials are kept as failed)."""
+    when an interrupted sweep of that id is there (failed trials are kept as failed).
+    ``model_parameters``: the denoiser's size, for :func:`trial_resources`'s CPU refusal."""
     import ray.tune as tune
 
     storage = str(out / "ray_tune")
-    trainable = tune.with_resources(trainable, trial_resources(resources))
+    trainable = tune.with_resources(trainable, trial_resources(resources, model_parameters))
     exp_path = Path(storage) / sweep_id
     if exp_path.exists() and tune.Tuner.can_restore(str(exp_path)):
         log.info(f"resuming sweep {sweep_id} from {exp_path}")

@@ -31,8 +31,9 @@ import yaml
 
 from ldmseg.config import sampling_fields
 from ldmseg.redact import redact_uri
-from pipelines.sweeps.kit import (add_trial_resources, cached_segmenter, collect_results, log, log_summary, make_tuner,
-                                  markdown_table, prepare_model_sweep, resources_of, save_pq_plot, scored_trial)
+from pipelines.sweeps.kit import (add_trial_resources, cached_segmenter, collect_results, denoiser_parameters, log,
+                                  log_summary, make_tuner, markdown_table, prepare_model_sweep, resources_of,
+                                  save_pq_plot, scored_trial)
 
 PREFIX = "sampling."
 METRICS = ("pq", "sq", "rq", "seconds_per_image")
@@ -143,7 +144,8 @@ def run_sampling_sweep(model: str, data: str, output: str, *, samplers: list[str
                                                     seed=seed, tracking_uri=tracking_uri, address=address)
     searched, search_alg = search_space(samplers, steps, extra, search, seed)
     tuner = make_tuner(sampling_trial, {**space, **searched}, out, sweep_id, metric="pq", num_samples=num_samples,
-                       search_alg=search_alg, max_concurrent=max_concurrent, resources=resources)
+                       search_alg=search_alg, max_concurrent=max_concurrent, resources=resources,
+                       model_parameters=denoiser_parameters(space["model_dir"]))
     log.info(f"sweep {sweep_id}: {search} search over samplers {samplers}, steps {steps}"
              + (f", {extra}" if extra else "") + f"; MLflow {redact_uri(uri)}")
     grid = tuner.fit()
