@@ -196,6 +196,9 @@ class SamplingConfig:
     """Minimum segment area as a fraction of the image area (512 px of 512² ≈ 0.002)."""
     overlap_th: float = 0.5
     batch_size: int = 16
+    autocast: Literal["no", "fp16", "bf16", "auto"] = "no"
+    """The denoiser's dtype while sampling (the sampler's arithmetic and the AE decoder stay float32);
+    ``auto``: bf16 or fp16 on CUDA, float32 elsewhere (:func:`ldmseg.precision.resolve_precision`)."""
 
     @property
     def thresholds(self) -> dict[str, float]:

@@ -42,6 +42,7 @@ from torch import nn
 from ldmseg.config import DiffusionConfig, SamplingConfig
 from ldmseg.diffusion.noise import make_train_scheduler, predict_x0, scheduler_kwargs
 from ldmseg.models.ddp import unwrap
+from ldmseg.precision import autocast_context
 
 SamplerFactory = Callable[[DiffusionConfig, SamplingConfig], object]
 
@@ -147,7 +148,8 @@ def sample_latents(
         denoiser: ``(x_t, t, image_latent, x0_self) → prediction`` (a :class:`~ldmseg.models.denoiser.Denoiser`).
         image_latent: (B, Ci, h, w) float, the image encoder's output.
         diffusion_cfg: the noise process the denoiser was trained with.
-        sampling_cfg: ``sampler``, ``steps``, ``timestep_spacing``, ``eta`` (DDIM), ``self_condition``.
+        sampling_cfg: ``sampler``, ``steps``, ``timestep_spacing``, ``eta`` (DDIM), ``self_condition``,
+            ``autocast`` (the denoiser's forward pass only: its output is cast back to float32).
         seeds: B ints, one per image (initial noise and any sampler noise of that image).
         latent_channels: C of the mask latent.
         known_latent: (B, C, h, w) float, scaled mask latents to keep (inpainting), or None.
@@ -212,7 +214,9 @@ def sample_latents(
         x0_self = None
         if self_condition:
             x0_self = torch.where(known_mask, known_latent, x0_hat) if inpaint else x0_hat
-        output = denoiser(model_input, t_batch, image_latent, x0_self)
+        with autocast_context(device, sampling_cfg.autocast):
+            output = denoiser(model_input, t_batch, image_latent, x0_self)
+        output = output.float()
         if self_condition or i == last:
             x0_hat = predict_x0(prediction_type, output, model_input, t_batch, alphas_cumprod)
         if i < last:

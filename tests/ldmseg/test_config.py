@@ -80,7 +80,7 @@ def test_sampling_options_are_the_sampling_config_fields():
     assert (cfg.sampling.steps, cfg.sampling.mask_th, cfg.sampling.sampler) == (7, 1.0, "ddim")
     assert cfg.sampling.thresholds == {"mask_th": 1.0, "count_th": 0.002, "overlap_th": 0.5}
     assert set(SamplingConfig.THRESHOLDS) < set(sampling_fields()) and "THRESHOLDS" not in sampling_fields()
-    with pytest.raises(ConfigError, match="unknown config key sampling.mask_threshold; valid keys here: batch_size"):
+    with pytest.raises(ConfigError, match="unknown config key sampling.mask_threshold; valid keys here: autocast, batch_size"):
         with_sampling(cfg, {"mask_threshold": 0.3})
     with pytest.raises(ConfigError, match="sampling.steps: expected an integer"):
         with_sampling(cfg, {"steps": "ten"})

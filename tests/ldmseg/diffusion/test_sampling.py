@@ -209,3 +209,17 @@ def test_decode_latents_divides_by_the_scale():
     logits = decode_latents(ae, z * 2.5, 2.5)
     assert logits.shape == (2, 8, 32, 32)
     assert torch.allclose(logits, ae.decode(z), atol=1e-5)
+
+
+def test_autocast_runs_the_denoiser_in_bf16_and_keeps_the_sampler_in_float32(denoiser):
+    """``sampling.autocast=bf16`` changes the denoiser's arithmetic (results close, not equal) while
+    x̂₀ stays float32; ``auto`` is float32 off CUDA (identical to ``no``)."""
+    lat = image_latents(2)
+    base = run(denoiser, tiny_cfg("sampling.steps=3"), lat, [1, 2])
+    bf16 = run(denoiser, tiny_cfg("sampling.steps=3", "sampling.autocast=bf16"), lat, [1, 2])
+    auto = run(denoiser, tiny_cfg("sampling.steps=3", "sampling.autocast=auto"), lat, [1, 2])
+    assert base.dtype == bf16.dtype == torch.float32
+    assert torch.equal(auto, base)
+    scale = float(base.abs().max())
+    assert not torch.equal(bf16, base)
+    assert torch.allclose(bf16, base, rtol=0, atol=0.05 * scale)
