@@ -50,12 +50,13 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, 
              seed: int = 0, batch_size: int | None = None, max_images: int | None = None,
              thresholds: Mapping[str, float] | None = None, sampling: Mapping[str, Any] | None = None,
              sampling_preset: str | None = None, tracking_uri: str | None = None, log_mlflow: bool = True,
-             split: str | None = None) -> dict[str, Any]:
+             split: str | None = None, on_ray: bool = False, address: str | None = None) -> dict[str, Any]:
     """Segment ``data`` with ``model`` into ``output`` and score it; → the result (also ``metrics.json``).
 
     ``sampling`` (SamplingConfig fields, e.g. a named sampling config's) is applied to the model's
     sampling config, then ``sampler``, ``steps`` and ``thresholds``; ``sampling_preset`` only
-    names where ``sampling`` came from, for the record.
+    names where ``sampling`` came from, for the record. ``on_ray``: segment on Ray model actors
+    (:mod:`pipelines.evaluate_ray`; ``address``: the cluster) instead of in this process.
     """
     from ldmseg.config import to_dict
     from ldmseg.evaluation import predict_dataset, progress_logger, resolve_ground_truth
@@ -74,14 +75,25 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, 
         dataset = gt.load()
         if max_images:
             dataset.records = dataset.records[:max_images]
-        segmenter = Segmenter.from_pretrained(model_dir)
-        batch_size = batch_size or options.pop("batch_size", None) or segmenter.cfg.sampling.batch_size
         options.pop("seed", None)  # the ``seed`` argument decides
-        used = segmenter.sampling_config(**options, seed=seed, batch_size=batch_size)
-        stats = predict_dataset(segmenter, dataset, out / "predictions", seed=seed, batch_size=batch_size,
-                                progress=progress_logger("evaluate", "segmented"), **options)
-        agnostic = evaluate_folders(pred=str(out / "predictions"), class_agnostic=True, missing="void",
-                                    image_ids=[r.image_id for r in dataset.records],
+        pred_json = None
+        if on_ray:  # the model is loaded by the actors: here only its config is read
+            from pipelines.evaluate_ray import evaluate_on_ray
+
+            pred_json, used, stats = evaluate_on_ray(model_dir, dataset.records, work, out / "predictions",
+                                                     options=options, seed=seed, batch_size=batch_size,
+                                                     address=address, tracking_uri=tracking_uri)
+        else:
+            segmenter = Segmenter.from_pretrained(model_dir)
+            batch_size = batch_size or options.pop("batch_size", None) or segmenter.cfg.sampling.batch_size
+            used = segmenter.sampling_config(**options, seed=seed, batch_size=batch_size)
+            log.info(f"segmenting in this process on {segmenter.device}"
+                     + ("" if segmenter.device.type == "cuda" else " (no CUDA device here; --on-ray puts the model "
+                                                                    "on the cluster's GPUs)"))
+            stats = predict_dataset(segmenter, dataset, out / "predictions", seed=seed, batch_size=batch_size,
+                                    progress=progress_logger("evaluate", "segmented"), **options)
+        agnostic = evaluate_folders(pred=str(out / "predictions"), pred_json=pred_json, class_agnostic=True,
+                                    missing="void", image_ids=[r.image_id for r in dataset.records],
                                     **gt.local_for_pq(work).pq_args())
     result: dict[str, Any] = {
         "model": model, "data": data, "scored": gt.description,
@@ -90,7 +102,7 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, 
         "pq": agnostic["All"]["pq"], "sq": agnostic["All"]["sq"], "rq": agnostic["All"]["rq"],
         "class_agnostic": agnostic, "n_images": agnostic["n_images"],
         "seconds_per_image": stats["seconds_per_image"], "skipped": stats["skipped"],
-        "predictions": str(out / "predictions"),
+        "predictions": str(out / "predictions"), "on_ray": on_ray, **({"devices": stats["devices"]} if on_ray else {}),
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     if log_mlflow:
@@ -130,6 +142,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap-th", type=float, default=None)
     parser.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or sqlite in OUTPUT)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--on-ray", action="store_true",
+                        help="segment on Ray model actors ('ldmseg segment''s path: parallel image reads, one model "
+                             "per actor, one GPU each when the cluster has GPUs) instead of in this process")
+    parser.add_argument("--address", default=None, help="with --on-ray: Ray address (default: RAY_ADDRESS or a local Ray)")
 
 
 def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
@@ -153,6 +169,6 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(args.model, args.data, args.output, sampler=args.sampler, steps=args.steps, seed=seed,
                    batch_size=args.batch_size, max_images=args.max_images, thresholds=thresholds, sampling=sampling,
                    sampling_preset=args.sampling, tracking_uri=args.tracking_uri, log_mlflow=not args.no_mlflow,
-                   split=args.split)
+                   split=args.split, on_ray=args.on_ray, address=args.address)
     print(json.dumps(res))
     return 0

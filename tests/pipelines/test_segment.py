@@ -270,3 +270,18 @@ def test_on_several_nodes_local_paths_fail_before_any_task_unless_shared(tiny_mo
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["segmented"] == summary["found"] > 0
+
+
+def test_evaluate_on_ray_scores_the_same_predictions_as_in_process(tiny_model, tmp_path, ray_session):
+    """``evaluate --on-ray`` segments through the segment pipeline's model actors, maps the
+    predictions' ids back to the ground truth's, and scores exactly what in-process evaluation scores."""
+    from pipelines.evaluate import evaluate
+
+    model, scenes, _ = tiny_model
+    local = evaluate(model, scenes, str(tmp_path / "local"), steps=2, seed=5, max_images=5, log_mlflow=False)
+    on_ray = evaluate(model, scenes, str(tmp_path / "ray"), steps=2, seed=5, max_images=5, log_mlflow=False,
+                      on_ray=True)
+    assert on_ray["n_images"] == local["n_images"] == 5
+    assert on_ray["class_agnostic"]["All"] == local["class_agnostic"]["All"]
+    assert on_ray["sampling"] == local["sampling"] and on_ray["devices"] == {"cpu": 5}
+    assert local["class_agnostic"]["All"]["tp"] + local["class_agnostic"]["All"]["fp"] > 0
