@@ -123,9 +123,10 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder or models:/ldmseg-ldm@current")
     parser.add_argument("--data", required=True, help="COCO panoptic folder or Parquet shards (ldmseg preprocess)")
-    parser.add_argument("--split", choices=("val", "train"), default=None,
-                        help="with shards: the split to score (default val; train only when asked: a figure of "
-                             "fit, not a held-out result). Scored against the shards' source COCO data")
+    parser.add_argument("--split", choices=("val", "test", "train"), default=None,
+                        help="with shards: the split to score (default val, the one choices are made on; test for "
+                             "reported numbers, e.g. COCO val2017 preprocessed with --split test; train only when "
+                             "asked: a figure of fit, not a held-out result). Scored against the shards' source COCO data")
     parser.add_argument("--output", default="runs/evaluate", help="predictions and metrics.json (default: %(default)s)")
     parser.add_argument("--sampling", default=None, metavar="NAME|FILE",
                         help="a named sampling config ($LDMSEG_HOME/sampling/NAME.yaml, LDMSEG_HOME defaulting to "
