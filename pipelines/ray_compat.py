@@ -26,11 +26,15 @@ WORKER_ENV = {
 
 
 def worker_env() -> dict[str, str]:
-    """:data:`WORKER_ENV` without the variables a submitted job's runtime env already sets (Ray
-    refuses to merge a job's runtime env with a driver's that sets the same variable)."""
+    """:data:`WORKER_ENV` plus the driver's Hugging Face variables (``HF_HOME``, ``HF_HUB_OFFLINE``,
+    ``HF_HUB_CACHE``, ``HF_TOKEN``, ...) and ``LDMSEG_WEIGHTS_CACHE`` (where pretrained weights are
+    found: :mod:`ldmseg.models.pretrained`), without the variables a submitted job's runtime env
+    already sets (Ray refuses to merge a job's runtime env with a driver's that sets the same variable)."""
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     job_env = (job.get("runtime_env") or {}).get("env_vars") or {}
-    return {k: v for k, v in WORKER_ENV.items() if k not in job_env}
+    weights = {k: v for k, v in os.environ.items()
+               if k.startswith(("HF_", "HUGGING_FACE_HUB_")) or k == "LDMSEG_WEIGHTS_CACHE"}
+    return {k: v for k, v in {**WORKER_ENV, **weights}.items() if k not in job_env}
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, temp_dir: str | None = None,

@@ -1,5 +1,5 @@
 """Shared pieces of the model tests: conf/tiny.yaml as it is, parameter counts, synthetic slot maps and
-their bit planes. Importing it keeps torch on one thread, as the model tests always ran."""
+their bit planes, tiny Stable-Diffusion-style diffusers models (``tiny_sd_unet``, ``tiny_sd_vae``). Importing it keeps torch on one thread, as the model tests always ran."""
 
 from __future__ import annotations
 
@@ -16,6 +16,30 @@ torch.set_num_threads(1)
 
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def tiny_sd_unet():
+    """A seeded UNet2DConditionModel of Stable Diffusion's layout (cross-attention, 4 latent channels), tiny widths."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def tiny_sd_vae():
+    """A seeded AutoencoderKL of Stable Diffusion's VAE layout (factor 4, 4 latent channels), tiny widths."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, scaling_factor=0.18215,
+    )
 
 
 def scenes(n: int, size: int, num_slots: int, seed: int) -> np.ndarray:

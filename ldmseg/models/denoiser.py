@@ -16,8 +16,6 @@ Two backbones (``denoiser.kind``):
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -168,9 +166,11 @@ def _unet2d(cfg: DenoiserConfig, in_channels: int, out_channels: int, sample_siz
 def _sd_unet(cfg: DenoiserConfig, sample_size: int, load_pretrained: bool) -> tuple[nn.Module, str]:
     from diffusers import UNet2DConditionModel
 
+    from ldmseg.models.pretrained import load_pretrained as load, pretrained_config
+
+    where = f"{cfg.pretrained}" + (f" (subfolder {cfg.subfolder})" if cfg.subfolder else "")
     if cfg.pretrained and load_pretrained:
-        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder=cfg.subfolder)
-        where = f"{cfg.pretrained}" + (f" (subfolder {cfg.subfolder})" if cfg.subfolder else "")
+        unet = load(UNet2DConditionModel, cfg.pretrained, cfg.subfolder)
         return unet, f"Stable Diffusion UNet loaded from {where}"
     if cfg.sd_config:
         config = sd_unet_config(cfg.sd_config)
@@ -178,15 +178,14 @@ def _sd_unet(cfg: DenoiserConfig, sample_size: int, load_pretrained: bool) -> tu
         unet = UNet2DConditionModel(**config)
         note = f"; pretrained weights of {cfg.pretrained} not loaded" if cfg.pretrained else ""
         return unet, f"{cfg.sd_config} UNet built from config{note}"
-    if cfg.pretrained:
-        local = Path(cfg.pretrained) / (cfg.subfolder or "")
-        if (local / "config.json").is_file():
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(local)))
-            return unet, f"UNet built from {local / 'config.json'} (weights not loaded)"
+    if cfg.pretrained and (config := pretrained_config(cfg.pretrained, cfg.subfolder)) is not None:
+        unet = UNet2DConditionModel.from_config(config)
+        return unet, f"UNet built from the config.json of {where} (weights not loaded)"
     raise ValueError(
-        "denoiser.kind=stable-diffusion needs denoiser.pretrained (a local save_pretrained directory or hub id) "
-        "or denoiser.sd_config=sd-v1 to build it from config"
-        + (" (without loading weights, a hub id also needs sd_config)" if cfg.pretrained else "")
+        "denoiser.kind=stable-diffusion needs denoiser.pretrained (a local save_pretrained directory, s3:// prefix "
+        "or hub id) or denoiser.sd_config=sd-v1 to build it from config"
+        + (" (without loading weights, a source whose config.json is not local or cached also needs sd_config)"
+           if cfg.pretrained else "")
     )
 
 
@@ -201,8 +200,8 @@ def build_denoiser(
     """Build the denoiser of ``cfg`` for latents (C, sample_size, sample_size) and image latents Ci.
 
     ``load_pretrained=False`` never loads (or downloads) ``cfg.pretrained`` weights: a
-    ``stable-diffusion`` UNet is then built from ``cfg.sd_config`` or from the ``config.json`` of a
-    local ``cfg.pretrained`` directory, with random weights; use it before ``load_state_dict``
+    ``stable-diffusion`` UNet is then built from ``cfg.sd_config`` or from the ``config.json`` of
+    ``cfg.pretrained`` (a local directory or a cached copy), with random weights; use it before ``load_state_dict``
     from a checkpoint, or under ``torch.device("meta")`` to count parameters.
     ``freeze_time_embedding`` and ``gradient_checkpointing`` are applied here.
     """

@@ -4,9 +4,10 @@ Two kinds (``image_encoder.kind``):
 
 - ``autoencoder_kl``: a diffusers ``AutoencoderKL``; the image latent is the posterior mean times
   ``scaling_factor`` (0.18215 for Stable Diffusion's ``vae/``). Loaded from ``pretrained`` (a local
-  ``save_pretrained`` directory or a hub id, with an optional ``subfolder`` such as ``vae``), or
-  built from the config fields with a fixed seed (so the same config always gives the same
-  frozen encoder; it is saved with checkpoints anyway).
+  ``save_pretrained`` directory, an ``s3://`` prefix or a hub id, with an optional ``subfolder``
+  such as ``vae``; see :mod:`ldmseg.models.pretrained`), or built from the config fields with a
+  fixed seed (so the same config always gives the same frozen encoder; it is saved with
+  checkpoints anyway).
 - ``pixel_unshuffle``: ``F.pixel_unshuffle`` by ``downsample_factor`` → (3·f², H/f, W/f); no
   parameters, lossless.
 
@@ -14,8 +15,6 @@ Parameters never require gradients and the module stays in eval mode.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -87,10 +86,11 @@ class ImageEncoder(nn.Module):
     def from_config(cls, cfg: ImageEncoderConfig, *, load_pretrained: bool = True) -> "ImageEncoder":
         """Build the encoder of ``cfg``.
 
-        With ``cfg.pretrained`` set, loads it (``AutoencoderKL.from_pretrained(pretrained,
-        subfolder=...)``). ``load_pretrained=False`` never loads or downloads weights: the shape
-        comes from the local directory's ``config.json``, or, for a hub id, from Stable Diffusion
-        v1.x's VAE config (use under ``torch.device("meta")`` to count parameters).
+        With ``cfg.pretrained`` set, loads it (:func:`ldmseg.models.pretrained.load_pretrained`: a
+        local directory, an ``s3://`` prefix copied once into the weights cache, or a hub id from the
+        Hugging Face cache). ``load_pretrained=False`` never loads weights or uses the network: the
+        shape comes from the ``config.json`` of a local directory or of a cached copy, else from
+        Stable Diffusion v1.x's VAE config (use under ``torch.device("meta")`` to count parameters).
         """
         if cfg.kind == "pixel_unshuffle":
             return cls("pixel_unshuffle", downsample_factor=cfg.downsample_factor, origin="pixel_unshuffle (no parameters)")
@@ -98,17 +98,19 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"unknown image_encoder.kind {cfg.kind!r}; choose autoencoder_kl or pixel_unshuffle")
         from diffusers import AutoencoderKL
 
+        from ldmseg.models.pretrained import load_pretrained as load, pretrained_config
+
         if cfg.pretrained:
-            where = Path(cfg.pretrained) / (cfg.subfolder or "")
+            where = cfg.pretrained + (f" (subfolder {cfg.subfolder})" if cfg.subfolder else "")
             if load_pretrained:
-                vae = AutoencoderKL.from_pretrained(cfg.pretrained, subfolder=cfg.subfolder)
-                origin = f"AutoencoderKL loaded from {cfg.pretrained}" + (f" (subfolder {cfg.subfolder})" if cfg.subfolder else "")
-            elif (where / "config.json").is_file():
-                vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(where)))
-                origin = f"AutoencoderKL built from {where / 'config.json'} (weights not loaded)"
+                vae = load(AutoencoderKL, cfg.pretrained, cfg.subfolder)
+                origin = f"AutoencoderKL loaded from {where}"
+            elif (config := pretrained_config(cfg.pretrained, cfg.subfolder)) is not None:
+                vae = AutoencoderKL.from_config(config)
+                origin = f"AutoencoderKL built from the config.json of {where} (weights not loaded)"
             else:
                 vae = AutoencoderKL(**sd_vae_config("sd-v1"))
-                origin = f"sd-v1 VAE shape assumed for {cfg.pretrained} (weights not loaded)"
+                origin = f"sd-v1 VAE shape assumed for {where} (weights not loaded)"
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(INIT_SEED)

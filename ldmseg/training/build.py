@@ -40,28 +40,45 @@ class Stage:
                 "denoiser": trained}
 
 
-def build_stage(stage: str, cfg: Config, *, ae_model: str | None = None, device: str | torch.device = "cpu") -> Stage:
+def build_stage(stage: str, cfg: Config, *, ae_model: str | None = None, device: str | torch.device = "cpu",
+                load_pretrained: bool = True) -> Stage:
     """The modules stage ``stage`` (``ae`` or ``ldm``) of ``cfg`` trains, on ``device``.
 
     ``ae_model``: the LDM stage's trained mask AE (a model folder of the ``ae`` stage).
+    ``load_pretrained=False`` (resuming from a checkpoint, whose weights replace the trained
+    module's): the trained module is built on the meta device and given uninitialised storage on
+    ``device`` (:func:`ldmseg.models.build.build_empty`), so neither random initialisation nor the
+    denoiser's pretrained weights (``denoiser.pretrained``) are paid for; its shape comes from
+    ``denoiser.sd_config`` or the pretrained ``config.json``. The frozen image encoder, which
+    checkpoints do not hold, is always loaded. Load the checkpoint before using the module.
     """
     from ldmseg.config import ConfigError
+    from ldmseg.models.build import build_empty
 
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     if stage == "ae":
         from ldmseg.models.mask_autoencoder import MaskAutoencoder
 
+        if not load_pretrained:
+            return Stage("ae", build_empty(lambda: MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots), device))
         return Stage("ae", MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots).to(device))
     if not ae_model:
         raise ConfigError("the ldm stage needs ae_model: the model folder of a trained mask AE")
     from ldmseg.checkpoint import load_model
-    from ldmseg.models.build import build_components
+    from ldmseg.models.build import build_components, build_denoiser_for, check_downsampling
+    from ldmseg.models.image_encoder import ImageEncoder
 
     loaded = load_model(ae_model, device=device)
     mask_ae = loaded.components["mask_autoencoder"].eval().requires_grad_(False)
-    parts = build_components(cfg, mask_ae=mask_ae)
-    image_encoder, denoiser = parts["image_encoder"].to(device), parts["denoiser"].to(device)
+    if load_pretrained:
+        parts = build_components(cfg, mask_ae=mask_ae)
+        image_encoder, denoiser = parts["image_encoder"].to(device), parts["denoiser"].to(device)
+    else:
+        image_encoder = ImageEncoder.from_config(cfg.image_encoder).to(device)  # frozen, not in checkpoints
+        check_downsampling(image_encoder, mask_ae)
+        shape = (mask_ae.latent_channels, image_encoder.out_channels, cfg.data.resolution // mask_ae.downsample_factor)
+        denoiser = build_empty(lambda: build_denoiser_for(cfg, *shape, load_pretrained=False), device)
     comps = LDMComponents(denoiser=denoiser, mask_ae=mask_ae, image_encoder=image_encoder,
                           latent_scale=float(loaded.latent_scale))
     return Stage("ldm", denoiser, comps)

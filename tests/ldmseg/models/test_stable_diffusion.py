@@ -11,24 +11,13 @@ import torch
 from paths import COCO_YAML
 from ldmseg.config import DenoiserConfig, load_config
 from ldmseg.models.denoiser import build_denoiser
-from helpers_models import n_params
-
-
-def _tiny_sd_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12, attention_head_dim=8, norm_num_groups=8,
-    )
+from helpers_models import n_params, tiny_sd_unet
 
 
 def test_denoiser_from_stable_diffusion_unet(tmp_path):
     from ldmseg.models.stable_diffusion import strip_cross_attention, widen_conv_in
 
-    unet = _tiny_sd_unet()
+    unet = tiny_sd_unet()
     unet.save_pretrained(str(tmp_path / "unet"))
     cfg = DenoiserConfig(kind="stable-diffusion", pretrained=str(tmp_path), subfolder="unet",
                          image_stem_channels=0, self_condition=True, freeze_time_embedding=True)
