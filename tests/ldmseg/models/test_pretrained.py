@@ -158,6 +158,28 @@ def test_s3_concurrent_loads_copy_once(bucket, cache):
     assert not stale.exists() and not list(entry.parent.glob(".*tmp-*"))
 
 
+COPY = """
+import sys
+from ldmseg.models import pretrained
+print(pretrained.resolve_pretrained(sys.argv[1], "unet"), pretrained.download_count())
+"""
+
+
+def test_s3_two_processes_at_once_copy_once(bucket, cache):
+    """Two processes on one machine loading the same weights together: one copies, the other waits and reuses."""
+    _, url = bucket
+    env = {**os.environ, **ENV}
+    procs = [subprocess.Popen([sys.executable, "-c", COPY, url], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err for _, err in outs]
+    lines = sorted(out.split() for out, _ in outs)
+    entry = str(pretrained._cache_entry(f"{url}/unet"))
+    assert lines == [[entry, "0"], [entry, "1"]]
+    assert sorted(p.name for p in Path(entry).iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
+                                                             "source.txt"]
+
+
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
     return subprocess.run([sys.executable, "-c", code], env={**full, **ENV, **env}, capture_output=True,
