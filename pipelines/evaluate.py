@@ -34,18 +34,6 @@ from ldmseg.logs import get_logger
 log = get_logger("evaluate")
 
 
-def resolve_model(uri: str, workdir: Path, tracking_uri: str | None = None) -> str:
-    """A checkpoint folder path for ``uri`` (downloading ``models:/``/``runs:/`` URIs)."""
-    if uri.startswith(("models:/", "runs:/")):
-        from pipelines.tracking import download_model
-
-        return str(download_model(uri, workdir / "model", tracking_uri))
-    if not Path(uri).is_dir() and "://" not in uri:
-        raise SystemExit(f"ldmseg: model {uri} is not a folder; pass a checkpoint folder "
-                         "(e.g. runs/quickstart/models/ldm) or models:/ldmseg-ldm@current")
-    return uri
-
-
 def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, steps: int | None = None,
              seed: int = 0, batch_size: int | None = None, max_images: int | None = None,
              thresholds: Mapping[str, float] | None = None, sampling: Mapping[str, Any] | None = None,
@@ -62,6 +50,7 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, 
     from ldmseg.evaluation import predict_dataset, progress_logger, resolve_ground_truth
     from ldmseg.metrics.pq import evaluate_folders
     from ldmseg.segmenter import Segmenter
+    from pipelines.tracking import resolve_model
 
     options = {**(sampling or {}), **(thresholds or {})}
     options.update({k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None})

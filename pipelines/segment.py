@@ -109,7 +109,7 @@ def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
 def model_meta(model: str, work: Path, tracking_uri: str | None) -> dict:
     """``model.json`` of ``model`` (a folder, s3:// prefix or ``models:/`` URI), read on the driver."""
     from ldmseg.checkpoint import read_meta
-    from pipelines.evaluate import resolve_model
+    from pipelines.tracking import resolve_model
 
     local = resolve_model(model, work, tracking_uri)
     if "://" in local:

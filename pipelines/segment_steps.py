@@ -140,7 +140,7 @@ class SegmentModel:
         from ldmseg.logs import setup_logging
         from ldmseg.segmenter import Segmenter
         from ldmseg.typed import build
-        from pipelines.evaluate import resolve_model
+        from pipelines.tracking import resolve_model
         from pipelines.ray_compat import assigned_device, worker_threads
 
         setup_logging()

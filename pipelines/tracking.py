@@ -224,3 +224,12 @@ def pin_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[str, str |
     version = client.get_model_version_by_alias(name, rest).version
     return f"models:/{name}/{version}", str(version)
 
+
+def resolve_model(uri: str, workdir: Path, tracking_uri: str | None = None) -> str:
+    """A checkpoint folder path for ``uri`` (downloading ``models:/``/``runs:/`` URIs)."""
+    if uri.startswith(("models:/", "runs:/")):
+        return str(download_model(uri, workdir / "model", tracking_uri))
+    if not Path(uri).is_dir() and "://" not in uri:
+        raise SystemExit(f"ldmseg: model {uri} is not a folder; pass a checkpoint folder "
+                         "(e.g. runs/quickstart/models/ldm) or models:/ldmseg-ldm@current")
+    return uri

@@ -124,7 +124,11 @@ def train_step(state: "TrainState", batch: dict) -> dict[str, float]:
     ``state.step`` counts applied updates only: a batch whose loss or grad norm is not finite is
     skipped (``skipped`` = 1.0) and counted by ``state.guard``, which raises ``FloatingPointError``
     after ``max_nonfinite_steps`` skips in a row. ``skipped_steps`` is the run's total of skips.
+    A compact batch (uint8 images, as copied to a GPU) is converted on its device first.
     """
+    from ldmseg.data.parquet_dataset import to_training_batch
+
+    batch = to_training_batch(batch)
     if state.name == "ae":
         metrics = ae_train_step(state.trained, batch, state.optimizer, state.cfg, generator=state.generator,
                                 scaler=state.scaler, lr_scheduler=state.lr_scheduler)

@@ -216,7 +216,7 @@ def prepare_model_sweep(kind: str, model: str, data: str, output: str, *, name: 
     from ldmseg.evaluation import resolve_ground_truth
     from pipelines import ray_compat
     from pipelines.cluster_paths import alive_node_count
-    from pipelines.evaluate import resolve_model
+    from pipelines.tracking import resolve_model
     from pipelines.tracking import Tracker, local_artifact_root, resolve_tracking_uri
     from pipelines.train_inputs import absolute_path
 

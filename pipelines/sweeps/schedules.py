@@ -113,7 +113,7 @@ def run_schedule_sweep(data: str, ae: str, output: str, *, config: str | None = 
     from ldmseg.data.manifest import list_split_files, open_fs
     from pipelines import ray_compat
     from pipelines.cluster_paths import alive_node_count
-    from pipelines.evaluate import resolve_model
+    from pipelines.tracking import resolve_model
     from pipelines.tracking import Tracker, local_artifact_root, resolve_tracking_uri
 
     if eval_every < 1 or max_steps < eval_every:

@@ -12,7 +12,8 @@ from helpers_preprocess import encode_records, shard_cfg
 from helpers_shards import decode_row
 from ldmseg.config import load_config
 from ldmseg.data import coco
-from ldmseg.data.parquet_dataset import ShardDataset, columns_to_rows, decode_columns, decode_rows
+from ldmseg.data.parquet_dataset import (ShardDataset, columns_to_rows, decode_columns, decode_rows,
+                                         to_training_batch)
 from ldmseg.data.synthetic import write_scenes
 from paths import TINY_YAML
 
@@ -78,6 +79,15 @@ def test_decode_columns_equals_decode_rows(ray_session, tmp_path):
         again = decode_rows(table.to_pylist(), 32, gen())
         for k in ("image", "slot_map", "valid", "image_id"):
             assert torch.equal(arrow[k], again[k])
+        # the compact batch (bound for a GPU): uint8 images and slots, converted to the same tensors
+        compact = decode_columns(numpy_batch, 32, gen(), compact=True)
+        assert compact["image"].dtype == compact["slot_map"].dtype == torch.uint8
+        assert compact["image"].shape == (7, 64, 64, 3)
+        assert sum(t.nbytes for t in compact.values()) * 4 < sum(t.nbytes for t in by_cols.values())
+        converted = to_training_batch(compact)
+        for k in ("image", "slot_map", "valid", "image_id"):
+            assert converted[k].dtype == by_cols[k].dtype and torch.equal(converted[k], by_cols[k]), k
+        assert to_training_batch(by_cols) is by_cols
 
 
 def test_shard_dataset_equals_row_by_row_reference(tmp_path, coco_val_examples):
