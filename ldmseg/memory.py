@@ -163,24 +163,22 @@ def estimate_stage(stage: str, cfg: Config, modules: Mapping[str, nn.Module], *,
     workers = int(tcfg.num_workers)
 
     weights = sum(state_bytes(modules[n])[0] for n in on_device)
-    gpu = [Item("weights", weights, f"fp32 weights of {', '.join(on_device)}"),
-           Item("gradients", trainable_b, f"fp32 gradients of the {trainable:,} trainable parameters"),
-           Item("adamw_moments", 2 * trainable_b, "AdamW's exp_avg and exp_avg_sq (fp32)")]
+    gpu = [Item("weights", weights, "fp32, every module on the GPU"),
+           Item("gradients", trainable_b, "fp32, of the trainable parameters"),
+           Item("adamw_moments", 2 * trainable_b, "AdamW exp_avg + exp_avg_sq, fp32")]
     host: list[Item] = []
     notes = [ACTIVATIONS_NOTE]
     if ema_decay is not None and not ema_on_cpu:
-        gpu.append(Item("ema_shadow", trainable_b, f"the EMA's fp32 shadow (ema_decay {ema_decay})"))
+        gpu.append(Item("ema_shadow", trainable_b, f"EMA (ema_decay {ema_decay}), fp32"))
     elif ema_decay is not None:
-        host += [Item("ema_shadow", trainable_b, f"the EMA's fp32 shadow (ema_decay {ema_decay}; ema_on_cpu)"),
-                 Item("ema_host_buffers", trainable_b, "the weights copied to the host each step for the EMA "
-                                                      "(reused, pinned)")]
+        host += [Item("ema_shadow", trainable_b, f"EMA (ema_decay {ema_decay}), fp32, ema_on_cpu"),
+                 Item("ema_host_buffers", trainable_b, "the weights copied to the host for each EMA update")]
     if workers > 1:
-        gpu.append(Item("ddp_buckets", trainable_b, f"DDP's gradient buckets ({workers} workers; "
-                                                    "gradient_as_bucket_view=False)"))
+        gpu.append(Item("ddp_buckets", trainable_b, f"DDP gradient buckets ({workers} workers)"))
     if grad_scaler:
-        gpu.append(Item("grad_scaler", GRAD_SCALER_BYTES, "a GradScaler's scale and growth tracker (fp16)"))
+        gpu.append(Item("grad_scaler", GRAD_SCALER_BYTES, "GradScaler state (fp16)"))
 
-    folder = [Item("model.json", model_json_bytes(cfg), "format, resolved config, components")]
+    folder = [Item("model.json", model_json_bytes(cfg), "config and metadata")]
     for name in on_device:
         if bundles_weights(name, modules[name], cfg):
             what = "EMA weights" if name == trained and ema_decay is not None else (
@@ -190,9 +188,8 @@ def estimate_stage(stage: str, cfg: Config, modules: Mapping[str, nn.Module], *,
     tensors = model_tensors + 3 * len(trainable_tensors)  # AdamW: exp_avg, exp_avg_sq, step
     trainer_state = (model_b + model_names + 2 * trainable_b + 4 * len(trainable_tensors)
                      + TORCH_SAVE_BYTES_PER_TENSOR * tensors + SMALL_STATE_BYTES)
-    folder.append(Item("trainer_state.pt", trainer_state,
-                       "the trained module's raw weights, AdamW moments, lr schedule, scaler, step"
-                       + (", EMA counters (its shadow is the model folder's file)" if ema_decay is not None else "")))
+    folder.append(Item("trainer_state.pt", trainer_state, "raw weights, AdamW moments, step"
+                       + (", EMA counters" if ema_decay is not None else "")))
     return StageEstimate(stage, trained, on_device, total, trainable, tuple(gpu), tuple(host), tuple(folder),
                          tuple(notes))
 

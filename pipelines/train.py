@@ -165,6 +165,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI "
                                                              "or sqlite in RUN_DIR)")
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (resources, memory per GPU, checkpoint size and free space, pretrained "
+                             "weights, paths, precision) and exit 1 on what would fail; trains nothing and starts "
+                             "no local Ray (pipelines/train_plan.py)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train_ae.iterations=500")
 
 
@@ -187,6 +191,10 @@ def check_inputs(args: argparse.Namespace, cfg: Config) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_inputs(args, cfg)
+    if getattr(args, "dry_run", False):
+        from pipelines.train_plan import dry_run
+
+        return dry_run(args, cfg)
     res = run_train(args.stage, cfg, data=args.data, run_dir=args.run_dir, ae_model=args.ae,
                     storage_path=args.storage, tracking_uri=args.tracking_uri, address=args.address)
     print(json.dumps({"stage": res.stage, "run_name": res.run_name, "model": res.model_dir,

@@ -97,7 +97,7 @@ def print_stage(record: dict) -> None:
         print(f"    {item['name']:<28} {item['bytes']:>16,} {_gib(item['bytes']):>9}  {item['note']}")
     print(f"    {'total':<28} {record['checkpoint_bytes']:>16,} {_gib(record['checkpoint_bytes']):>9}")
     print(f"  {'run storage, at most':<30} {record['storage_bytes']:>16,} {_gib(record['storage_bytes']):>9}  "
-          f"{record['storage_checkpoints']} checkpoints (num_to_keep + the one being written)")
+          f"{record['storage_checkpoints']} checkpoints (num_to_keep + 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     print("Counted on the meta device: no weights were allocated, loaded or downloaded "
           "(pretrained components are built from their config).")
     print()
-    print(f"Training memory per GPU and checkpoint size (1 GiB = 2^30 bytes); {ACTIVATIONS_NOTE}.")
+    print("Training memory per GPU and checkpoint size (1 GiB = 2^30 bytes);")
+    print(f"{ACTIVATIONS_NOTE}.")
     for record in stages.values():
         print_stage(record)
     return 0
