@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("ldmseg.commands.synth", "write seeded synthetic scenes as a COCO panoptic folder"),
     "validate": ("ldmseg.commands.validate", "check a COCO panoptic dataset and report per-image problems"),
     "pq": ("ldmseg.commands.pq", "panoptic quality of a prediction folder against ground truth"),
-    "model-summary": ("ldmseg.commands.model_summary", "parameter counts per model component"),
+    "model-summary": ("ldmseg.commands.model_summary", "parameters, training memory per GPU, checkpoint size"),
     "preprocess": ("pipelines.preprocess", "Ray Data: COCO panoptic (local or s3://) -> Parquet shards"),
     "train": ("pipelines.train", "Ray Train: train the mask autoencoder (ae) or the diffusion model (ldm)"),
     "evaluate": ("pipelines.evaluate", "segment a dataset with a trained model and report PQ"),
