@@ -13,6 +13,9 @@ A trained model is a folder (local, or any fsspec URL such as ``s3://bucket/mode
 Loading reads JSON and safetensors only (nothing is unpickled) and rebuilds every module from the
 stored config (:func:`ldmseg.config.from_dict`) before loading its weights. Frozen pretrained
 weights are never bundled (the official code's 3.3 GB pickles).
+
+:func:`checkpoint_problems` tells a complete checkpoint folder from one cut short (a crash
+mid-upload): missing files, truncated safetensors or ``torch.save`` archives.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def save_model(
     *,
     latent_scale: float,
     extra: dict | None = None,
+    state_dicts: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> str:
     """Write a model folder (created if missing; existing component files are overwritten).
 
@@ -93,6 +97,9 @@ def save_model(
         latent_scale: the factor applied to AE latents before diffusion (1 / std of training latents).
         extra: JSON-able metadata (e.g. ``{"stage": "ldm", "step": 1000}``); ``step`` is also
             stored at the top level as the training step.
+        state_dicts: component name → the state dict to write for it instead of the module's own
+            weights (same keys; e.g. the EMA weights built on the CPU by
+            :func:`ldmseg.training.optim.ema_state_dict`); the module still gives the metadata.
 
     Returns:
         ``directory`` as a string.
@@ -106,13 +113,22 @@ def save_model(
         import fsspec
 
         with tempfile.TemporaryDirectory() as tmp:
-            save_model(tmp, cfg, components, latent_scale=latent_scale, extra=extra)
+            save_model(tmp, cfg, components, latent_scale=latent_scale, extra=extra, state_dicts=state_dicts)
             fs, root = fsspec.core.url_to_fs(str(directory))
             fs.makedirs(root, exist_ok=True)
             for f in sorted(Path(tmp).iterdir()):
                 fs.put_file(str(f), f"{root.rstrip('/')}/{f.name}")
         return str(directory)
 
+    state_dicts = dict(state_dicts or {})
+    for name, sd in state_dicts.items():
+        if name not in components:
+            raise ValueError(f"state_dicts[{name!r}] given without a module for it in components")
+        expected, given = set(unwrap(components[name]).state_dict()), set(sd)
+        if expected != given:
+            missing, unexpected = sorted(expected - given)[:3], sorted(given - expected)[:3]
+            raise ValueError(f"state_dicts[{name!r}] does not match its module's state dict (missing {missing}, "
+                             f"unexpected {unexpected}): pass the weights of that module")
     out = _local(directory)
     out.mkdir(parents=True, exist_ok=True)
     entries: dict[str, dict] = {}
@@ -124,7 +140,9 @@ def save_model(
         elif name == "denoiser":
             entry.update(latent_channels=int(module.latent_channels), image_channels=int(module.image_channels),
                          sample_size=cfg.data.resolution // cfg.mask_ae.downsample_factor)
-        if entry["weights"]:
+        if entry["weights"] and name in state_dicts:
+            save_state_dict(state_dicts[name], out / entry["weights"])
+        elif entry["weights"]:
             st_save_model(module, str(out / entry["weights"]), force_contiguous=True)
         entry["parameters"] = sum(p.numel() for p in module.parameters())
         entries[name] = entry
@@ -142,6 +160,142 @@ def save_model(
     }
     (out / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return str(directory)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write ``state_dict`` as safetensors the way ``safetensors.torch.save_model`` writes a module:
+    a name that is another view of the same tensor (tied weights) is written once (the others
+    recorded in the metadata as ``alias -> kept name``; :func:`load_model` fills them in through the
+    module), tensors made contiguous, ``format: pt``. Tensors on a device are copied to the host."""
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt"}
+    out: dict[str, torch.Tensor] = {}
+    views: dict[tuple, str] = {}
+    storages: set[tuple] = set()
+    for name, t in state_dict.items():
+        storage = (t.device, t.untyped_storage().data_ptr())
+        view = (*storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if view in views:
+            metadata[name] = views[view]
+            continue
+        views[view] = name
+        # another view of a storage already written: an independent copy (safetensors refuses shared storage)
+        out[name] = t.detach().clone() if storage in storages else t.detach().contiguous()
+        storages.add(storage)
+    save_file(out, str(path), metadata=metadata)
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the tensors in ``tensors`` (a tensor, or dicts/lists/tuples of them, nested; other
+    values count 0), each storage once: e.g. of a state dict, an optimiser's ``state_dict()``."""
+    seen: set[tuple] = set()
+
+    def walk(x) -> int:
+        if isinstance(x, torch.Tensor):
+            key = (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.numel())
+            if key in seen:
+                return 0
+            seen.add(key)
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(walk(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(walk(v) for v in x)
+        return 0
+
+    return walk(tensors)
+
+
+def model_folder_bytes(cfg: Config, components: dict[str, nn.Module]) -> int:
+    """Bytes of the tensors :func:`save_model` writes for ``components`` (a pretrained or
+    ``pixel_unshuffle`` image encoder writes none): the size of its safetensors, give or take
+    their small JSON headers."""
+    total = 0
+    for name, module in components.items():
+        module = unwrap(module)
+        if name == "image_encoder" and not _image_encoder_entry(cfg, module)["weights"]:
+            continue
+        total += tensor_bytes(module.state_dict())
+    return total
+
+
+def safetensors_problem(opened, size: int) -> str | None:
+    """Why a safetensors file of ``size`` bytes (``opened``: its binary file object, at offset 0)
+    is incomplete, or None: the 8-byte header length, the JSON header, and the end of the last
+    tensor against the file size (a truncated upload ends early)."""
+    head = opened.read(8)
+    if len(head) < 8:
+        return f"{size} bytes: shorter than the 8-byte header length"
+    n = int.from_bytes(head, "little")
+    if n <= 0 or 8 + n > size:
+        return f"header of {n} bytes does not fit in {size} bytes"
+    try:
+        header = json.loads(opened.read(n))
+    except ValueError:
+        return "header is not JSON"
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"{size} bytes, the header describes {8 + n + end}"
+    return None
+
+
+def zip_problem(opened) -> str | None:
+    """Why a ``torch.save`` file (a zip archive; ``opened``: its seekable binary file object) is
+    incomplete, or None: its central directory (at the end) must be intact; a truncated file has none."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(opened) as z:
+            if not z.namelist():
+                return "an empty archive"
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"not a complete zip archive ({e})"
+    return None
+
+
+def checkpoint_problems(folder: str | Path, required: tuple[str, ...] = (MODEL_JSON,), fs=None) -> list[str]:
+    """What makes checkpoint folder ``folder`` incomplete (``[]``: nothing found): a file of
+    ``required`` missing, ``model.json`` unreadable or a component's weights it lists missing, a
+    truncated ``*.safetensors`` (:func:`safetensors_problem`) or ``*.pt`` (:func:`zip_problem`).
+
+    ``folder``: a local path or fsspec URL, or a path in the fsspec filesystem ``fs``. Reads the
+    small headers and zip directories only (a few requests per file on object storage).
+    """
+    if fs is None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(folder))
+    else:
+        root = str(folder)
+    root = root.rstrip("/")
+    try:
+        infos = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return [f"{folder} does not exist"]
+    listed = {i["name"].rstrip("/").split("/")[-1]: i for i in infos if i.get("type") != "directory"}
+    problems = [f"{name} missing" for name in required if name not in listed]
+    if MODEL_JSON in listed:
+        try:
+            with fs.open(f"{root}/{MODEL_JSON}", "rb") as f:
+                meta = json.loads(f.read())
+            for cname, entry in (meta.get("components") or {}).items():
+                if entry.get("weights") and entry["weights"] not in listed:
+                    problems.append(f"{entry['weights']} missing (model.json lists component {cname!r})")
+        except (ValueError, OSError, AttributeError) as e:
+            problems.append(f"{MODEL_JSON} unreadable ({e})")
+    for name, info in sorted(listed.items()):
+        if name.endswith(".pt"):
+            with fs.open(f"{root}/{name}", "rb") as f:
+                why = zip_problem(f)
+        elif name.endswith(".safetensors"):
+            with fs.open(f"{root}/{name}", "rb") as f:
+                why = safetensors_problem(f, int(info.get("size") or 0))
+        else:
+            continue
+        if why:
+            problems.append(f"{name}: {why}")
+    return problems
 
 
 def _version(package: str) -> str | None:

@@ -210,24 +210,106 @@ def checkpoint_at(path: str, storage: str):
     return ray.train.Checkpoint(path, filesystem=storage_filesystem(storage)[1])
 
 
-def latest_checkpoint(storage: str, name: str, required: tuple[str, ...]):
-    """The newest complete checkpoint (holding every file of ``required``) of run ``name`` under
-    ``storage`` (local or s3://), or None.
+def latest_checkpoint(storage: str, name: str, required: tuple[str, ...], *, older_than: str | None = None):
+    """The newest complete checkpoint of run ``name`` under ``storage`` (local or s3://), or None.
+
+    Complete: every file of ``required`` is there and none is cut short
+    (:func:`ldmseg.checkpoint.checkpoint_problems`: safetensors headers against file sizes, the
+    zip directory of ``trainer_state.pt``); an incomplete one (e.g. a crash mid-upload) is skipped
+    with a warning in favour of the one before. ``older_than``: a checkpoint path (or folder
+    name); only checkpoints older than it are considered (the fallback when that one fails to load).
 
     Ray Train resumes a run from its own snapshot, but a driver killed mid-run never writes
     one; the checkpoint folders (``checkpoint_<time>``) are there all the same, so we look for them.
     """
+    from ldmseg.checkpoint import checkpoint_problems
     from ldmseg.data.manifest import open_fs
 
     fs, root = open_fs(f"{storage.rstrip('/')}/{name}")
     fs.invalidate_cache()
     if not fs.isdir(root):
         return None
-    dirs = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").split("/")[-1].startswith("checkpoint_"))
+    dirs = sorted(p.rstrip("/") for p in fs.ls(root, detail=False)
+                  if p.rstrip("/").split("/")[-1].startswith("checkpoint_"))
+    limit = older_than.rstrip("/").split("/")[-1] if older_than else None
     for d in reversed(dirs):
-        if all(fs.exists(f"{d}/{f}") for f in required):
+        if limit is not None and d.split("/")[-1] >= limit:
+            continue
+        problems = checkpoint_problems(d, required, fs=fs)
+        if not problems:
             return checkpoint_at(d, storage)
+        log.warning(f"skipping incomplete checkpoint {d.split('/')[-1]} of {name}: {'; '.join(problems)}")
     return None
+
+
+def checkpoint_problems(checkpoint, storage: str, required: tuple[str, ...]) -> list[str]:
+    """:func:`ldmseg.checkpoint.checkpoint_problems` of a ``ray.train.Checkpoint`` of run storage
+    ``storage`` (read in place: nothing is downloaded but headers)."""
+    from ldmseg.checkpoint import checkpoint_problems as problems
+    from ldmseg.data.manifest import open_fs
+
+    fs = open_fs(storage)[0] if "://" in storage else None
+    return problems(checkpoint.path if fs is not None else f"file://{checkpoint.path}", required, fs=fs)
+
+
+def run_name_of(checkpoint) -> str:
+    """The run (experiment) name of a checkpoint in Ray Train's storage: its parent folder's name."""
+    return checkpoint.path.rstrip("/").split("/")[-2]
+
+
+def async_checkpoint_uploads() -> bool:
+    """Whether ``ray.train.report`` can upload a checkpoint in the background
+    (``checkpoint_upload_mode=ASYNC``: Ray Train V2, the default since Ray 2.5x; not with
+    ``RAY_TRAIN_V2_ENABLED=0``)."""
+    import ray.train
+
+    try:
+        from ray.train.v2._internal.constants import is_v2_enabled
+    except ImportError:
+        return False
+    return is_v2_enabled() and hasattr(ray.train, "CheckpointUploadMode")
+
+
+def train_report(metrics: dict, folder: str | None = None, *, upload_async: bool = False) -> bool:
+    """``ray.train.report(metrics)`` with the checkpoint folder ``folder`` (or none); returns whether
+    Ray took ownership of ``folder``.
+
+    ``upload_async`` (see :func:`async_checkpoint_uploads`): the report returns at once, Ray uploads
+    in a background thread (one upload at a time, reports kept in order) and deletes ``folder``
+    after the upload (``delete_local_checkpoint_after_upload``): keep it until then. Metric-only
+    reports go the same way (a synchronous report would wait for the upload before it). Otherwise
+    the upload is done when this returns and ``folder`` is the caller's to delete.
+    """
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(folder) if folder is not None else None
+    if upload_async:
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
+        return checkpoint is not None
+    ray.train.report(metrics, checkpoint=checkpoint)
+    return False
+
+
+def fetch_checkpoint_files(checkpoint, dest, keep: Callable[[str], bool]) -> list[str]:
+    """Copy the files of ``checkpoint`` (a ``ray.train.Checkpoint``, local or remote) whose names
+    pass ``keep`` into the local folder ``dest`` (created); returns their names. Only those files
+    are read (not ``as_directory()``, which downloads the whole checkpoint)."""
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+
+    fs = checkpoint.filesystem or pafs.LocalFileSystem()
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    names = []
+    for info in fs.get_file_info(pafs.FileSelector(checkpoint.path.rstrip("/"), recursive=False)):
+        if info.type == pafs.FileType.File and keep(info.base_name):
+            pafs.copy_files(info.path, str(dest / info.base_name), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            names.append(info.base_name)
+    return sorted(names)
 
 
 def arrow_collate(fn: Callable):

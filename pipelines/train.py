@@ -128,8 +128,9 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
     model_dir = run_dir / "models" / stage
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, model_dir, ignore=shutil.ignore_patterns(TRAINER_STATE))
+    # the model folder only (model.json, safetensors): not the resume file, most of the checkpoint's bytes
+    ray_compat.fetch_checkpoint_files(result.checkpoint, model_dir,
+                                      lambda f: f == MODEL_JSON or f.endswith(".safetensors"))
     metrics = dict(result.metrics or {})
     tracker.register(model_dir, REGISTERED[stage], alias=MODEL_ALIAS)
     tracker.finish()

@@ -3,8 +3,10 @@
 Every worker builds the stage (:class:`~ldmseg.training.state.TrainState`), resumes it from Ray's
 checkpoint (or one a killed driver left), wraps it for DDP, reads its dataset shard and runs the
 engine's :class:`~ldmseg.training.trainer.Trainer`, which reports through :class:`RayReporter`:
-``ray.train.report`` on every rank at the same steps, checkpoints attached on rank 0, and MLflow
-tracking and progress lines on rank 0.
+``ray.train.report`` on every rank at the same steps, checkpoints attached on rank 0 (uploaded in
+the background where Ray supports it: training goes on meanwhile), and MLflow tracking and
+progress lines on rank 0. A checkpoint that turns out incomplete on resume (a crash mid-upload)
+is replaced by the newest complete one before it (:func:`resume`).
 """
 
 from __future__ import annotations
@@ -55,8 +57,7 @@ def train_worker(config: dict) -> None:
     if ckpt is None and config.get("resume_from"):
         ckpt = ray_compat.checkpoint_at(config["resume_from"], config["storage_url"])
     if ckpt is not None:
-        with ckpt.as_directory() as folder:
-            state.load(folder)
+        resume(state, ckpt, config["storage_url"], warn=rank == 0)
         if rank == 0:
             log.info(f"resuming {stage} from step {state.step}")
     if world > 1:
@@ -74,6 +75,40 @@ def train_worker(config: dict) -> None:
     final_step = trainer.run()
     if rank == 0:
         log.info(f"{stage} finished at step {final_step} in {reporter.seconds():.0f} s")
+
+
+def resume(state, ckpt, storage: str, *, warn: bool = True) -> str:
+    """Load ``ckpt`` (a ``ray.train.Checkpoint`` in run storage ``storage``) into ``state``; returns
+    the path of the checkpoint loaded.
+
+    When ``ckpt`` is incomplete (a truncated ``trainer_state.pt`` or safetensors, a missing file:
+    :func:`ldmseg.checkpoint.checkpoint_problems`) or fails to load, the newest complete checkpoint
+    older than it in the same run is loaded instead, with a warning (``warn``: rank 0 logs it); every
+    rank makes the same choice. Raises ``RuntimeError`` when there is none.
+    """
+    from ldmseg.checkpoint import MODEL_JSON
+    from ldmseg.training.state import TRAINER_STATE
+    from pipelines import ray_compat
+
+    required = (TRAINER_STATE, MODEL_JSON)
+    tried = ckpt
+    while tried is not None:
+        problems = ray_compat.checkpoint_problems(tried, storage, required)
+        if not problems:
+            try:
+                with tried.as_directory() as folder:
+                    state.load(folder)
+                return tried.path
+            except Exception as e:  # noqa: BLE001 - any failure to load: try the one before
+                problems = [f"{type(e).__name__}: {e}"]
+        previous = ray_compat.latest_checkpoint(storage, ray_compat.run_name_of(tried), required,
+                                                older_than=tried.path)
+        if warn:
+            instead = f"resuming from the one before, {previous.path}" if previous is not None else "none is older"
+            log.warning(f"checkpoint {tried.path} is incomplete ({'; '.join(problems)}): {instead}")
+        tried = previous
+    raise RuntimeError(f"no complete checkpoint to resume from in the run of {ckpt.path} (the newest is incomplete "
+                       "and none before it is complete): delete that run folder to train from step 0")
 
 
 def create_state(stage: str, cfg, ae_model: str | None, tracking_uri: str, device):
@@ -118,20 +153,35 @@ def shard_batches(shard, batch_size: int, num_slots: int, seed: int, device) -> 
 
 class RayReporter(Reporter):
     """``ray.train.report`` at the engine's reports and checkpoints (all ranks); on rank 0 also
-    MLflow (metrics, overlay panels) and progress lines."""
+    MLflow (metrics, overlay panels) and progress lines.
 
-    def __init__(self, stage: str, iterations: int, tracking_uri: str, mlflow_run_id: str | None, rank: int) -> None:
+    Checkpoints: where Ray uploads in the background (:func:`pipelines.ray_compat.async_checkpoint_uploads`)
+    the reporter takes ownership of the trainer's staged folder and Ray deletes it after its upload;
+    before handing over the next one it waits for the previous upload to end, so at most two
+    checkpoints sit in ``checkpoint_dir`` (:attr:`staged_checkpoints`). Otherwise the upload is
+    synchronous and the trainer deletes the folder.
+    """
+
+    upload_wait_s = 3600.0
+    """Longest wait for the previous checkpoint's upload before handing over the next one anyway."""
+
+    def __init__(self, stage: str, iterations: int, tracking_uri: str, mlflow_run_id: str | None, rank: int,
+                 *, upload_async: bool | None = None) -> None:
+        from pipelines import ray_compat
         from pipelines.tracking import Tracker
 
         self.stage, self.iterations, self.t0 = stage, iterations, time.time()
         self.tracker = Tracker(tracking_uri, mlflow_run_id) if rank == 0 else None
+        self.upload_async = ray_compat.async_checkpoint_uploads() if upload_async is None else upload_async
+        self.staged_checkpoints = 2 if self.upload_async else 1
+        self._uploading: str | None = None
 
     def seconds(self) -> float:
         """Seconds since the reporter was made."""
         return time.time() - self.t0
 
     def report(self, step, metrics):
-        import ray.train
+        from pipelines import ray_compat
 
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step)
@@ -139,7 +189,7 @@ class RayReporter(Reporter):
             extra += f"  loss scale {metrics['loss_scale']:.0f}" if "loss_scale" in metrics else ""
             log.info(f"{self.stage} step {step}/{self.iterations}  loss {metrics.get('loss', float('nan')):.4f}  "
                      f"{metrics['samples_per_s']:.1f} samples/s  lr {metrics.get('lr', 0):.2e}{extra}")
-        ray.train.report(metrics)
+        ray_compat.train_report(metrics, upload_async=self.upload_async)
 
     def monitored(self, step, metrics, panel):
         if self.tracker is not None:
@@ -149,7 +199,30 @@ class RayReporter(Reporter):
         log.info(f"{self.stage} step {step}: monitoring {key} {metrics[key]:.3f} ({metrics['val_seconds']:.1f} s)")
 
     def checkpoint(self, step, metrics, folder):
-        import ray.train
+        from pipelines import ray_compat
 
-        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder is not None else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if folder is not None:
+            self.wait_for_upload()
+        owned = ray_compat.train_report(metrics, folder, upload_async=self.upload_async)
+        if owned:
+            self._uploading = folder
+        return owned
+
+    def wait_for_upload(self, poll_s: float = 0.5) -> float:
+        """Wait until the folder of the previous asynchronous upload is gone (Ray deletes it once
+        uploaded), at most :attr:`upload_wait_s`; returns the seconds waited."""
+        import os
+
+        t0, said = time.time(), False
+        while self._uploading is not None and os.path.exists(self._uploading):
+            waited = time.time() - t0
+            if waited > self.upload_wait_s:
+                log.warning(f"the previous checkpoint's upload did not end in {waited:.0f} s "
+                            f"({self._uploading} still exists): handing over the next one anyway")
+                break
+            if not said and waited > 5:
+                log.info("waiting for the previous checkpoint's upload before the next one")
+                said = True
+            time.sleep(poll_s)
+        self._uploading = None
+        return time.time() - t0

@@ -1,7 +1,9 @@
 """Optimiser, learning-rate schedule, EMA and mixed precision of a training stage.
 
 - :func:`make_optimizer`: AdamW + :func:`lr_factor` (linear warm-up, then constant or cosine);
-- :func:`make_ema` (a diffusers ``EMAModel``) and :func:`ema_copy` (the EMA weights in a copy);
+- :func:`make_ema` (a diffusers ``EMAModel``, shadow optionally on the CPU), :func:`ema_state_dict`
+  (the EMA weights as a CPU state dict, to save), :func:`ema_weights` (the EMA weights swapped into the
+  model for a block) and :func:`ema_copy` (the EMA weights in a copy);
 - :func:`autocast_context`, :func:`make_scaler` (a ``GradScaler`` for fp16 on CUDA);
 - :func:`optimizer_step`: backward, clip, step (through the scaler if any), skipped when the loss
   or the gradient norm is not finite; :class:`NonFiniteGuard` counts the skips and raises after
@@ -69,19 +71,142 @@ def make_optimizer(
     return optimizer, scheduler
 
 
-def make_ema(model: nn.Module, decay: float | None):
-    """A diffusers ``EMAModel`` over ``model``'s trainable parameters, or ``None`` when ``decay`` is None."""
+def make_ema(model: nn.Module, decay: float | None, *, on_cpu: bool = False):
+    """A diffusers ``EMAModel`` over ``model``'s trainable parameters (:func:`ema_class`), or
+    ``None`` when ``decay`` is None.
+
+    ``on_cpu`` (``train_ldm.ema_on_cpu``): the shadow weights live in host memory (4 bytes per
+    trainable float32 parameter less on the GPU); each step then copies the weights to the host
+    and averages there. The shadow stays on the CPU through :meth:`load_state_dict` (resume).
+    """
     if decay is None:
         return None
     if not 0.0 < decay < 1.0:
         raise ValueError(f"ema_decay must be in (0, 1) or null, got {decay}")
+    return ema_class()([p for p in unwrap(model).parameters() if p.requires_grad], decay=decay, on_cpu=on_cpu)
+
+
+_EMA_CLASS = None
+
+
+def ema_class():
+    """The ``EMAModel`` subclass :func:`make_ema` builds (diffusers is imported on first use).
+
+    It updates with ``torch._foreach`` ops (one kernel launch per op for all tensors instead of a
+    few per tensor) and, with ``on_cpu=True``, keeps ``shadow_params`` on the CPU: :meth:`step`
+    copies the model's weights into reused (pinned, on CUDA) host buffers, then applies the same
+    update ``s -= (1 - decay) * (s - p)`` there.
+    """
+    global _EMA_CLASS
+    if _EMA_CLASS is not None:
+        return _EMA_CLASS
     from diffusers.training_utils import EMAModel
 
-    return EMAModel([p for p in unwrap(model).parameters() if p.requires_grad], decay=decay)
+    class EMA(EMAModel):
+        def __init__(self, parameters, *, decay: float, on_cpu: bool = False) -> None:
+            super().__init__(parameters, decay=decay, foreach=True)
+            self.on_cpu = bool(on_cpu)
+            self._host: list[torch.Tensor] | None = None
+            if self.on_cpu:
+                self.to("cpu")
+
+        @property
+        def shadow_device(self) -> torch.device | None:
+            """The device of the shadow weights (None without any)."""
+            return self.shadow_params[0].device if self.shadow_params else None
+
+        def _host_copies(self, parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+            """``parameters``' values on the CPU: the tensors themselves when already there, else
+            copies into reused host buffers (one device-to-host pass, one sync)."""
+            if all(p.device.type == "cpu" for p in parameters):
+                return [p.detach() for p in parameters]
+            if self._host is None or [b.shape for b in self._host] != [p.shape for p in parameters]:
+                pin = torch.cuda.is_available()
+                self._host = [torch.empty(p.shape, dtype=p.dtype, pin_memory=pin) for p in parameters]
+            for b, p in zip(self._host, parameters):
+                b.copy_(p.detach(), non_blocking=True)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return self._host
+
+        @torch.no_grad()
+        def step(self, parameters) -> None:
+            if not self.on_cpu:
+                return super().step(parameters)
+            parameters = list(parameters)
+            host = self._host_copies(parameters)
+            self.optimization_step += 1
+            decay = self.get_decay(self.optimization_step)
+            self.cur_decay_value = decay
+            grad = [i for i, p in enumerate(parameters) if p.requires_grad]
+            frozen = [i for i, p in enumerate(parameters) if not p.requires_grad]
+            if frozen:
+                torch._foreach_copy_([self.shadow_params[i] for i in frozen], [host[i] for i in frozen])
+            shadow = [self.shadow_params[i] for i in grad]
+            values = [host[i] for i in grad]
+            # the diffusers foreach update, on the host
+            torch._foreach_sub_(shadow, torch._foreach_sub(shadow, values), alpha=1 - decay)
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            """diffusers' ``load_state_dict`` (``shadow_params`` may be absent: kept as they are),
+            then the shadow goes back to the device it was on (the CPU with ``on_cpu``)."""
+            device = self.shadow_device
+            super().load_state_dict(state_dict)
+            if device is not None:
+                self.to(device)
+
+    _EMA_CLASS = EMA
+    return EMA
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of ``model``'s (unwrapped) trainable parameters, in the order of :func:`make_ema`'s shadow."""
+    return [n for n, p in unwrap(model).named_parameters() if p.requires_grad]
+
+
+def ema_state_dict(model: nn.Module, ema) -> dict[str, torch.Tensor]:
+    """``model``'s (unwrapped) state dict on the CPU with the trainable entries taken from
+    ``ema.shadow_params``: the EMA weights to save, without a copy of the model on its device.
+
+    Entries already on the CPU (e.g. an ``ema_on_cpu`` shadow) are not copied: write them before
+    the next step changes them. Tied names of one parameter all get its shadow.
+    """
+    model = unwrap(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if len(trainable) != len(ema.shadow_params):
+        raise ValueError(f"the EMA holds {len(ema.shadow_params)} tensors, the model {len(trainable)} trainable "
+                         "parameters: the EMA was made for another model")
+    shadow = {id(p): s for p, s in zip(trainable, ema.shadow_params)}
+    return {k: shadow.get(id(v), v).detach().cpu() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+@contextlib.contextmanager
+def ema_weights(model: nn.Module, ema):
+    """Within the block, ``model`` (unwrapped, in place) holds the EMA weights; its own weights are
+    kept in host memory and put back on exit (also on error). Yields the unwrapped model.
+
+    No copy of the model on its device (unlike :func:`ema_copy`): e.g. for monitoring on a GPU
+    between steps. With ``ema=None`` the model is yielded unchanged.
+    """
+    model = unwrap(model)
+    if ema is None:
+        yield model
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    kept = [p.detach().to("cpu", copy=True) for p in params]
+    try:
+        ema.copy_to(params)
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, k in zip(params, kept):
+                p.copy_(k.to(p.device))
 
 
 def ema_copy(model: nn.Module, ema) -> nn.Module:
-    """A deep copy of ``model`` (unwrapped) holding the EMA weights, e.g. to save or evaluate."""
+    """A deep copy of ``model`` (unwrapped, on its device) holding the EMA weights, e.g. to
+    evaluate it apart from training; the trainer saves :func:`ema_state_dict` and monitors with
+    :func:`ema_weights` instead (neither copies the model on its device)."""
     model = copy.deepcopy(unwrap(model))
     if ema is not None:
         ema.copy_to([p for p in model.parameters() if p.requires_grad])

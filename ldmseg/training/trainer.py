@@ -7,10 +7,17 @@ in a :class:`~ldmseg.training.loop.TrainLoop` and, at the config's cadences,
   the run's total of batches skipped for a non-finite loss or grad norm (``skipped_steps``) and,
   with a ``GradScaler``, its current ``loss_scale``,
 - monitors (rank 0, given a monitoring batch): PQ and an overlay panel (:mod:`ldmseg.training.monitor`),
-  of the EMA weights when there are some,
+  of the EMA weights when there are some (swapped into the model for the monitoring,
+  :meth:`~ldmseg.training.state.TrainState.ema_applied`: no copy of the model on the GPU),
 - checkpoints: on rank 0 a model folder (:func:`ldmseg.checkpoint.save_model`, with the latent
   scale; the AE stage measures it on 4 training batches on every rank, which keeps the ranks' data
-  in step) plus the resume file; other ranks report the metrics alone.
+  in step; the trained component's weights are the EMA's, built on the CPU from its shadow) plus
+  the resume file (without a second copy of the EMA), staged in ``train_*.checkpoint_dir`` (default:
+  the system temp folder) and handed to the reporter; other ranks report the metrics alone.
+
+Before step 1, rank 0 deletes staged folders of killed processes on its host
+(:func:`remove_stale_staging`) and checks that ``checkpoint_dir`` has room for the checkpoints the reporter may
+hold at once (:meth:`Reporter.staged_checkpoints`) and stops with the free and needed bytes if not.
 
 The final step (or the step the time budget stopped at) is monitored and checkpointed with the
 final model and ``train_seconds``, ``train_steps_per_s``. Where things go is the reporter's
@@ -19,8 +26,10 @@ business: MLflow and ``ray.train.report`` in a Ray Train worker, ``ray.tune.repo
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -33,15 +42,23 @@ from ldmseg.training.steps import measure_latent_scale, train_step
 class Reporter:
     """Receives a :class:`Trainer`'s results; every method does nothing unless overridden."""
 
+    staged_checkpoints: int = 1
+    """How many checkpoint folders may sit in ``checkpoint_dir`` at once because of this reporter
+    (2 when it uploads one while the trainer writes the next): the free-space check counts them."""
+
     def report(self, step: int, metrics: dict[str, float]) -> None:
         """Every ``report_every`` steps, on every rank."""
 
     def monitored(self, step: int, metrics: dict[str, float], panel: np.ndarray) -> None:
         """After monitoring (rank 0): ``val_*`` metrics and the overlay panel (uint8 RGB)."""
 
-    def checkpoint(self, step: int, metrics: dict[str, float], folder: str | None) -> None:
-        """A checkpoint, on every rank: ``folder`` (rank 0, deleted after the call) holds the model
-        folder and ``trainer_state.pt``; ``None`` on other ranks or when checkpoints are off."""
+    def checkpoint(self, step: int, metrics: dict[str, float], folder: str | None) -> bool | None:
+        """A checkpoint, on every rank: ``folder`` (rank 0) holds the model folder and
+        ``trainer_state.pt``; ``None`` on other ranks or when checkpoints are off.
+
+        Returns True when the reporter takes ownership of ``folder`` (it must delete it when done,
+        e.g. once an asynchronous upload finished); otherwise (None, False) the trainer deletes the
+        folder as soon as this returns."""
 
 
 class Trainer(Hooks):
@@ -60,12 +77,20 @@ class Trainer(Hooks):
         self.rank, self.world_size = rank, world_size
         self.monitor_batch, self.extra, self.save_checkpoints = monitor_batch, dict(extra or {}), save_checkpoints
         self.loop = TrainLoop.from_config(state.train_cfg)
+        self.checkpoint_root = str(Path(state.train_cfg.checkpoint_dir or tempfile.gettempdir()).expanduser())
         self.start_step = state.step
         self._finished = False
         self._monitored: tuple[int, dict] | None = None
 
     def run(self) -> int:
-        """Train to ``iterations`` (or the time budget); returns the last step."""
+        """Train to ``iterations`` (or the time budget); returns the last step.
+
+        Raises ``OSError`` before step 1 when rank 0's ``checkpoint_dir`` lacks room for a checkpoint."""
+        if self.save_checkpoints and self.rank == 0:
+            section = "train_ae" if self.state.name == "ae" else "train_ldm"
+            remove_stale_staging(self.checkpoint_root)
+            staged = max(1, self.reporter.staged_checkpoints)
+            check_free_space(self.checkpoint_root, self.state.checkpoint_bytes() * staged, f"{section}.checkpoint_dir")
         self._t_start = self._t_last = time.time()
         self._step_last = self.start_step
         step = self.loop.run(lambda batch: train_step(self.state, batch), self.batches, self, start_step=self.start_step)
@@ -122,8 +147,9 @@ class Trainer(Hooks):
             metrics, panel = monitor_ae(state.model, self.monitor_batch, state.cfg)
         else:
             comps = state.components
-            metrics, panel = monitor_ldm(comps.mask_ae, comps.image_encoder, state.judged(), comps.latent_scale,
-                                         self.monitor_batch, state.cfg, steps=state.train_cfg.validate_steps)
+            with state.ema_applied() as denoiser:  # the EMA weights in the model itself, restored after
+                metrics, panel = monitor_ldm(comps.mask_ae, comps.image_encoder, denoiser, comps.latent_scale,
+                                             self.monitor_batch, state.cfg, steps=state.train_cfg.validate_steps)
         metrics["val_seconds"] = time.time() - t
         self._monitored = (step, dict(metrics))
         self.reporter.monitored(step, metrics, panel)
@@ -145,8 +171,65 @@ class Trainer(Hooks):
             return
         from ldmseg.checkpoint import save_model
 
-        with tempfile.TemporaryDirectory() as tmp:
-            save_model(tmp, state.cfg, state.stage.modules_to_save(state.judged()), latent_scale=float(scale),
-                       extra={"stage": state.name, "step": step, "final": final, **self.extra})
-            state.save(tmp)
-            self.reporter.checkpoint(step, metrics, tmp)
+        Path(self.checkpoint_root).mkdir(parents=True, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix=f"{staging_prefix()}{state.name}-step{step}-", dir=self.checkpoint_root)
+        owned = False
+        try:
+            weights = state.saved_weights()  # the EMA's, on the CPU (None: the module's own)
+            save_model(folder, state.cfg, state.stage.modules_to_save(state.model), latent_scale=float(scale),
+                       extra={"stage": state.name, "step": step, "final": final, **self.extra},
+                       state_dicts={state.trained_component: weights} if weights is not None else None)
+            del weights
+            state.save(folder, ema_in_model=True)
+            owned = bool(self.reporter.checkpoint(step, metrics, folder))
+        finally:
+            if not owned:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def staging_prefix(host: str | None = None, pid: int | None = None) -> str:
+    """Name prefix of the checkpoint folders this process stages: ``ldmseg-staged-<host>-<pid>-``
+    (a folder left by a killed process is known as stale by its host and pid)."""
+    import os
+    import socket
+
+    host = (host or socket.gethostname()).replace("-", "_")
+    return f"ldmseg-staged-{host}-{pid if pid is not None else os.getpid()}-"
+
+
+def remove_stale_staging(root: str | Path) -> list[str]:
+    """Delete the staged checkpoint folders in ``root`` left by processes of this host that are
+    gone (a worker killed before its upload ended); returns their names. Folders of live
+    processes and of other hosts (``root`` may be shared) are left alone."""
+    import os
+
+    mine = staging_prefix(pid=0)[: -len("0-")]
+    removed = []
+    if not Path(root).is_dir():
+        return removed
+    for folder in Path(root).glob(f"{mine}*"):
+        pid = folder.name[len(mine):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or not ours to signal): keep
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder.name)
+    return removed
+
+
+def check_free_space(folder: str | Path, needed: int, key: str, *, margin: float = 0.1) -> None:
+    """Raise ``OSError`` unless ``folder`` (created if missing) has ``needed`` bytes free plus
+    ``margin`` (a fraction) and 64 MiB; ``key`` names the config key that sets the folder."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    want = int(needed * (1 + margin)) + (64 << 20)
+    if free < want:
+        raise OSError(f"{key}: {folder} has {free:,} bytes free ({free / 1e9:.1f} GB); checkpoints staged there "
+                      f"need about {want:,} bytes ({want / 1e9:.1f} GB, {margin:.0%} margin included). Free space "
+                      f"there, or set {key}=<a node-local folder with room> (it must exist on every node)")
