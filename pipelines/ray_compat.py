@@ -132,12 +132,16 @@ def write_parquet(ds: "ray.data.Dataset", path: str, *, filesystem=None, rows_pe
                      max_rows_per_file=rows_per_file)
 
 
-def read_parquet(paths: str | list[str], *, filesystem=None, columns: list[str] | None = None):
+def read_parquet(paths: str | list[str], *, filesystem=None, columns: list[str] | None = None,
+                 shuffle_seed: int | None = None):
+    """Parquet files as a Dataset (only ``columns``). ``shuffle_seed``: the files are read in an
+    order drawn from it and the execution's index, so every epoch reads them in a new order."""
     import ray.data
+    from ray.data import FileShuffleConfig
 
-    ds = ray.data.read_parquet(paths, filesystem=filesystem)
+    shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle)
     return ds.select_columns(columns) if columns else ds
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def run_train(stage: str, cfg: Config, *, data: str, run_dir: str | Path, ae_mod
 
     fs, root = open_fs(data)
     proto = "" if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
-    dataset = ray_compat.read_parquet([proto + f for f in files], columns=TRAIN_COLUMNS)
+    # files in a new order every epoch (seeded); rows are mixed further by each worker's local shuffle buffer
+    dataset = ray_compat.read_parquet([proto + f for f in files], columns=TRAIN_COLUMNS, shuffle_seed=tcfg.seed)
     total_bytes = inputs.train_bytes  # from the manifest (or one listing), not a request per file
     if total_bytes <= MATERIALIZE_BELOW_BYTES:
         # small data: read once before the workers take their CPUs (Ray Data then needs no CPU

@@ -51,11 +51,13 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, tcfg.torch_threads or tcfg.cpus_per_worker))
     device = ray.train.torch.get_device()
     enable_cuda_fast_paths(device)
-    state = create_state(stage, cfg, config.get("ae_model"), config["tracking_uri"], device)
     # Ray's own checkpoint (a restarted worker group) first, else one an earlier, killed driver left
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("resume_from"):
         ckpt = ray_compat.checkpoint_at(config["resume_from"], config["storage_url"])
+    # resuming: the trained module is built empty (no Stable Diffusion load, no random init), the checkpoint fills it
+    state = create_state(stage, cfg, config.get("ae_model"), config["tracking_uri"], device,
+                         load_pretrained=ckpt is None)
     if ckpt is not None:
         resume(state, ckpt, config["storage_url"], warn=rank == 0)
         if rank == 0:
@@ -111,7 +113,7 @@ def resume(state, ckpt, storage: str, *, warn: bool = True) -> str:
                        "and none before it is complete): delete that run folder to train from step 0")
 
 
-def create_state(stage: str, cfg, ae_model: str | None, tracking_uri: str, device):
+def create_state(stage: str, cfg, ae_model: str | None, tracking_uri: str, device, *, load_pretrained: bool = True):
     """The stage's :class:`~ldmseg.training.state.TrainState`; an AE given as a ``models:/`` or
     ``runs:/`` URI (several nodes: see ``pipelines.train.cluster_check``) is downloaded by this
     worker from ``tracking_uri`` first, into a folder removed once the AE is loaded."""
@@ -122,28 +124,40 @@ def create_state(stage: str, cfg, ae_model: str | None, tracking_uri: str, devic
     from pipelines.cluster_paths import MODEL_URIS
 
     if not (ae_model and ae_model.startswith(MODEL_URIS)):
-        return TrainState.create(stage, cfg, ae_model=ae_model, device=device)
+        return TrainState.create(stage, cfg, ae_model=ae_model, device=device, load_pretrained=load_pretrained)
     from pipelines.tracking import download_model
 
     with tempfile.TemporaryDirectory(prefix="ldmseg-ae-") as tmp:
         folder = download_model(ae_model, Path(tmp) / "ae", tracking_uri)
-        return TrainState.create(stage, cfg, ae_model=str(folder), device=device)
+        return TrainState.create(stage, cfg, ae_model=str(folder), device=device, load_pretrained=load_pretrained)
+
+
+PREFETCH_BATCHES_GPU = 2
+"""Batches decoded ahead in Ray Data's threads for a GPU worker (1 on CPU workers: their cores train)."""
 
 
 def shard_batches(shard, batch_size: int, num_slots: int, seed: int, device) -> Iterator[dict]:
     """Endless training batches of ``batch_size`` rows from a Ray Data shard (epoch after epoch),
-    slots re-permuted with a numpy generator seeded with ``seed``, on ``device``."""
+    slots re-permuted with a numpy generator seeded with ``seed``, on ``device``.
+
+    Decoding runs in Ray Data's prefetch thread, not the training thread. For a GPU the batches are
+    compact (uint8 images and slots: ``decode_columns(compact=True)``), pinned and copied without
+    blocking; ``train_step`` converts them on the GPU. On a CPU they are decoded to float there."""
+    import torch
+
     from ldmseg.data.parquet_dataset import decode_columns
     from pipelines import ray_compat
 
     rng = np.random.default_rng(seed)
+    gpu = torch.device(device).type == "cuda"
     # Arrow batches: the columnar decoder views raw image bytes without a copy per row
     collate = ray_compat.arrow_collate(
-        lambda table: decode_columns({c: table.column(c) for c in table.column_names}, num_slots, rng))
+        lambda table: decode_columns({c: table.column(c) for c in table.column_names}, num_slots, rng, compact=gpu))
     while True:
         batches = 0
         for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device=device,
-                                              drop_last=True, local_shuffle_buffer_size=4 * batch_size):
+                                              drop_last=True, local_shuffle_buffer_size=4 * batch_size,
+                                              prefetch_batches=PREFETCH_BATCHES_GPU if gpu else 1, pin_memory=gpu):
             batches += 1
             yield batch
         if batches == 0:  # else the next epoch is empty too, and the next: training would spin forever

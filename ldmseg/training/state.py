@@ -66,16 +66,18 @@ class TrainState:
 
     @classmethod
     def create(cls, stage: str, cfg: Config, *, ae_model: str | None = None,
-               device: str | torch.device = "cpu") -> "TrainState":
+               device: str | torch.device = "cpu", load_pretrained: bool = True) -> "TrainState":
         """Seed the global RNG with the stage's ``seed`` (the same initial weights on every rank),
         build its modules (:func:`~ldmseg.training.build.build_stage`), then the optimiser and lr
         schedule (whose time-budget clock starts now), the EMA (LDM stage, ``train_ldm.ema_decay``)
         and a ``GradScaler`` for fp16 on CUDA. With ``train_ldm.ema_on_cpu`` the EMA's shadow lives
-        in host memory."""
+        in host memory. ``load_pretrained=False`` when a checkpoint is loaded next (:meth:`load`):
+        the trained module is built empty, without reading pretrained weights or drawing random ones
+        (:func:`~ldmseg.training.build.build_stage`); its values are garbage until then."""
         device = torch.device(device)
         tcfg = train_config(cfg, stage)
         torch.manual_seed(tcfg.seed)
-        built = build_stage(stage, cfg, ae_model=ae_model, device=device)
+        built = build_stage(stage, cfg, ae_model=ae_model, device=device, load_pretrained=load_pretrained)
         optimizer, lr_scheduler = make_optimizer(built.model.parameters(), tcfg)
         ema = (make_ema(built.model, tcfg.ema_decay, on_cpu=bool(getattr(tcfg, "ema_on_cpu", False)))
                if stage == "ldm" else None)

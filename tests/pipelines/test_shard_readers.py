@@ -132,3 +132,20 @@ def test_shard_dataset_equals_row_by_row_reference(tmp_path, coco_val_examples):
             assert int(sample["image_id"]) == image_id and sample["image"].shape == (3, 96, 96)
             for k in ("image", "slot_map", "valid"):
                 assert np.array_equal(sample[k].numpy(), expected[k]), k
+
+
+def test_training_files_are_read_in_a_new_order_every_epoch(ray_session, tmp_path):
+    """``read_parquet(shuffle_seed=...)``: each execution (epoch) reads every file once, in an order
+    drawn from the seed and the execution's index (Ray's read tasks may still finish out of order)."""
+    import pyarrow as pa
+
+    from pipelines import ray_compat
+
+    files = []
+    for i in range(12):
+        files.append(str(tmp_path / f"f{i:02d}.parquet"))
+        pq.write_table(pa.table({"i": [i]}), files[-1])
+    ds = ray_compat.read_parquet(files, shuffle_seed=5)
+    orders = [[int(r["i"]) for r in ds.iter_rows()] for _ in range(3)]
+    assert all(sorted(order) == list(range(12)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 3
