@@ -45,6 +45,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:  # YAML 1.1 reads a bare no / yes / off / on as a bool
+            words = [a for a in args if isinstance(a, str) and a.lower() in (("no", "off", "false") if not value
+                                                                             else ("yes", "on", "true"))]
+            value = words[0] if len(words) == 1 else value
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{key}: {value!r} is not one of {choices}")

@@ -135,3 +135,15 @@ def test_shipped_configs_are_found_by_name_and_unknown_names_list_them(tmp_path,
         find_config("quickstrat")
     with pytest.raises(ConfigError, match="does not exist"):
         find_config(tmp_path / "other" / "quickstart.yaml")  # a path elsewhere is never replaced
+
+
+def test_a_bare_no_means_the_choice_no_not_false():
+    """YAML 1.1 reads ``no`` as False: for a choice that has ``no`` (``mixed_precision``,
+    ``sampling.autocast``) the word is meant, in an override and in a file alike."""
+    from ldmseg.config import load_config
+
+    cfg = load_config("conf/coco.yaml", ["train_ldm.mixed_precision=no", "sampling.autocast=no"])
+    assert cfg.train_ldm.mixed_precision == "no" and cfg.sampling.autocast == "no"
+    with pytest.raises(ConfigError, match="train_ldm.mixed_precision: True is not one of"):
+        load_config("conf/coco.yaml", ["train_ldm.mixed_precision=yes"])
+    assert load_config(None, ["train_ae.use_gpu=no"]).train_ae.use_gpu is False  # a bool stays a bool
