@@ -193,7 +193,7 @@ def main() -> int:
     import torch
 
     from ldmseg.config import load_config
-    from ldmseg.training.optim import enable_cuda_fast_paths
+    from ldmseg.precision import enable_cuda_fast_paths
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_smoke: no CUDA device here; run it on a GPU machine (or --device cpu with a tiny config)",

@@ -21,7 +21,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
     """Autocast dtype on the training device; ``auto``: bf16 on a GPU that supports it, else fp16 with a
-    ``GradScaler`` on CUDA, else float32 (:func:`ldmseg.training.optim.resolve_precision`)."""
+    ``GradScaler`` on CUDA, else float32 (:func:`ldmseg.precision.resolve_precision`)."""
     seed: int = 0
     num_workers: int = 1
     use_gpu: bool = False

@@ -9,7 +9,7 @@ otherwise it reads this machine's), and :func:`dry_run` prints it, each line mar
   the shards are resolved as the run resolves them (:func:`pipelines.train_inputs.resolve_inputs`);
 - **resources**: ``num_workers × cpus_per_worker`` against the CPUs there are, ``use_gpu`` against
   the GPUs visible (``torch.cuda.device_count()`` or the cluster's ``GPU`` resource), and the
-  precision ``mixed_precision`` resolves to (:func:`ldmseg.training.optim.resolve_precision`);
+  precision ``mixed_precision`` resolves to (:func:`ldmseg.precision.resolve_precision`);
 - **memory**: the fixed training memory per GPU and one checkpoint's size (:mod:`ldmseg.memory`),
   against a local GPU's memory when there is one;
 - **disk**: free space (:func:`disk_checks`) where checkpoints are staged (``train_*.checkpoint_dir``,
@@ -144,7 +144,7 @@ def cluster_resources(address: str | None) -> Resources:
 
 def resource_lines(plan: TrainPlan, cfg: Config, res: Resources) -> str:
     """Workers, CPUs, GPUs and precision; → the device the workers train on (``cuda`` or ``cpu``)."""
-    from ldmseg.training.optim import resolve_precision
+    from ldmseg.precision import resolve_precision
 
     section = f"train_{plan.stage}"
     tcfg = train_config(cfg, plan.stage)
@@ -194,7 +194,7 @@ def resource_lines(plan: TrainPlan, cfg: Config, res: Resources) -> str:
 def grad_scaler_expected(cfg: Config, stage: str, device: str, res: Resources) -> bool:
     """Whether the workers will train with a ``GradScaler`` (fp16 on CUDA; ``auto`` on a GPU we
     cannot inspect counts as fp16, the larger case)."""
-    from ldmseg.training.optim import resolve_precision
+    from ldmseg.precision import resolve_precision
 
     mp = train_config(cfg, stage).mixed_precision
     if device != "cuda":

@@ -31,7 +31,7 @@ def train_worker(config: dict) -> None:
     import torch
 
     from ldmseg.training.monitor import monitor_batch
-    from ldmseg.training.optim import enable_cuda_fast_paths
+    from ldmseg.precision import enable_cuda_fast_paths
     from ldmseg.training.state import train_config
     from ldmseg.training.trainer import Trainer
     from pipelines import ray_compat

@@ -56,7 +56,7 @@ def _millions(n: int) -> str:
 
 def may_use_grad_scaler(cfg: Config, stage: str) -> bool:
     """Whether the stage may train with a ``GradScaler``: on GPUs with ``fp16``, or ``auto`` (fp16
-    on a GPU without bf16; :func:`ldmseg.training.optim.resolve_precision`)."""
+    on a GPU without bf16; :func:`ldmseg.precision.resolve_precision`)."""
     tcfg = cfg.train_ae if stage == "ae" else cfg.train_ldm
     return bool(tcfg.use_gpu) and tcfg.mixed_precision in ("fp16", "auto")
 

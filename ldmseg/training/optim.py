@@ -4,7 +4,7 @@
 - :func:`make_ema` (a diffusers ``EMAModel``, shadow optionally on the CPU), :func:`ema_state_dict`
   (the EMA weights as a CPU state dict, to save), :func:`ema_weights` (the EMA weights swapped into the
   model for a block) and :func:`ema_copy` (the EMA weights in a copy);
-- :func:`autocast_context`, :func:`make_scaler` (a ``GradScaler`` for fp16 on CUDA);
+- :func:`make_scaler` (a ``GradScaler`` for fp16 on CUDA; precision itself: :mod:`ldmseg.precision`);
 - :func:`optimizer_step`: backward, clip, step (through the scaler if any), skipped when the loss
   or the gradient norm is not finite; :class:`NonFiniteGuard` counts the skips and raises after
   ``max_nonfinite_steps`` in a row.
@@ -19,7 +19,6 @@ import contextlib
 import copy
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
@@ -28,6 +27,7 @@ from torch import nn
 
 from ldmseg.train_config import TrainConfig
 from ldmseg.models.ddp import unwrap
+from ldmseg.precision import autocast_context, resolve_precision, warn_once  # noqa: F401 (autocast_context: the training API)
 
 
 def lr_factor(step: int, train_cfg: TrainConfig, elapsed_s: float | None = None) -> float:
@@ -211,66 +211,6 @@ def ema_copy(model: nn.Module, ema) -> nn.Module:
     if ema is not None:
         ema.copy_to([p for p in model.parameters() if p.requires_grad])
     return model
-
-
-_warned: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    """``warnings.warn(message)`` the first time this message is given in this process."""
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
-def resolve_precision(mixed_precision: str, device) -> str:
-    """``mixed_precision`` with ``auto`` resolved for ``device``: ``bf16`` on a CUDA GPU that
-    supports it (Ampere and newer: no loss scaling needed), ``fp16`` on an older GPU (trained with a
-    ``GradScaler``), ``no`` (float32) elsewhere. Other values are returned unchanged."""
-    if mixed_precision != "auto":
-        return mixed_precision
-    if torch.device(device).type != "cuda":
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def autocast_context(device: torch.device, mixed_precision: str):
-    """The autocast context for ``mixed_precision`` (``no``, ``fp16``, ``bf16``, ``auto``) on ``device``.
-
-    ``fp16`` needs CUDA and ``bf16`` a device that supports it; otherwise training runs in
-    float32 and a warning says so (once). ``auto``: :func:`resolve_precision`.
-    """
-    device = torch.device(device)
-    mixed_precision = resolve_precision(mixed_precision, device)
-    if mixed_precision == "no":
-        return contextlib.nullcontext()
-    if mixed_precision == "fp16":
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        warn_once(f"mixed_precision=fp16 needs a CUDA device (got {device.type}); training in float32. "
-                  "Use bf16 on CPU.")
-        return contextlib.nullcontext()
-    if mixed_precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            warn_once("this GPU does not support bf16; training in float32 (use mixed_precision=fp16)")
-            return contextlib.nullcontext()
-        if device.type not in ("cuda", "cpu"):
-            warn_once(f"bf16 autocast is not set up for device {device.type}; training in float32")
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or 'auto', got {mixed_precision!r}")
-
-
-def enable_cuda_fast_paths(device) -> bool:
-    """On CUDA: TF32 matmuls and convolutions (Ampere+, ~10-bit mantissa inside fp32 kernels) and
-    ``cudnn.benchmark`` (fixed training shapes: the fastest conv algorithm is picked once).
-    Returns whether anything was set (nothing on other devices)."""
-    if torch.device(device).type != "cuda":
-        return False
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    return True
 
 
 def make_scaler(mixed_precision: str, device) -> torch.amp.GradScaler | None:

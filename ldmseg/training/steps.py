@@ -23,7 +23,8 @@ from ldmseg.data.random_maps import random_slot_maps
 from ldmseg.models.ddp import unwrap
 from ldmseg.models.mask_losses import mask_ae_loss
 from ldmseg.training.losses import LDMComponents, check_batch, ldm_loss
-from ldmseg.training.optim import autocast_context, check_scaler, loss_scale, optimizer_step
+from ldmseg.precision import autocast_context
+from ldmseg.training.optim import check_scaler, loss_scale, optimizer_step
 
 if TYPE_CHECKING:
     from ldmseg.training.state import TrainState

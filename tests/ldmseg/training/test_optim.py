@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from ldmseg import training
+from ldmseg import precision, training
 from helpers_batches import scene_batch
 from helpers_training import ldm_components, training_cfg
 
@@ -54,7 +54,7 @@ def test_mixed_precision_bf16_on_cpu_and_fp16_fallback():
         optimizer, _ = training.make_optimizer(comps.denoiser.parameters(), cfg.train_ldm)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            training.optim._warned.clear()
+            precision._warned.clear()
             out = training.ldm_train_step(comps, batch, optimizer, cfg, generator=torch.Generator().manual_seed(0))
         assert math.isfinite(out["loss"])
         fell_back = any("fp16 needs a CUDA device" in str(w.message) for w in caught)
