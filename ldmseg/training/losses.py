@@ -153,16 +153,25 @@ def ldm_loss(
     snr_w = min_snr_weights(scheduler, timesteps, dcfg.min_snr_gamma, dcfg.prediction_type)
     mse = masked_mse(prediction, target, weights, snr_w)
     loss = mse
-    parts = {"mse": float(mse.detach()), "self_condition_fraction": num_self / b,
-             "void_cell_fraction": float(1.0 - weights.mean())}
+    # 0-d tensors, not floats: reading them here would stall the device before the backward pass
+    parts = {"mse": mse.detach(), "self_condition_fraction": num_self / b,
+             "void_cell_fraction": (1.0 - weights.mean()).detach()}
     if dcfg.ae_aux_weight > 0:
         x0_hat = predict_x0(dcfg.prediction_type, prediction, x_t, timesteps, alphas_cumprod)
         logits = unwrap(components.mask_ae).decode(x0_hat / float(components.latent_scale))
         _, slot_map, valid = check_batch(batch)
         ce_target = torch.where(valid & (slot_map > 0), slot_map, torch.full_like(slot_map, -100))
-        aux = F.cross_entropy(logits.float(), ce_target, ignore_index=-100) if (ce_target >= 0).any() \
-            else logits.sum() * 0.0
+        # the mean over labelled pixels, 0 without any (no host sync to ask which)
+        ce = F.cross_entropy(logits.float(), ce_target, ignore_index=-100, reduction="sum")
+        aux = ce / (ce_target >= 0).sum().clamp(min=1)
         loss = loss + dcfg.ae_aux_weight * aux
-        parts["aux_ce"] = float(aux.detach())
-    parts["loss"] = float(loss.detach())
+        parts["aux_ce"] = aux.detach()
+    parts["loss"] = loss.detach()
     return loss, parts
+
+
+def host_floats(parts: dict) -> dict[str, float]:
+    """``parts`` with its tensors read to the host in one transfer (one sync), as floats."""
+    keys = [k for k, v in parts.items() if torch.is_tensor(v)]
+    values = torch.stack([parts[k].float().reshape(()) for k in keys]).tolist() if keys else []
+    return {**{k: float(v) for k, v in parts.items()}, **dict(zip(keys, values))}

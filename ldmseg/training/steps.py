@@ -22,7 +22,7 @@ from ldmseg.data.encoding import ids_to_bits
 from ldmseg.data.random_maps import random_slot_maps
 from ldmseg.models.ddp import unwrap
 from ldmseg.models.mask_losses import mask_ae_loss
-from ldmseg.training.losses import LDMComponents, check_batch, ldm_loss
+from ldmseg.training.losses import LDMComponents, check_batch, host_floats, ldm_loss
 from ldmseg.precision import autocast_context
 from ldmseg.training.optim import check_scaler, loss_scale, optimizer_step
 
@@ -112,10 +112,11 @@ def ldm_train_step(
     with autocast_context(device, cfg.train_ldm.mixed_precision):
         loss, parts = ldm_loss(components, batch, cfg, generator=generator, scheduler=scheduler)
     outcome = optimizer_step(loss, optimizer, cfg.train_ldm.grad_clip, scaler, lr_scheduler)
-    parts.update(grad_norm=outcome.grad_norm, lr=float(optimizer.param_groups[0]["lr"]),
-                 skipped=float(outcome.skipped), **loss_scale(scaler))
     if components.ema is not None and not outcome.skipped:
         components.ema.step([p for p in unwrap(components.denoiser).parameters() if p.requires_grad])
+    parts = host_floats(parts)  # once the updates are queued
+    parts.update(grad_norm=outcome.grad_norm, lr=float(optimizer.param_groups[0]["lr"]),
+                 skipped=float(outcome.skipped), **loss_scale(scaler))
     return parts
 
 

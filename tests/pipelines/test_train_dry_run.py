@@ -121,24 +121,26 @@ def no_ray_here(no_ray, monkeypatch):
     yield
 
 
-@pytest.mark.skipif(GPUS > 0, reason="needs a machine without a GPU")
-def test_use_gpu_without_a_gpu_exits_1_after_the_whole_plan(shards, tmp_path, capsys, no_ray_here):
+def dry_run_with_one_problem(shards, tmp_path, capsys, override: str) -> tuple[str, str]:
+    """``ldmseg train ae --dry-run OVERRIDE`` on the tiny shards: it exits 1 with one problem → (output, problem)."""
     code = main(["train", "ae", "--data", shards, "--config", str(TINY_YAML), "--run-dir", str(tmp_path / "r"),
-                 "--dry-run", "train_ae.use_gpu=true"])
+                 "--dry-run", override])
     out = capsys.readouterr().out
     assert code == 1
     (problem,) = plan_lines(out, PROBLEM)
+    return out, problem
+
+
+@pytest.mark.skipif(GPUS > 0, reason="needs a machine without a GPU")
+def test_use_gpu_without_a_gpu_exits_1_after_the_whole_plan(shards, tmp_path, capsys, no_ray_here):
+    out, problem = dry_run_with_one_problem(shards, tmp_path, capsys, "train_ae.use_gpu=true")
     assert "GPUs" in problem and "train_ae.use_gpu=true" in problem and "no GPU is visible" in out
     assert "set train_ae.use_gpu=false" in out
     assert out.splitlines()[-1].startswith("dry run: 1 problem")
 
 
 def test_shards_of_another_data_config_are_a_problem(shards, tmp_path, capsys, no_ray_here):
-    code = main(["train", "ae", "--data", shards, "--config", str(TINY_YAML), "--run-dir", str(tmp_path / "r"),
-                 "--dry-run", "data.num_slots=16"])
-    out = capsys.readouterr().out
-    assert code == 1
-    (problem,) = plan_lines(out, PROBLEM)
+    out, problem = dry_run_with_one_problem(shards, tmp_path, capsys, "data.num_slots=16")
     assert "data" in problem and "data.num_slots=32" in out
 
 

@@ -63,3 +63,20 @@ def test_raster_slot_order_makes_the_loss_blind_to_the_slot_permutation(order):
         assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     else:
         assert abs(losses[0] - losses[1]) > 1e-4 * losses[0]
+
+
+def test_loss_parts_stay_on_the_device_until_one_read():
+    """``ldm_loss`` returns its parts as detached 0-d tensors (no host sync before the backward pass);
+    ``host_floats`` reads them all at once, to the same values."""
+    from ldmseg.training.losses import host_floats
+
+    cfg = training_cfg("diffusion.ae_aux_weight=0.1")
+    batch = scene_batch(cfg, 2)
+    comps = ldm_components(cfg, batch)
+    loss, parts = training.ldm_loss(comps, batch, cfg, generator=torch.Generator().manual_seed(0))
+    assert all(torch.is_tensor(parts[k]) and parts[k].ndim == 0 and not parts[k].requires_grad
+               for k in ("mse", "aux_ce", "loss", "void_cell_fraction"))
+    floats = host_floats(parts)
+    assert all(type(v) is float for v in floats.values())
+    assert floats["loss"] == loss.item() and floats["mse"] == parts["mse"].item()
+    assert floats["loss"] == pytest.approx(floats["mse"] + 0.1 * floats["aux_ce"], rel=1e-6)
