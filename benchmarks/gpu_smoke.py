@@ -3,12 +3,12 @@
 In at most ~5 minutes on one GPU, with the recipe's shapes (512 px, 128 slots, the SD v1.x UNet with
 random weights: nothing is downloaded) and procedural slot maps with random images:
 
-1. the denoiser's training step (``ldm_train_step``: self-conditioning, Min-SNR, AdamW, EMA) for
+1. the denoiser's training step (``train_step`` of a ``TrainState``: self-conditioning, Min-SNR, AdamW, EMA) for
    ``--steps`` steps at ``--batch`` per GPU, in ``fp16`` with a ``GradScaler`` and in ``bf16``
    (when the GPU supports it): steps/s, peak memory, skipped steps, loss scale, and whether every
    loss and gradient norm was finite;
 2. one AE training step (``ae_train_step``) in float32;
-3. one checkpoint save (model folder + ``trainer_state.pt``): seconds and bytes;
+3. one checkpoint save as training writes it (model folder + ``trainer_state.pt``): seconds and bytes;
 4. sampling (``Segmenter``, ``--sample-steps`` DDIM steps) of one batch, with and without autocast:
    images/s and whether both give maps of the same shape (the counts of segments are printed).
 
@@ -68,30 +68,42 @@ def reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def ldm_run(cfg, precision: str, args, device) -> dict:
-    """``args.steps`` denoiser steps at ``args.batch`` in ``precision``: rates, memory, finiteness."""
+def ldm_state(cfg, device):
+    """The LDM stage's :class:`~ldmseg.training.state.TrainState` with random weights of the config's
+    shapes (nothing downloaded): optimizer, lr schedule, EMA and GradScaler as training makes them."""
     import torch
 
-    from ldmseg.config import override
     from ldmseg.models.build import build_components
-    from ldmseg.training import LDMComponents, ldm_train_step
+    from ldmseg.training import LDMComponents
+    from ldmseg.training.build import Stage
     from ldmseg.training.optim import make_ema, make_optimizer, make_scaler
+    from ldmseg.training.state import TrainState
+
+    torch.manual_seed(0)
+    parts = build_components(cfg, load_pretrained=False)
+    comps = LDMComponents(denoiser=parts["denoiser"].to(device),
+                          mask_ae=parts["mask_autoencoder"].to(device).eval().requires_grad_(False),
+                          image_encoder=parts["image_encoder"].to(device), latent_scale=1.0)
+    comps.ema = make_ema(comps.denoiser, cfg.train_ldm.ema_decay, on_cpu=cfg.train_ldm.ema_on_cpu)
+    optimizer, lr_scheduler = make_optimizer(comps.denoiser.parameters(), cfg.train_ldm)
+    state = TrainState(Stage("ldm", comps.denoiser, comps), cfg, optimizer, lr_scheduler, torch.device(device),
+                       scaler=make_scaler(cfg.train_ldm.mixed_precision, device), ema=comps.ema)
+    state.seed_generator(0)
+    return state
+
+
+def ldm_run(cfg, precision: str, args, device) -> dict:
+    """``args.steps`` denoiser steps (``train_step``) at ``args.batch`` in ``precision``: rates, memory,
+    finiteness; the state is returned under ``_state`` for the checkpoint."""
+    from ldmseg.config import override
+    from ldmseg.training import train_step
 
     run_cfg = override(cfg, {"train_ldm.mixed_precision": precision})
     reset_peak(device)
-    torch.manual_seed(0)
-    parts = build_components(run_cfg, load_pretrained=False)
-    comps = LDMComponents(denoiser=parts["denoiser"].to(device), mask_ae=parts["mask_autoencoder"].to(device).eval(),
-                          image_encoder=parts["image_encoder"].to(device), latent_scale=1.0)
-    comps.mask_ae.requires_grad_(False)
-    comps.ema = make_ema(comps.denoiser, run_cfg.train_ldm.ema_decay)
-    optimizer, lr_scheduler = make_optimizer(comps.denoiser.parameters(), run_cfg.train_ldm)
-    scaler = make_scaler(precision, device)
+    state = ldm_state(run_cfg, device)
     batch = make_batch(run_cfg, args.batch, device)
-    generator = torch.Generator(device=device).manual_seed(0)
     metrics: list[dict] = []
-    step = lambda: metrics.append(ldm_train_step(comps, batch, optimizer, run_cfg, generator=generator,  # noqa: E731
-                                                 scaler=scaler, lr_scheduler=lr_scheduler))
+    step = lambda: metrics.append(train_step(state, batch))  # noqa: E731
     step()  # warm-up: cudnn.benchmark picks its kernels, the allocator grows
     synchronize(device)
     t0 = time.perf_counter()
@@ -105,7 +117,7 @@ def ldm_run(cfg, precision: str, args, device) -> dict:
               "steps_per_s": args.steps / seconds, "samples_per_s": args.steps * args.batch / seconds,
               "peak_memory_gib": peak_memory_gib(device), "skipped_steps": int(sum(m["skipped"] for m in timed)),
               "all_finite": finite, "last_loss": timed[-1]["loss"], "loss_scale": timed[-1].get("loss_scale")}
-    return {**result, "_state": (run_cfg, comps, optimizer, lr_scheduler, scaler)}
+    return {**result, "_state": state}
 
 
 def ae_run(cfg, args, device) -> dict:
@@ -130,23 +142,14 @@ def ae_run(cfg, args, device) -> dict:
             "peak_memory_gib": peak_memory_gib(device)}
 
 
-def checkpoint_run(run_cfg, comps, optimizer, lr_scheduler, scaler, device) -> dict:
-    """Save a model folder (EMA denoiser, frozen AE) and the resume file: seconds and bytes."""
-    import torch
-
-    from ldmseg.checkpoint import save_model
-    from ldmseg.training.optim import ema_copy
+def checkpoint_run(state, device) -> dict:
+    """One checkpoint as training writes it (:func:`~ldmseg.training.trainer.write_checkpoint`): seconds and bytes."""
+    from ldmseg.training.trainer import write_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="ldmseg-smoke-") as tmp:
         synchronize(device)
         t0 = time.perf_counter()
-        judged = ema_copy(comps.denoiser, comps.ema) if comps.ema is not None else comps.denoiser
-        save_model(tmp, run_cfg, {"mask_autoencoder": comps.mask_ae, "image_encoder": comps.image_encoder,
-                                  "denoiser": judged}, latent_scale=1.0, extra={"stage": "ldm", "step": 0})
-        torch.save({"model": comps.denoiser.state_dict(), "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                    "ema": comps.ema.state_dict() if comps.ema is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None}, Path(tmp) / "trainer_state.pt")
+        write_checkpoint(state, tmp, latent_scale=1.0, extra={"stage": "ldm", "step": state.step})
         seconds = time.perf_counter() - t0
         sizes = {f.name: f.stat().st_size for f in Path(tmp).iterdir()}
     return {"seconds": seconds, "bytes": sum(sizes.values()), "files": sizes}
@@ -218,31 +221,20 @@ def main() -> int:
               + (f", loss scale {res['loss_scale']:.0f}" if res["loss_scale"] else ""), flush=True)
     report["ae"] = ae_run(cfg, args, device)
     print(f"ae  fp32: one step {report['ae']['seconds']:.2f} s, loss {report['ae']['loss']:.4f}", flush=True)
-    report["checkpoint"] = checkpoint_run(*state, device)
+    report["checkpoint"] = checkpoint_run(state, device)
     print(f"checkpoint: {report['checkpoint']['bytes'] / 2**30:.2f} GiB in {report['checkpoint']['seconds']:.1f} s",
           flush=True)
     del state
-    report["sampling"] = sampling_run(*_sampling_state(cfg, device), args, device)
+    reset_peak(device)
+    sampled = ldm_state(cfg, device).components  # a fresh model (the trained one's memory is freed)
+    sampled.ema = None
+    report["sampling"] = sampling_run(cfg, sampled, args, device)
     for mode, res in report["sampling"].items():
         print(f"sampling autocast={mode}: {res['images_per_s']:.2f} images/s, segments {res['segments']}", flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"results in {args.out}")
     ok = all(r["all_finite"] for r in report["ldm"]) and report["ae"]["finite"]
     return 0 if ok else 1
-
-
-def _sampling_state(cfg, device):
-    """A fresh float32 model for sampling (the trained one's memory is freed first)."""
-    import torch
-
-    from ldmseg.models.build import build_components
-    from ldmseg.training import LDMComponents
-
-    reset_peak(device)
-    torch.manual_seed(0)
-    parts = build_components(cfg, load_pretrained=False)
-    return cfg, LDMComponents(denoiser=parts["denoiser"].to(device), mask_ae=parts["mask_autoencoder"].to(device),
-                              image_encoder=parts["image_encoder"].to(device), latent_scale=1.0)
 
 
 if __name__ == "__main__":

@@ -169,22 +169,29 @@ class Trainer(Hooks):
         if self.rank != 0:
             self.reporter.checkpoint(step, metrics, None)
             return
-        from ldmseg.checkpoint import save_model
-
         Path(self.checkpoint_root).mkdir(parents=True, exist_ok=True)
         folder = tempfile.mkdtemp(prefix=f"{staging_prefix()}{state.name}-step{step}-", dir=self.checkpoint_root)
         owned = False
         try:
-            weights = state.saved_weights()  # the EMA's, on the CPU (None: the module's own)
-            save_model(folder, state.cfg, state.stage.modules_to_save(state.model), latent_scale=float(scale),
-                       extra={"stage": state.name, "step": step, "final": final, **self.extra},
-                       state_dicts={state.trained_component: weights} if weights is not None else None)
-            del weights
-            state.save(folder, ema_in_model=True)
+            write_checkpoint(state, folder, latent_scale=float(scale),
+                             extra={"stage": state.name, "step": step, "final": final, **self.extra})
             owned = bool(self.reporter.checkpoint(step, metrics, folder))
         finally:
             if not owned:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_checkpoint(state: TrainState, folder: str | Path, *, latent_scale: float, extra: dict) -> None:
+    """One checkpoint of ``state`` into ``folder``: the model folder (the trained component's weights
+    are the EMA's, built on the CPU, when there is an EMA) and ``trainer_state.pt`` without a second
+    copy of the EMA's shadow."""
+    from ldmseg.checkpoint import save_model
+
+    weights = state.saved_weights()  # the EMA's, on the CPU (None: the module's own)
+    save_model(folder, state.cfg, state.stage.modules_to_save(state.model), latent_scale=latent_scale, extra=extra,
+               state_dicts={state.trained_component: weights} if weights is not None else None)
+    del weights
+    state.save(folder, ema_in_model=True)
 
 
 def staging_prefix(host: str | None = None, pid: int | None = None) -> str:
