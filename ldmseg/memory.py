@@ -102,6 +102,18 @@ class StageEstimate:
         return out
 
 
+FREE_SPACE_MARGIN = 0.1
+"""Free disk space wanted beyond a size estimate, as a fraction of it."""
+FREE_SPACE_SLACK = 64 << 20
+"""Free disk space wanted beyond the estimate and the margin, in bytes (logs, temporary files)."""
+
+
+def space_wanted(needed: int) -> int:
+    """Free bytes to ask of a disk for ``needed`` estimated bytes: the margin and the slack added
+    (the trainer's check before step 1 and ``train --dry-run`` use the same)."""
+    return int(needed * (1 + FREE_SPACE_MARGIN)) + FREE_SPACE_SLACK
+
+
 def parameter_bytes(module: nn.Module, *, trainable: bool | None = None) -> int:
     """Bytes of ``module``'s parameters (``trainable``: only those with ``requires_grad`` (True) or
     without (False); ``None``: all). Works on the meta device."""

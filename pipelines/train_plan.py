@@ -37,14 +37,12 @@ from pathlib import Path
 from typing import Callable
 
 from ldmseg.config import Config
-from ldmseg.memory import GIB, StageEstimate, checkpoint_space, estimate_stage
+from ldmseg.memory import (FREE_SPACE_MARGIN, FREE_SPACE_SLACK, GIB, StageEstimate, checkpoint_space, estimate_stage,
+                           space_wanted)
 from ldmseg.redact import redact_uri
 from ldmseg.training.state import train_config
+from pipelines.cluster_paths import local_path
 
-FREE_SPACE_MARGIN = 0.1
-"""Free space wanted beyond the estimate, as a fraction (the trainer's own check uses the same)."""
-FREE_SPACE_SLACK = 64 << 20
-"""Free space wanted beyond the estimate and the margin, in bytes (logs, temporary files)."""
 STAGED_CHECKPOINTS = 2
 """Checkpoint folders ``checkpoint_dir`` may hold at once: one uploading, the next being written."""
 OK, NOTE, PROBLEM = "ok", "note", "PROBLEM"
@@ -239,7 +237,7 @@ def disk_checks(needs: list[DiskNeed], usage: Callable[[str], tuple] = shutil.di
     for group in by_fs.values():
         free = usage(str(existing_ancestor(group[0].folder))).free
         total = sum(n.bytes for n in group)
-        want = int(total * (1 + FREE_SPACE_MARGIN)) + FREE_SPACE_SLACK
+        want = space_wanted(total)
         for need in group:
             others = ", ".join(n.label for n in group if n is not need)
             shared = f"; {gib(total)} with {others} on the same filesystem" if others else ""
@@ -255,11 +253,8 @@ def disk_checks(needs: list[DiskNeed], usage: Callable[[str], tuple] = shutil.di
 
 
 def is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
-def local_path(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
+    """Whether ``path`` is a local path or ``file:`` URL (:func:`pipelines.cluster_paths.local_path`)."""
+    return local_path(path) is not None
 
 
 # --------------------------------------------------------------------------------------------

@@ -230,13 +230,15 @@ def remove_stale_staging(root: str | Path) -> list[str]:
     return removed
 
 
-def check_free_space(folder: str | Path, needed: int, key: str, *, margin: float = 0.1) -> None:
-    """Raise ``OSError`` unless ``folder`` (created if missing) has ``needed`` bytes free plus
-    ``margin`` (a fraction) and 64 MiB; ``key`` names the config key that sets the folder."""
+def check_free_space(folder: str | Path, needed: int, key: str) -> None:
+    """Raise ``OSError`` unless ``folder`` (created if missing) has :func:`ldmseg.memory.space_wanted`
+    of ``needed`` bytes free; ``key`` names the config key that sets the folder."""
+    from ldmseg.memory import FREE_SPACE_MARGIN, space_wanted
+
     Path(folder).mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
-    want = int(needed * (1 + margin)) + (64 << 20)
+    want = space_wanted(needed)
     if free < want:
         raise OSError(f"{key}: {folder} has {free:,} bytes free ({free / 1e9:.1f} GB); checkpoints staged there "
-                      f"need about {want:,} bytes ({want / 1e9:.1f} GB, {margin:.0%} margin included). Free space "
+                      f"need about {want:,} bytes ({want / 1e9:.1f} GB, {FREE_SPACE_MARGIN:.0%} margin included). Free space "
                       f"there, or set {key}=<a node-local folder with room> (it must exist on every node)")
