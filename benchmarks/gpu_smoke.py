@@ -195,7 +195,7 @@ def main() -> int:
 
     import torch
 
-    from ldmseg.config import load_config
+    from ldmseg.config import ConfigError, load_config
     from ldmseg.precision import enable_cuda_fast_paths
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -204,7 +204,11 @@ def main() -> int:
         return 2
     device = torch.device(args.device)
     enable_cuda_fast_paths(device)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"gpu_smoke: {exc}", file=sys.stderr)
+        return 2
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report: dict = {"config": args.config, "device": gpu, "torch": torch.__version__, "ldm": []}
     print(f"{args.config} on {gpu}: {cfg.data.resolution}x{cfg.data.resolution}, {cfg.data.num_slots} slots, "
