@@ -207,19 +207,6 @@ def tensor_bytes(tensors) -> int:
     return walk(tensors)
 
 
-def model_folder_bytes(cfg: Config, components: dict[str, nn.Module]) -> int:
-    """Bytes of the tensors :func:`save_model` writes for ``components`` (a pretrained or
-    ``pixel_unshuffle`` image encoder writes none): the size of its safetensors, give or take
-    their small JSON headers."""
-    total = 0
-    for name, module in components.items():
-        module = unwrap(module)
-        if name == "image_encoder" and not _image_encoder_entry(cfg, module)["weights"]:
-            continue
-        total += tensor_bytes(module.state_dict())
-    return total
-
-
 def safetensors_problem(opened, size: int) -> str | None:
     """Why a safetensors file of ``size`` bytes (``opened``: its binary file object, at offset 0)
     is incomplete, or None: the 8-byte header length, the JSON header, and the end of the last

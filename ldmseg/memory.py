@@ -142,6 +142,14 @@ def bundles_weights(name: str, module: nn.Module, cfg: Config) -> bool:
     return kind != "pixel_unshuffle" and not cfg.image_encoder.pretrained
 
 
+def model_folder_bytes(cfg: Config, components: Mapping[str, nn.Module]) -> int:
+    """Bytes of the safetensors files :func:`ldmseg.checkpoint.save_model` writes for ``components``
+    (DDP wrappers unwrapped; :func:`bundles_weights` decides which are written)."""
+    from ldmseg.models.ddp import unwrap
+
+    return sum(safetensors_bytes(unwrap(m)) for name, m in components.items() if bundles_weights(name, unwrap(m), cfg))
+
+
 def model_json_bytes(cfg: Config) -> int:
     """An upper estimate of ``model.json``: the resolved config as stored, plus 2 KiB for the
     format, components, versions and metadata."""

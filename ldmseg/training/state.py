@@ -195,7 +195,8 @@ class TrainState:
         the model folder): the saved components' tensors, the raw model's and the optimiser's state
         (before the first step AdamW has none yet: counted as two moments per trainable parameter,
         three with ``amsgrad``). File headers and pickled scalars are not counted."""
-        from ldmseg.checkpoint import model_folder_bytes, tensor_bytes
+        from ldmseg.checkpoint import tensor_bytes
+        from ldmseg.memory import model_folder_bytes
 
         folder = model_folder_bytes(self.cfg, self.stage.modules_to_save(self.model))
         model = tensor_bytes(self.model.state_dict())
