@@ -42,16 +42,12 @@ def _pct(x: float) -> float:
     return round(100.0 * float(x), 1)
 
 
-def sampler_pq(segmenter, test: str, sampler: str, steps: int, seed: int) -> float:
-    """Test PQ (percent) of ``sampler`` at ``steps`` with the config's thresholds."""
-    from ldmseg.data import coco
-    from ldmseg.evaluation import predict_dataset
-    from ldmseg.metrics.pq import evaluate_folders
+def sampler_pq(model: str, test: str, sampler: str, steps: int, seed: int) -> float:
+    """Test PQ (percent) of ``sampler`` at ``steps`` with the config's thresholds (``ldmseg evaluate``'s computation)."""
+    from pipelines.evaluate import evaluate
 
     with tempfile.TemporaryDirectory(prefix="ldmseg-targets-") as tmp:
-        predict_dataset(segmenter, coco.load_coco_panoptic(test), tmp, sampler=sampler, steps=steps, seed=seed,
-                        batch_size=segmenter.cfg.sampling.batch_size)
-        return _pct(evaluate_folders(test, tmp, class_agnostic=True)["All"]["pq"])
+        return _pct(evaluate(model, test, tmp, sampler=sampler, steps=steps, seed=seed, log_mlflow=False)["pq"])
 
 
 def main() -> int:
@@ -102,8 +98,8 @@ def main() -> int:
     print(f"[targets] inpainting gain: {gain:+.1f}", file=sys.stderr)
 
     sampler, seed = segmenter.cfg.sampling.sampler, segmenter.cfg.sampling.seed
-    ten = sampler_pq(segmenter, test, sampler, 10, seed)
-    ddim50 = sampler_pq(segmenter, test, "ddim", 50, seed)
+    ten = sampler_pq(summary["model"], test, sampler, 10, seed)
+    ddim50 = sampler_pq(summary["model"], test, "ddim", 50, seed)
     rows["ten_step_gap"] = {"value": round(ten - ddim50, 1),
                             "detail": f"{sampler} 10 steps {ten} against DDIM 50 steps {ddim50}"}
 
