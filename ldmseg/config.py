@@ -169,6 +169,16 @@ class DiffusionConfig:
     slots 1, 2, … in reading order of each segment's first pixel, so the target is a function of
     the segmentation alone (:func:`ldmseg.data.encoding.raster_slots`). The mask AE is trained on
     random slots either way."""
+    segment_weight_power: float = 0.0
+    """p of the small-segment loss weighting (Pix2Seq-D's mask-size weighting): a latent cell's
+    loss weight is the largest (A / (H·W))^(−p) over the segments among its f×f pixels, A a
+    segment's area in pixels (:func:`ldmseg.training.losses.latent_weights`). 0: every cell that
+    holds a segment weighs 1, as in the paper."""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.segment_weight_power <= 2.0:
+            raise ConfigError(f"diffusion.segment_weight_power must lie in [0, 2], got {self.segment_weight_power} "
+                              "(0 turns the small-segment weighting off; Pix2Seq-D uses about 0.2)")
 
 
 @dataclass
@@ -251,6 +261,7 @@ class Config:
     def validate(self) -> None:
         self.data.validate()
         self.mask_ae.validate()
+        self.diffusion.validate()
         for key, t in (("train_ae", self.train_ae), ("train_ldm", self.train_ldm)):
             for name, value in (("max_nonfinite_steps", t.max_nonfinite_steps), ("num_workers", t.num_workers)):
                 if value < 1:

@@ -67,14 +67,24 @@ def check_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return image, torch.where(valid, slot_map, torch.zeros_like(slot_map)), valid
 
 
-def latent_weights(slot_map: torch.Tensor, valid: torch.Tensor, factor: int) -> torch.Tensor:
+def latent_weights(slot_map: torch.Tensor, valid: torch.Tensor, factor: int, power: float = 0.0) -> torch.Tensor:
     """Loss weight per latent cell: (B, H, W) → (B, 1, H/f, W/f) float32.
 
-    1 where at least one of the cell's f×f pixels is a segment (non-void and valid), 0 where
-    all of them are void or padding (max-pool of ``(slot_map > 0) & valid``).
+    0 where all of the cell's f×f pixels are void or padding. Elsewhere, with ``power`` p = 0, 1;
+    with p > 0, the largest (A / (H·W))^(−p) over the segments among the cell's pixels, A the
+    segment's area in valid pixels, so cells that hold a small segment weigh more (Pix2Seq-D's
+    mask-size weighting; :func:`masked_mse` divides by the weights' sum). Max-pool of the
+    per-pixel weights.
     """
-    segment = ((slot_map > 0) & valid).float()[:, None]
-    return F.max_pool2d(segment, kernel_size=factor, stride=factor)
+    segment = (slot_map > 0) & valid
+    pixel_w = segment.float()
+    if power > 0:
+        flat = torch.where(segment, slot_map, torch.zeros_like(slot_map)).flatten(1)  # (B, H·W)
+        areas = torch.zeros(flat.shape[0], int(flat.max()) + 1, device=flat.device)
+        areas.scatter_add_(1, flat, torch.ones_like(flat, dtype=areas.dtype))
+        fraction = areas.gather(1, flat).clamp(min=1.0) / flat.shape[1]  # each pixel's segment area / (H·W)
+        pixel_w = pixel_w * fraction.pow(-power).view_as(pixel_w)
+    return F.max_pool2d(pixel_w[:, None], kernel_size=factor, stride=factor)
 
 
 def masked_mse(
@@ -92,14 +102,16 @@ def masked_mse(
 
 
 @torch.no_grad()
-def encode_targets(components: LDMComponents, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_targets(
+    components: LDMComponents, batch: dict, segment_weight_power: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Frozen encodings of a batch: scaled mask latent x₀ (B, C, h, w), image latent (B, Ci, h, w),
-    and the latent loss weights (B, 1, h, w) of :func:`latent_weights`."""
+    and the latent loss weights (B, 1, h, w) of :func:`latent_weights` with ``segment_weight_power``."""
     image, slot_map, valid = check_batch(batch)
     mask_ae = unwrap(components.mask_ae)
     x0 = mask_ae.encode(ids_to_bits(slot_map, mask_ae.num_bits)) * float(components.latent_scale)
     image_latent = components.image_encoder.encode(image)
-    weights = latent_weights(slot_map, valid, mask_ae.downsample_factor)
+    weights = latent_weights(slot_map, valid, mask_ae.downsample_factor, segment_weight_power)
     if image_latent.shape[-2:] != x0.shape[-2:]:
         raise ValueError(f"image latent {tuple(image_latent.shape)} and mask latent {tuple(x0.shape)} differ in size; "
                          "the image encoder and the mask AE need the same downsampling factor")
@@ -116,7 +128,8 @@ def ldm_loss(
     ``cfg.diffusion.self_condition_prob`` per image a first no-grad pass (zero self-condition)
     gives x̂₀, which (detached) is the self-conditioning input of the second pass. The loss is
     :func:`masked_mse` between the prediction and its target (ε, x₀ or v) with Min-SNR-γ
-    sample weights, plus ``ae_aux_weight`` × cross-entropy of the frozen AE decoder on x̂₀ / scale
+    sample weights (and, with ``diffusion.segment_weight_power`` > 0, cell weights that favour small
+    segments: :func:`latent_weights`), plus ``ae_aux_weight`` × cross-entropy of the frozen AE decoder on x̂₀ / scale
     against the slot map (void and padding ignored). With ``diffusion.slot_order: raster`` the
     batch's slots are first renumbered in reading order (:func:`raster_slots`).
     """
@@ -124,7 +137,7 @@ def ldm_loss(
     scheduler = scheduler or make_train_scheduler(dcfg)
     if dcfg.slot_order == "raster":
         batch = {**batch, "slot_map": raster_slots(batch["slot_map"], cfg.data.num_slots)}
-    x0, image_latent, weights = encode_targets(components, batch)
+    x0, image_latent, weights = encode_targets(components, batch, dcfg.segment_weight_power)
     b, device = x0.shape[0], x0.device
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     if generator is None:

@@ -24,6 +24,39 @@ def test_latent_weights_are_zero_only_on_all_void_cells():
     assert w[0, 0].tolist() == [[1.0, 0.0], [0.0, 1.0]]
 
 
+def test_latent_weights_with_a_power_favour_cells_of_small_segments():
+    slot_map = torch.zeros(2, 8, 8, dtype=torch.int64)
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    slot_map[0, :, :4] = 1  # 32 px: cells (0, 0) and (1, 0)
+    slot_map[0, 4:, 4:] = 2  # 16 px: cell (1, 1)
+    slot_map[0, 1, 5] = 3  # 1 px inside otherwise void cell (0, 1)
+    slot_map[1] = slot_map[0]
+    slot_map[1, 4:, 4:] = 0  # image 1 lacks segment 2: cell (1, 1) is void there
+    w0 = training.latent_weights(slot_map, valid, 4)
+    assert torch.equal(training.latent_weights(slot_map, valid, 4, power=0.0), w0)
+    w = training.latent_weights(slot_map, valid, 4, power=0.5)
+    area = torch.tensor([32.0, 16.0, 1.0]) / 64  # segment areas as fractions of the image
+    expected = area.pow(-0.5)
+    assert torch.allclose(w[0, 0], torch.tensor([[expected[0], expected[2]], [expected[0], expected[1]]]))
+    assert w[1, 0, 1, 1] == 0 and w0[1, 0, 1, 1] == 0  # void cells stay 0 whatever the power
+    # a cell shared by a big and a small segment takes the small one's weight
+    slot_map[0, 0, 0] = 3
+    assert training.latent_weights(slot_map, valid, 4, power=0.5)[0, 0, 0, 0] == pytest.approx(float((2 / 64) ** -0.5))
+
+
+def test_segment_weight_power_is_validated_and_reaches_the_loss():
+    from ldmseg.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="segment_weight_power must lie in"):
+        load_config(None, ["diffusion.segment_weight_power=-0.1"])
+    cfg, weighted = training_cfg(), training_cfg("diffusion.segment_weight_power=0.5")
+    batch = scene_batch(cfg, 4, seed=2)
+    comps = ldm_components(cfg, batch)
+    plain, small = (float(training.ldm_loss(comps, batch, c, generator=torch.Generator().manual_seed(0))[0])
+                    for c in (cfg, weighted))
+    assert np.isfinite(small) and small != pytest.approx(plain, rel=1e-4)  # same noise, other cell weights
+
+
 def test_masked_mse_ignores_targets_on_void_cells():
     g = torch.Generator().manual_seed(1)
     pred, target = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
