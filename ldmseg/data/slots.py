@@ -289,6 +289,16 @@ def repermute_slots(slot_map: np.ndarray, num_slots: int, generator: np.random.G
     return lut[slot_map]
 
 
+def slot_areas(slot_map: torch.Tensor, valid: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Pixels of each slot per map: (B, H, W) int64 slots in [0, S) and (B, H, W) bool ``valid``
+    → (B, S) float32 counts of valid pixels (slot 0, void, included)."""
+    import torch
+
+    counts = torch.zeros(slot_map.shape[0], num_slots, device=slot_map.device)
+    counts.scatter_add_(1, slot_map.flatten(1).long(), valid.flatten(1).float())
+    return counts
+
+
 def raster_slot_lut(slot_map: torch.Tensor, num_slots: int) -> torch.Tensor:
     """Renumbering of each map's segments in raster (reading) order of their first pixel.
 

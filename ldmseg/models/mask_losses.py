@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ldmseg.config import MaskAEConfig
+from ldmseg.data.slots import slot_areas
 
 
 def uncertainty_map(logits: torch.Tensor) -> torch.Tensor:
@@ -135,8 +136,7 @@ def mask_ae_loss(
     ce_loss = (ce * ce_weight).sum() / ce_weight.sum().clamp(min=1.0)
 
     # Segments: non-void slots present among each image's valid pixels.
-    counts = torch.zeros(b, s, device=logits.device)
-    counts.scatter_add_(1, slot_map.flatten(1), valid.flatten(1).float())
+    counts = slot_areas(slot_map, valid, s)
     counts[:, 0] = 0
     seg_image, seg_slot = counts.nonzero(as_tuple=True)  # (M,), (M,)
     if seg_image.numel() == 0:

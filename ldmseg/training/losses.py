@@ -19,7 +19,7 @@ from torch import nn
 
 from ldmseg.config import Config
 from ldmseg.data.encoding import ids_to_bits
-from ldmseg.data.slots import raster_slots
+from ldmseg.data.slots import raster_slots, slot_areas
 from ldmseg.diffusion.noise import make_train_scheduler, min_snr_weights, prediction_target, predict_x0
 from ldmseg.models.ddp import unwrap
 
@@ -67,21 +67,24 @@ def check_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return image, torch.where(valid, slot_map, torch.zeros_like(slot_map)), valid
 
 
-def latent_weights(slot_map: torch.Tensor, valid: torch.Tensor, factor: int, power: float = 0.0) -> torch.Tensor:
+def latent_weights(
+    slot_map: torch.Tensor, valid: torch.Tensor, factor: int, power: float = 0.0, num_slots: int = 0
+) -> torch.Tensor:
     """Loss weight per latent cell: (B, H, W) → (B, 1, H/f, W/f) float32.
 
     0 where all of the cell's f×f pixels are void or padding. Elsewhere, with ``power`` p = 0, 1;
     with p > 0, the largest (A / (H·W))^(−p) over the segments among the cell's pixels, A the
     segment's area in valid pixels, so cells that hold a small segment weigh more (Pix2Seq-D's
-    mask-size weighting; :func:`masked_mse` divides by the weights' sum). Max-pool of the
-    per-pixel weights.
+    mask-size weighting; :func:`masked_mse` divides by the weights' sum; ``num_slots`` S, the
+    bound of the slot values, is then required). Max-pool of the per-pixel weights.
     """
     segment = (slot_map > 0) & valid
     pixel_w = segment.float()
     if power > 0:
+        if num_slots < 1:
+            raise ValueError("latent_weights with power > 0 needs num_slots (the number of id slots, S)")
         flat = torch.where(segment, slot_map, torch.zeros_like(slot_map)).flatten(1)  # (B, H·W)
-        areas = torch.zeros(flat.shape[0], int(flat.max()) + 1, device=flat.device)
-        areas.scatter_add_(1, flat, torch.ones_like(flat, dtype=areas.dtype))
+        areas = slot_areas(flat, segment.flatten(1), num_slots)  # (B, S), no host sync
         fraction = areas.gather(1, flat).clamp(min=1.0) / flat.shape[1]  # each pixel's segment area / (H·W)
         pixel_w = pixel_w * fraction.pow(-power).view_as(pixel_w)
     return F.max_pool2d(pixel_w[:, None], kernel_size=factor, stride=factor)
@@ -111,7 +114,7 @@ def encode_targets(
     mask_ae = unwrap(components.mask_ae)
     x0 = mask_ae.encode(ids_to_bits(slot_map, mask_ae.num_bits)) * float(components.latent_scale)
     image_latent = components.image_encoder.encode(image)
-    weights = latent_weights(slot_map, valid, mask_ae.downsample_factor, segment_weight_power)
+    weights = latent_weights(slot_map, valid, mask_ae.downsample_factor, segment_weight_power, mask_ae.num_slots)
     if image_latent.shape[-2:] != x0.shape[-2:]:
         raise ValueError(f"image latent {tuple(image_latent.shape)} and mask latent {tuple(x0.shape)} differ in size; "
                          "the image encoder and the mask AE need the same downsampling factor")

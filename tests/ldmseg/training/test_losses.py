@@ -34,14 +34,14 @@ def test_latent_weights_with_a_power_favour_cells_of_small_segments():
     slot_map[1, 4:, 4:] = 0  # image 1 lacks segment 2: cell (1, 1) is void there
     w0 = training.latent_weights(slot_map, valid, 4)
     assert torch.equal(training.latent_weights(slot_map, valid, 4, power=0.0), w0)
-    w = training.latent_weights(slot_map, valid, 4, power=0.5)
+    w = training.latent_weights(slot_map, valid, 4, power=0.5, num_slots=4)
     area = torch.tensor([32.0, 16.0, 1.0]) / 64  # segment areas as fractions of the image
     expected = area.pow(-0.5)
     assert torch.allclose(w[0, 0], torch.tensor([[expected[0], expected[2]], [expected[0], expected[1]]]))
     assert w[1, 0, 1, 1] == 0 and w0[1, 0, 1, 1] == 0  # void cells stay 0 whatever the power
     # a cell shared by a big and a small segment takes the small one's weight
     slot_map[0, 0, 0] = 3
-    assert training.latent_weights(slot_map, valid, 4, power=0.5)[0, 0, 0, 0] == pytest.approx(float((2 / 64) ** -0.5))
+    assert training.latent_weights(slot_map, valid, 4, power=0.5, num_slots=4)[0, 0, 0, 0] == pytest.approx(float((2 / 64) ** -0.5))
 
 
 def test_segment_weight_power_is_validated_and_reaches_the_loss():
