@@ -163,11 +163,13 @@ class DiffusionConfig:
     self_condition_prob: float = 0.5
     ae_aux_weight: float = 0.0
     """Weight of an auxiliary cross-entropy through the frozen AE decoder on x̂₀ (0: off)."""
-    slot_order: Literal["random", "raster"] = "random"
+    slot_order: Literal["random", "raster", "grid"] = "random"
     """How the diffusion targets number an image's segments. ``random``: the stored slots,
     re-permuted per sample (the paper; the model learns that id values mean nothing). ``raster``:
     slots 1, 2, … in reading order of each segment's first pixel, so the target is a function of
-    the segmentation alone (:func:`ldmseg.data.encoding.raster_slots`). The mask AE is trained on
+    the segmentation alone (:func:`ldmseg.data.slots.raster_slots`). ``grid``: the slot of the
+    grid cell that holds the segment's first pixel (:func:`ldmseg.data.slots.grid_slot_lut`), a
+    function of the segment's own place rather than of its rank. The mask AE is trained on
     random slots either way."""
     segment_weight_power: float = 0.0
     """p of the small-segment loss weighting (Pix2Seq-D's mask-size weighting): a latent cell's
@@ -205,6 +207,9 @@ class SamplingConfig:
     count_th: float = 0.002
     """Minimum segment area as a fraction of the image area (512 px of 512² ≈ 0.002)."""
     overlap_th: float = 0.5
+    split_disconnected: bool = False
+    """One segment per 4-connected piece (:func:`ldmseg.postprocess.postprocess`): for data whose
+    segments are connected (the synthetic scenes), not COCO, where occlusion splits objects."""
     batch_size: int = 16
     autocast: Literal["no", "fp16", "bf16", "auto"] = "no"
     """The denoiser's dtype while sampling (the sampler's arithmetic and the AE decoder stay float32);
@@ -214,6 +219,11 @@ class SamplingConfig:
     def thresholds(self) -> dict[str, float]:
         """``{"mask_th": …, "count_th": …, "overlap_th": …}``: the post-processing keywords."""
         return {k: getattr(self, k) for k in self.THRESHOLDS}
+
+    @property
+    def postprocess_options(self) -> dict:
+        """The :func:`ldmseg.postprocess.postprocess` keywords: the thresholds and ``split_disconnected``."""
+        return {**self.thresholds, "split_disconnected": self.split_disconnected}
 
 
 @dataclass

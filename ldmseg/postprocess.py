@@ -9,8 +9,12 @@ Given the decoder's S logits per pixel (slot 0 = void) at the original image siz
    area where ``sigmoid(logit) ≥ mask_th`` for its slot is below ``overlap_th`` (a segment that
    keeps little of its own mask is mostly hidden by others); a segment whose sigmoid area is 0
    has no such evidence and is kept;
-3. the survivors get fresh ids 1..K by decreasing area (ties: lower slot first); dropped pixels
-   become void (0). Segments never overlap.
+3. with ``split_disconnected``, each survivor whose pixels form several 4-connected pieces of at
+   least ``count_th`` × the image area becomes one segment per such piece (smaller pieces stay
+   with the largest one): a prior that segments are connected, true of the synthetic scenes,
+   false of occluded COCO objects (docs/method.md#sampling-and-post-processing);
+4. the survivors get fresh ids 1..K by decreasing area (ties: lower slot first, then the piece
+   with the first pixel in reading order); dropped pixels become void (0). Segments never overlap.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 
 def _logit(p: float) -> float:
@@ -36,6 +41,7 @@ def postprocess(
     mask_th: float,
     count_th: float,
     overlap_th: float,
+    split_disconnected: bool = False,
     valid: torch.Tensor | np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """Per-slot logits → non-overlapping segments.
@@ -46,6 +52,8 @@ def postprocess(
             sigmoid threshold of a slot's own mask for the overlap test.
         count_th: minimum segment area as a fraction of the image area (the valid pixels).
         overlap_th: minimum argmax area / sigmoid-mask area of a kept segment.
+        split_disconnected: one segment per 4-connected piece of at least ``count_th`` of the
+            image area (the same slot may hold several segments).
         valid: (H, W) bool, False where no prediction is wanted (void); ``None``: all valid.
 
     Returns:
@@ -90,6 +98,9 @@ def postprocess(
             continue
         candidates.append((-a, k))
     candidates.sort()
+    if split_disconnected:
+        return _split_pieces(slot.cpu().numpy(), prob.cpu().numpy(), [k for _, k in candidates],
+                             count_th * image_area)
 
     lut = torch.zeros(s, dtype=torch.int64)
     segments = []
@@ -97,4 +108,30 @@ def postprocess(
         lut[k] = new_id
         segments.append({"id": new_id, "area": -neg_area, "score": float(score_sum[k]) / -neg_area, "slot": k})
     id_map = lut.to(slot.device)[slot].cpu().numpy().astype(np.int64)
+    return id_map, segments
+
+
+def _split_pieces(
+    slot: np.ndarray, prob: np.ndarray, kept: list[int], min_area: float
+) -> tuple[np.ndarray, list[dict]]:
+    """Step 3–4 with ``split_disconnected``: ``slot`` (H, W) int64 slot map (0 void), ``prob`` (H, W)
+    float32 max-probabilities, ``kept`` the surviving slots → ``id_map`` (H, W) int64 and segments."""
+    pieces = []  # (-area, slot, first pixel, mask)
+    for k in kept:
+        own = slot == k
+        labels, n = ndimage.label(own)  # 4-connectivity
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # (n,)
+        large = [j for j in range(n) if sizes[j] >= min_area] or [int(sizes.argmax())]
+        largest = max(large, key=lambda j: sizes[j])
+        for j in large:
+            mask = labels == j + 1
+            if j == largest:  # the pieces under min_area stay with the largest piece
+                mask |= own & ~np.isin(labels, [i + 1 for i in large])
+            pieces.append((-int(mask.sum()), k, int(np.flatnonzero(mask)[0]), mask))
+    pieces.sort(key=lambda p: p[:3])
+    id_map = np.zeros(slot.shape, dtype=np.int64)
+    segments = []
+    for new_id, (neg_area, k, _, mask) in enumerate(pieces, start=1):
+        id_map[mask] = new_id
+        segments.append({"id": new_id, "area": -neg_area, "score": float(prob[mask].mean()), "slot": k})
     return id_map, segments

@@ -34,7 +34,7 @@ from ldmseg.checkpoint import LoadedModel, load_model
 from ldmseg.config import Config, SamplingConfig, sampling_fields, with_sampling
 from ldmseg.data.encoding import ids_to_bits, image_to_tensor
 from ldmseg.data.resize import resize_pad, ResizeInfo, restore_size
-from ldmseg.data.slots import raster_slot_lut, remap_ids
+from ldmseg.data.slots import SLOT_ORDERS, raster_slot_lut, remap_ids
 from ldmseg.data.ids import encode_panoptic_png
 from ldmseg.diffusion.sampling import decode_latents, sample_latents
 from ldmseg.postprocess import postprocess
@@ -246,7 +246,7 @@ class Segmenter:
             part = jobs[start:start + chunk]
             x0 = self._sample([images_r[i] for i, _ in part], [int(seeds[i]) + k for i, k in part], sampling)
             for (i, k), z in zip(part, x0):
-                maps[i, k] = postprocess(self._logits(z, infos[i]), **sampling.thresholds)
+                maps[i, k] = postprocess(self._logits(z, infos[i]), **sampling.postprocess_options)
         results = []
         for i in range(len(images_r)):
             if num_samples == 1:
@@ -284,7 +284,7 @@ class Segmenter:
 
         The known segments get id slots by a permutation seeded with ``seed`` (beyond S − 1 known
         segments, the smallest are encoded as void but still pasted back; a model trained with
-        ``diffusion.slot_order: raster`` numbers them in reading order instead; with
+        ``diffusion.slot_order`` ``raster`` or ``grid`` numbers them in that order instead; with
         ``known_slots="predicted"`` the image is first sampled without hints and each known segment
         takes the slot of the predicted segment it overlaps most, :func:`match_known_slots`, at
         twice the sampling cost), the partial map is
@@ -321,10 +321,12 @@ class Segmenter:
             slots_r = lut[slots_r]
             slots = {int(lut[s]): sid for s, sid in slots.items() if lut[s] > 0}
 
-        if self.cfg.diffusion.slot_order == "raster" or known_slots == "predicted":
-            # reading order: as in training for raster models, and a numbering-free tie-break for matching
-            raster = raster_slot_lut(torch.from_numpy(slots_r.astype(np.int64))[None], self.cfg.data.num_slots)
-            renumber(raster[0].numpy())
+        order = self.cfg.diffusion.slot_order
+        if order != "random" or known_slots == "predicted":
+            # the training order of raster and grid models; reading order as a numbering-free
+            # tie-break for matching
+            slot_lut = SLOT_ORDERS.get(order, raster_slot_lut)
+            renumber(slot_lut(torch.from_numpy(slots_r.astype(np.int64))[None], self.cfg.data.num_slots)[0].numpy())
         if known_slots == "predicted":  # the slots the model itself gives these segments
             free = self._sample([image_r], [int(seed)], sampling)
             predicted = decode_latents(self.mask_ae, free, self.latent_scale)[0].argmax(0).cpu().numpy()
@@ -337,7 +339,7 @@ class Segmenter:
         known_mask = -F.max_pool2d(-known_cells, kernel_size=f, stride=f) > 0.5  # min-pool: all pixels known
 
         x0 = self._sample([image_r], [int(seed)], sampling, known_latent, known_mask)
-        pred, segments = postprocess(self._logits(x0[0], info), **sampling.thresholds)
+        pred, segments = postprocess(self._logits(x0[0], info), **sampling.postprocess_options)
 
         next_id = int(known_ids.max(initial=0)) + 1
         lut = np.zeros(len(segments) + 1, dtype=np.int64)

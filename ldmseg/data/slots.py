@@ -6,7 +6,8 @@
    :func:`clean_remap_labels` makes both decisions from a dense label map's areas alone
    (preprocessing); :func:`repermute_slots` draws a fresh permutation of a stored slot map
    (training). With ``diffusion.slot_order: raster`` the diffusion stage renumbers the slots in
-   reading order instead (:func:`raster_slots`).
+   reading order instead (:func:`raster_slots`); with ``grid``, by the place of each segment's
+   first pixel (:func:`grid_slot_lut`); :func:`ordered_slots` picks by name.
 """
 
 from __future__ import annotations
@@ -331,5 +332,68 @@ def raster_slots(slot_map: torch.Tensor, num_slots: int) -> torch.Tensor:
     """(B, H, W) int64 slots → the same segmentation with slots 1..K in raster order of each
     segment's first pixel (void stays 0); see :func:`raster_slot_lut`. Any permutation of the
     input's non-void slots gives the same output."""
-    lut = raster_slot_lut(slot_map, num_slots)
+    return apply_slot_lut(slot_map, raster_slot_lut(slot_map, num_slots))
+
+
+def slot_grid(num_slots: int) -> tuple[int, int]:
+    """The (rows, cols) of the cell grid of :func:`grid_slot_lut`: rows = ⌊√(S−1)⌋, cols =
+    ⌊(S−1) / rows⌋, so every cell has its own non-void slot (S = 32: 5 × 6; S = 128: 11 × 11)."""
+    if num_slots < 3:
+        raise ValueError(f"the grid slot order needs num_slots >= 3, got {num_slots}")
+    rows = int((num_slots - 1) ** 0.5)
+    return rows, (num_slots - 1) // rows
+
+
+def grid_slot_lut(slot_map: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Renumbering of each map's segments by where their first pixel (in reading order) lies.
+
+    The image is cut into the :func:`slot_grid` of rows × cols cells; a segment whose first pixel
+    falls in cell ``c`` (numbered in reading order) gets slot ``1 + c``, so a segment's slot
+    depends on its own place, not on how many segments come before it (as with
+    :func:`raster_slot_lut`). Segments are placed in reading order of their first pixel; one whose
+    cell's slot is taken gets the next free slot after it (cyclically over 1..S−1).
+
+    Args:
+        slot_map: (B, H, W) int64 slots in [0, S), 0 = void.
+        num_slots: S (≥ 3).
+
+    Returns (B, S) int64 ``lut`` (0 for void and absent slots). Like the raster order, it depends
+    only on which pixels share a slot, not on the slot values. The placement loops on the host
+    over the at most S − 1 segments of each map.
+    """
+    import torch
+
+    rows, cols = slot_grid(num_slots)
+    raster = raster_slot_lut(slot_map, num_slots)  # (B, S): 1..K by first pixel
+    b, h, w = slot_map.shape
+    flat = slot_map.reshape(b, -1).long()
+    n = flat.shape[1]
+    first = torch.full((b, num_slots), n, dtype=torch.long, device=flat.device)
+    first.scatter_reduce_(1, flat, torch.arange(n, device=flat.device).expand(b, n), reduce="amin")
+    cell = (first // w * rows // h) * cols + (first % w * cols // w)  # (B, S), meaningless for absent slots
+    lut = torch.zeros(b, num_slots, dtype=torch.long)
+    for i, (ranks, cells) in enumerate(zip(raster.cpu().tolist(), cell.cpu().tolist())):
+        taken = [False] * num_slots
+        for _, s in sorted((r, s) for s, r in enumerate(ranks) if r > 0):
+            slot = 1 + cells[s]
+            while taken[slot]:
+                slot = slot % (num_slots - 1) + 1
+            taken[slot] = True
+            lut[i, s] = slot
+    return lut.to(slot_map.device)
+
+
+def apply_slot_lut(slot_map: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) int64 slots and a (B, S) renumbering → the renumbered (B, H, W) int64 slots."""
     return lut.gather(1, slot_map.reshape(slot_map.shape[0], -1).long()).reshape(slot_map.shape)
+
+
+SLOT_ORDERS = {"raster": raster_slot_lut, "grid": grid_slot_lut}
+"""The numbered slot orders of ``diffusion.slot_order`` (``random`` keeps the stored slots)."""
+
+
+def ordered_slots(slot_map: torch.Tensor, num_slots: int, order: str) -> torch.Tensor:
+    """(B, H, W) int64 slots renumbered in ``order`` (``raster`` or ``grid``; ``random``: unchanged)."""
+    if order == "random":
+        return slot_map
+    return apply_slot_lut(slot_map, SLOT_ORDERS[order](slot_map, num_slots))

@@ -19,7 +19,7 @@ from torch import nn
 
 from ldmseg.config import Config
 from ldmseg.data.encoding import ids_to_bits
-from ldmseg.data.slots import raster_slots, slot_areas
+from ldmseg.data.slots import ordered_slots, slot_areas
 from ldmseg.diffusion.noise import make_train_scheduler, min_snr_weights, prediction_target, predict_x0
 from ldmseg.models.ddp import unwrap
 
@@ -133,13 +133,13 @@ def ldm_loss(
     :func:`masked_mse` between the prediction and its target (ε, x₀ or v) with Min-SNR-γ
     sample weights (and, with ``diffusion.segment_weight_power`` > 0, cell weights that favour small
     segments: :func:`latent_weights`), plus ``ae_aux_weight`` × cross-entropy of the frozen AE decoder on x̂₀ / scale
-    against the slot map (void and padding ignored). With ``diffusion.slot_order: raster`` the
-    batch's slots are first renumbered in reading order (:func:`raster_slots`).
+    against the slot map (void and padding ignored). With ``diffusion.slot_order`` ``raster`` or
+    ``grid`` the batch's slots are first renumbered in that order (:func:`ordered_slots`).
     """
     dcfg = cfg.diffusion
     scheduler = scheduler or make_train_scheduler(dcfg)
-    if dcfg.slot_order == "raster":
-        batch = {**batch, "slot_map": raster_slots(batch["slot_map"], cfg.data.num_slots)}
+    if dcfg.slot_order != "random":
+        batch = {**batch, "slot_map": ordered_slots(batch["slot_map"], cfg.data.num_slots, dcfg.slot_order)}
     x0, image_latent, weights = encode_targets(components, batch, dcfg.segment_weight_power)
     b, device = x0.shape[0], x0.device
     alphas_cumprod = scheduler.alphas_cumprod.to(device)

@@ -99,7 +99,7 @@ def monitor_ae(mask_ae: nn.Module, batch: dict, cfg: Config) -> tuple[dict[str, 
     valid = batch["valid"]
     logits = module(ids_to_bits(torch.where(valid, batch["slot_map"], 0), module.num_bits))
     module.train(was_training)
-    th = cfg.sampling.thresholds
+    th = cfg.sampling.postprocess_options
     maps, segs = zip(*(postprocess(lg, valid=v, **th) for lg, v in zip(logits, valid)))
     metrics, images, gts = _score(batch, list(maps), list(segs), "val_recon")
     return metrics, overlay_panel(images, gts, list(maps))
@@ -152,7 +152,7 @@ def ae_reconstruction_pq(mask_ae: nn.Module, dataset, cfg: Config, *, max_images
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
-    th = cfg.sampling.thresholds
+    th = cfg.sampling.postprocess_options
     stat, n, n_segments, n_over = PQStat(), 0, 0, 0
     for rec in dataset.records[:max_images] if max_images else dataset.records:
         sample = coco.read_sample(rec)

@@ -64,3 +64,22 @@ def test_agreement_and_medoid():
     best, uncertainty = choose_medoid([other, a, relabelled, split])
     assert best in (1, 2)  # a and its relabelling agree most with the rest
     assert uncertainty.dtype == np.float32 and uncertainty[3:, 3:].max() == pytest.approx(1 / 3)
+
+
+def test_split_disconnected_gives_each_piece_its_own_segment():
+    """Two separate things on one slot: one segment, or with ``split_disconnected`` one per piece;
+    a piece under ``count_th`` stays with the largest piece of its slot."""
+    logits = torch.full((3, 8, 8), -10.0)
+    slot = torch.zeros(8, 8, dtype=torch.long)
+    slot[0:3, 0:3] = 1   # 9 px
+    slot[5:8, 4:8] = 1   # 12 px, same slot, not connected
+    slot[7, 0] = 1       # 1 px, under count_th
+    slot[4, 0:2] = 2     # 2 px of another slot
+    logits.scatter_(0, slot[None], 10.0)
+    opts = dict(mask_th=0.5, count_th=2 / 64, overlap_th=0.0)
+    id_map, segments = postprocess(logits, **opts)
+    assert [(s["area"], s["slot"]) for s in segments] == [(22, 1), (2, 2)]
+    id_map, segments = postprocess(logits, split_disconnected=True, **opts)
+    assert [(s["area"], s["slot"]) for s in segments] == [(13, 1), (9, 1), (2, 2)]
+    assert (id_map[5:8, 4:8] == 1).all() and id_map[7, 0] == 1 and (id_map[0:3, 0:3] == 2).all()
+    assert (id_map[4, 0:2] == 3).all() and (id_map[slot.numpy() == 0] == 0).all()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helpers_maps import area_map, random_id_map
-from ldmseg.data.slots import (clean_remap_labels, clean_segments, compact_ids, eval_generator, raster_slot_lut,
-                               raster_slots, remap_ids)
+from ldmseg.data.slots import (clean_remap_labels, clean_segments, compact_ids, eval_generator, grid_slot_lut,
+                               ordered_slots, raster_slot_lut, raster_slots, remap_ids, slot_grid)
 
 # --------------------------------------------------------------------------------------------
 # Cleaning
@@ -97,21 +97,43 @@ def test_raster_slots_number_segments_in_reading_order():
     assert raster_slots(torch.zeros(2, 3, 3, dtype=torch.long), 8).abs().sum() == 0
 
 
-def test_raster_slots_forget_the_permutation():
+@pytest.mark.parametrize("order", ["raster", "grid"])
+def test_ordered_slots_forget_the_permutation(order):
     rng = np.random.default_rng(4)
     maps = [random_id_map(rng, 20, 24, int(k)) for k in rng.integers(1, 30, size=6)]
-    outs = [raster_slots(torch.from_numpy(np.stack([remap_ids(m, 32, np.random.default_rng(trial)).slot_map
-                                                    for m in maps])), 32)
-            for trial in range(3)]  # fresh random slots per trial: the raster numbering is the same
+    outs = [ordered_slots(torch.from_numpy(np.stack([remap_ids(m, 32, np.random.default_rng(trial)).slot_map
+                                                     for m in maps])), 32, order)
+            for trial in range(3)]  # fresh random slots per trial: the numbering is the same
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     for m, r in zip(maps, outs[0].numpy()):
         k = len(set(np.unique(m).tolist()) - {0})
-        assert sorted(set(np.unique(r).tolist()) - {0}) == list(range(1, k + 1))
+        slots = sorted(set(np.unique(r).tolist()) - {0})
+        assert len(slots) == k and all(1 <= s < 32 for s in slots)  # distinct non-void slots
+        if order == "raster":
+            assert slots == list(range(1, k + 1))
+            firsts = [int(np.flatnonzero(r.ravel() == s)[0]) for s in range(1, k + 1)]
+            assert firsts == sorted(firsts)  # slot s starts before slot s + 1
         assert ((r == 0) == (m == 0)).all()
-        for sid in set(np.unique(m).tolist()) - {0}:  # each segment keeps one slot of its own
-            assert len(np.unique(r[m == sid])) == 1
-        firsts = [int(np.flatnonzero(r.ravel() == s)[0]) for s in range(1, k + 1)]
-        assert firsts == sorted(firsts)  # slot s starts before slot s + 1
+        for s in set(np.unique(m).tolist()) - {0}:  # one segment, one slot
+            assert len(np.unique(r[m == s])) == 1
+
+
+def test_grid_slots_follow_the_cell_of_the_first_pixel():
+    assert slot_grid(8) == (2, 3) and slot_grid(32) == (5, 6) and slot_grid(128) == (11, 11)
+    slot_map = torch.zeros(1, 6, 6, dtype=torch.long)  # 2 x 3 cells of 3 x 2 pixels
+    slot_map[0, 0, :2] = 5   # first pixel (0, 0): cell 0 -> slot 1
+    slot_map[0, 0, 2] = 7    # (0, 2): cell 1 -> slot 2
+    slot_map[0, 4, :2] = 2   # (4, 0): cell 3 -> slot 4
+    slot_map[0, 5, 5] = 3    # (5, 5): cell 5 -> slot 6
+    slot_map[0, 1, 0] = 4    # (1, 0): cell 0, after (0, 0) and (0, 2) in reading order; slots 1 and 2
+    # are taken -> the next free slot, 3
+    assert grid_slot_lut(slot_map, 8).tolist() == [[0, 0, 4, 6, 3, 1, 0, 2]]
+    # a segment's slot does not depend on the segments before it in reading order (unlike raster)
+    alone = torch.where(slot_map == 3, slot_map, torch.zeros_like(slot_map))
+    assert grid_slot_lut(alone, 8)[0, 3] == 6 and raster_slot_lut(alone, 8)[0, 3] == 1
+    full = torch.arange(1, 8).repeat(6)[:36].reshape(1, 6, 6) * (torch.arange(36).reshape(1, 6, 6) < 7)
+    lut = grid_slot_lut(full, 8)  # 7 segments in 1 row of cells: every slot 1..7 used once
+    assert sorted(lut[0, 1:].tolist()) == list(range(1, 8))
 
 
 def test_remap_fresh_per_call_and_deterministic_for_eval():
