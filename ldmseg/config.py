@@ -82,7 +82,8 @@ class MaskAEConfig:
     """Encoder widths; len(widths) - 1 stride-2 stages give the downsampling factor."""
     latent_channels: int = 4
     latent_noise: float = 0.0
-    """Std of Gaussian noise added to latents while training, in units of the latent std."""
+    """Std of Gaussian noise added to latents while training, in units of the std of the batch's latents
+    (one encoder pass: the std is read from the same latents, without gradient)."""
     decoder_full_resolution: bool = False
     """False: the paper's decoder, logits at 1/2 resolution upsampled bilinearly. True: one more
     ConvTranspose stage (to ``widths[0]`` channels) decodes the logits at full resolution, so

@@ -156,13 +156,13 @@ class MaskAutoencoder(nn.Module):
     ) -> torch.Tensor:
         """Reconstruct: ``bits`` (B, nb, H, W) → logits (B, S, H, W) float32.
 
-        ``latent_noise`` is the std of Gaussian noise added to the posterior mean, in absolute
-        latent units (the caller converts ``cfg.latent_noise``, given in units of the latent std).
+        ``latent_noise`` is the std of Gaussian noise added to the posterior mean, in units of
+        the std of this batch's latents (``cfg.latent_noise``; the std is taken without gradient).
         The posterior is not sampled; a caller that trains with ``kl_weight > 0`` uses
         :meth:`encode_posterior` and :meth:`decode` itself.
         """
         z = self.encode(bits)
         if latent_noise > 0:
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-            z = z + latent_noise * noise
+            z = z + latent_noise * z.detach().std() * noise
         return self.decode(z)

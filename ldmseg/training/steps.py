@@ -68,14 +68,10 @@ def ae_train_step(
                                                 generator=generator if same_device else None, device=device)
         valid[-n_random:] = True
     bits = ids_to_bits(slot_map, module.num_bits)
-    noise_std = 0.0
-    if cfg.mask_ae.latent_noise > 0:
-        with torch.no_grad():
-            noise_std = float(cfg.mask_ae.latent_noise) * float(module.encode(bits).std())
     check_scaler(cfg.train_ae.mixed_precision, device, scaler)
     with autocast_context(device, cfg.train_ae.mixed_precision):
         # the AE draws its latent noise on the latent's device: a generator elsewhere is not used
-        logits = ae(bits, latent_noise=noise_std, generator=generator if same_device else None)
+        logits = ae(bits, latent_noise=float(cfg.mask_ae.latent_noise), generator=generator if same_device else None)
     loss, parts = mask_ae_loss(logits.float(), slot_map, valid, cfg.mask_ae,
                                generator=generator if same_device else None)
     outcome = optimizer_step(loss, optimizer, cfg.train_ae.grad_clip, scaler, lr_scheduler)

@@ -32,6 +32,10 @@ def test_mask_ae_shapes(widths):
     g = torch.Generator().manual_seed(0)
     noisy = ae(bits, latent_noise=0.5, generator=g)
     assert noisy.shape == logits.shape and not torch.allclose(noisy, logits)
+    # the noise is in units of the batch's latent std: the same draw, scaled by it
+    expected = ae.decode(z + 0.5 * z.std() * torch.randn(z.shape, generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(noisy, expected, atol=1e-5)
+    assert torch.allclose(ae(bits * 1.0, latent_noise=0.5, generator=torch.Generator().manual_seed(0)), noisy)
 
 
 def test_mask_ae_rejects_bad_inputs():
