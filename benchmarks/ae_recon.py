@@ -49,6 +49,8 @@ def main() -> int:
                         help="score a perfect AE instead (the slot map itself as logits): the ceiling "
                              "that slots, the area floor and count_th leave")
     parser.add_argument("--num-slots", type=int, default=None, help="with --perfect: slots to assume")
+    parser.add_argument("--split-disconnected", action="store_true",
+                        help="score with sampling.split_disconnected on (one segment per connected piece)")
     args = parser.parse_args()
 
     from ldmseg.checkpoint import load_model
@@ -72,7 +74,7 @@ def main() -> int:
         pooled = [r for x in datasets.values() for r in x.records]
         datasets["all folders"] = dataclasses.replace(datasets[args.data[0]], records=pooled)
     for count_th in args.count_th or [cfg.sampling.count_th]:
-        scored = with_sampling(cfg, {"count_th": count_th})
+        scored = with_sampling(cfg, {"count_th": count_th, "split_disconnected": args.split_disconnected})
         for name, dataset in datasets.items():
             r = ae_reconstruction_pq(ae, dataset, scored)
             print(f"count_th {count_th:g}  {name}: PQ {100 * r['pq']:.1f}  SQ {100 * r['sq']:.1f}  "
