@@ -211,10 +211,19 @@ class SamplingConfig:
     split_disconnected: bool = False
     """One segment per 4-connected piece (:func:`ldmseg.postprocess.postprocess`): for data whose
     segments are connected (the synthetic scenes), not COCO, where occlusion splits objects."""
+    num_samples: int = 1
+    """Samples drawn per image (seeds ``seed`` … ``seed + K - 1``); K ≥ 2: the map is the medoid sample,
+    the one agreeing most with the others (:mod:`ldmseg.agreement`), with a per-pixel uncertainty and a
+    stability per segment. K times the sampling time (docs/method.md, "Several samples")."""
     batch_size: int = 16
     autocast: Literal["no", "fp16", "bf16", "auto"] = "no"
     """The denoiser's dtype while sampling (the sampler's arithmetic and the AE decoder stay float32);
     ``auto``: bf16 or fp16 on CUDA, float32 elsewhere (:func:`ldmseg.precision.resolve_precision`)."""
+
+    def validate(self) -> None:
+        for name in ("steps", "num_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sampling.{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -279,6 +288,7 @@ class Config:
                     raise ConfigError(f"{key}.{name} must be >= 1, got {value}")
             if t.batch_size % t.num_workers:  # the global batch is split evenly over the workers
                 raise ConfigError(f"{key}.batch_size {t.batch_size}: not a multiple of num_workers {t.num_workers}")
+        self.sampling.validate()
         self.segment.validate()
         self.serve.validate()
 

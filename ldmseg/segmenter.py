@@ -13,7 +13,8 @@ decoded to per-slot logits, taken back to the original size (padding cropped) an
 Seeds: ``seed`` is an int (every image uses it, so an image's result never depends on its position
 in the list or the batch size) or one int per image; sample k of an image uses seed + k.
 
-Several samples per image (``num_samples > 1``): the returned map is the medoid sample, the one
+Several samples per image (``num_samples > 1``: the keyword, else the model's
+``sampling.num_samples``): the returned map is the medoid sample, the one
 that agrees most with the others, where two maps agree at a pixel when the segments covering it
 match with IoU > 0.5 (or both maps are void there). ``uncertainty`` is, per pixel, the fraction of
 the other samples that disagree with the chosen one (0 = all agree), and each segment gets a
@@ -172,8 +173,8 @@ class Segmenter:
         """
         unknown = sorted(set(options) - set(sampling_fields()))
         if unknown:
-            raise TypeError(f"unknown option {unknown[0]!r}; options are sampler, steps, seed, batch_size, "
-                            f"num_samples and the sampling config's fields: {', '.join(sampling_fields())}")
+            raise TypeError(f"unknown option {unknown[0]!r}; options are the sampling config's fields: "
+                            f"{', '.join(sampling_fields())}")
         return with_sampling(self.cfg, {"sampler": sampler, "steps": steps, **options}).sampling
 
     def prepare(self, image: np.ndarray) -> tuple[np.ndarray, ResizeInfo]:
@@ -207,7 +208,7 @@ class Segmenter:
         sampler: str | None = None,
         steps: int | None = None,
         seed: int | Sequence[int] = 0,
-        num_samples: int = 1,
+        num_samples: int | None = None,
         batch_size: int | None = None,
         **options: Any,
     ) -> list[SegmentResult]:
@@ -215,30 +216,32 @@ class Segmenter:
 
         ``sampler`` / ``steps`` default to the model's ``sampling`` config; ``options`` override
         its other fields (thresholds ``mask_th``, ``count_th``, ``overlap_th``, ``timestep_spacing``,
-        ``eta``, ``self_condition``, ...; :meth:`sampling_config`); ``batch_size`` (default
+        ``eta``, ``self_condition``, ...; :meth:`sampling_config`); ``num_samples`` (default
+        ``sampling.num_samples``) samples per image, the medoid returned; ``batch_size`` (default
         ``sampling.batch_size``) bounds the samples drawn at once.
         """
         if isinstance(images, np.ndarray):
             raise TypeError("images must be a list of (H, W, 3) uint8 arrays; wrap a single image: [image]")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        sampling = self.sampling_config(sampler, steps, **options)
+        sampling = self.sampling_config(sampler, steps, num_samples=num_samples, **options)
         seeds = [int(seed)] * len(images) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
         if len(seeds) != len(images):
             raise ValueError(f"pass one seed or one seed per image: got {len(seeds)} seeds for {len(images)} images")
         prepared = [self.prepare(im) for im in images]
         return self.segment_prepared([p[0] for p in prepared], [p[1] for p in prepared], seeds=seeds,
-                                     sampling=sampling, num_samples=num_samples, batch_size=batch_size)
+                                     sampling=sampling, batch_size=batch_size)
 
     @torch.no_grad()
     def segment_prepared(self, images_r: Sequence[np.ndarray], infos: Sequence[ResizeInfo], *, seeds: Sequence[int],
-                         sampling: SamplingConfig, num_samples: int = 1, batch_size: int | None = None
+                         sampling: SamplingConfig, num_samples: int | None = None, batch_size: int | None = None
                          ) -> list[SegmentResult]:
         """:meth:`segment` on images already prepared (:meth:`prepare`): ``images_r`` (R, R, 3) uint8 with their
         ``infos``, one seed per image, a full :class:`~ldmseg.config.SamplingConfig`
-        (:meth:`sampling_config`). With ``num_samples`` K > 1 the map is the medoid sample, the
-        result carries the per-pixel ``uncertainty``, and each segment a ``stability``: the fraction
-        of the K samples that reproduce it at IoU > 0.5 (:mod:`ldmseg.agreement`)."""
+        (:meth:`sampling_config`). With ``num_samples`` K > 1 (default ``sampling.num_samples``) the map
+        is the medoid sample, the result carries the per-pixel ``uncertainty``, and each segment a
+        ``stability``: the fraction of the K samples that reproduce it at IoU > 0.5 (:mod:`ldmseg.agreement`)."""
+        num_samples = sampling.num_samples if num_samples is None else int(num_samples)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         jobs = [(i, k) for i in range(len(images_r)) for k in range(num_samples)]
         maps: dict[tuple[int, int], tuple[np.ndarray, list[dict]]] = {}
         chunk = max(1, int(batch_size or sampling.batch_size))

@@ -11,7 +11,7 @@ ground truth has categories) go to stdout and MLflow. Progress goes to stderr.
 Sampling: the model's own ``sampling`` config, with a named sampling config applied on top
 (``--sampling NAME``, e.g. one saved by ``ldmseg tune sampling --save-best NAME``; or
 ``--sampling FILE.yaml``; :mod:`ldmseg.sampling_presets`), and the flags ``--sampler``,
-``--steps`` and the thresholds on top of that. The output records the sampling config used
+``--steps``, ``--samples`` and the thresholds on top of that. The output records the sampling config used
 (``sampling``) and the named config (``sampling_preset``).
 
 Example::
@@ -38,11 +38,12 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, 
              seed: int = 0, batch_size: int | None = None, max_images: int | None = None,
              thresholds: Mapping[str, float] | None = None, sampling: Mapping[str, Any] | None = None,
              sampling_preset: str | None = None, tracking_uri: str | None = None, log_mlflow: bool = True,
-             split: str | None = None, on_ray: bool = False, address: str | None = None) -> dict[str, Any]:
+             split: str | None = None, on_ray: bool = False, address: str | None = None,
+             num_samples: int | None = None) -> dict[str, Any]:
     """Segment ``data`` with ``model`` into ``output`` and score it; → the result (also ``metrics.json``).
 
     ``sampling`` (SamplingConfig fields, e.g. a named sampling config's) is applied to the model's
-    sampling config, then ``sampler``, ``steps`` and ``thresholds``; ``sampling_preset`` only
+    sampling config, then ``sampler``, ``steps``, ``num_samples`` and ``thresholds``; ``sampling_preset`` only
     names where ``sampling`` came from, for the record. ``on_ray``: segment on Ray model actors
     (:mod:`pipelines.evaluate_ray`; ``address``: the cluster) instead of in this process.
     """
@@ -53,7 +54,8 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, 
     from pipelines.tracking import resolve_model
 
     options = {**(sampling or {}), **(thresholds or {})}
-    options.update({k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None})
+    options.update({k: v for k, v in (("sampler", sampler), ("steps", steps), ("num_samples", num_samples))
+                    if v is not None})
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ldmseg-eval-", dir=out) as tmp:
@@ -125,6 +127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's config)")
     parser.add_argument("--seed", type=int, default=None,
                         help="sampling seed (default: the --sampling config's, else 0)")
+    parser.add_argument("--samples", type=int, default=None, metavar="K",
+                        help="samples per image, scoring their medoid (the sample agreeing most with the others; K "
+                             "times the sampling time; default: the model's sampling.num_samples)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--mask-th", type=float, default=None)
@@ -144,6 +149,8 @@ def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
 
     inputs.sampling_flags(args.sampler, args.steps, mask_th=args.mask_th, count_th=args.count_th,
                           overlap_th=args.overlap_th)
+    if args.samples is not None and args.samples < 1:
+        raise inputs.InputError(f"--samples {args.samples}: must be >= 1 (1 = one sample per image)")
     sampling = inputs.sampling_preset(args.sampling)
     inputs.model("--model", args.model)
     inputs.dataset("--data", args.data)
@@ -159,6 +166,6 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(args.model, args.data, args.output, sampler=args.sampler, steps=args.steps, seed=seed,
                    batch_size=args.batch_size, max_images=args.max_images, thresholds=thresholds, sampling=sampling,
                    sampling_preset=args.sampling, tracking_uri=args.tracking_uri, log_mlflow=not args.no_mlflow,
-                   split=args.split, on_ray=args.on_ray, address=args.address)
+                   split=args.split, on_ray=args.on_ray, address=args.address, num_samples=args.samples)
     print(json.dumps(res))
     return 0

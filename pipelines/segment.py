@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlays", action="store_true", help="also write overlays/<name>.jpg per image")
     parser.add_argument("--uncertainty", type=int, default=None, metavar="K",
                         help="sample K >= 2 seeds per image: the map is the medoid sample, uncertainty/<name>.png "
-                             "holds the per-pixel disagreement (0-255) and each segment a stability score")
+                             "holds the per-pixel disagreement (0-255) and each segment a stability score "
+                             "(default: the model's sampling.num_samples, whose medoid the maps are whenever it is >= 2)")
     parser.add_argument("--config", default=None,
                         help="YAML whose 'segment' and 'sampling' sections go over the model's (e.g. batch "
                              "sizes, actors, GPUs per actor, segment.max_pixels)")
@@ -184,7 +185,7 @@ def cluster_check(*, source: str, output: str, model: str, tracking_uri: str | N
                       tracking_users=model_uri_users(paths, "the model actors (they load --model from MLflow)"))
 
 
-def run_pipeline(todo: list, cfg: Any, *, source: str, model: str, output: str, seed: int, num_samples: int,
+def run_pipeline(todo: list, cfg: Any, *, source: str, model: str, output: str, seed: int,
                  overlays: bool, address: str | None, tracking_uri: str | None, progress: Progress,
                  shard_files: list[str] | None = None) -> None:
     """The Ray Data pipeline over the images of ``todo`` (:class:`~pipelines.segment_plan.ImageRef`) of
@@ -213,7 +214,7 @@ def run_pipeline(todo: list, cfg: Any, *, source: str, model: str, output: str, 
         ds, SegmentModel, batch_size=seg.batch_size, min_actors=seg.min_actors, max_actors=seg.max_actors,
         num_cpus=seg.num_cpus, num_gpus=seg.num_gpus,
         constructor_kwargs={"model": model, "sampling": to_dict(cfg.sampling), "seed": seed,
-                            "num_samples": num_samples, "tracking_uri": tracking_uri})
+                            "tracking_uri": tracking_uri})
     ds = ray_compat.map_batches(ds, write_step, batch_size=seg.write_batch_size, batch_format="numpy",
                                 fn_kwargs={"out": output, "overlays": overlays, "alpha": seg.overlay_alpha,
                                            "quality": seg.overlay_quality, "max_pixels": seg.max_pixels})
@@ -241,7 +242,8 @@ def segment(model: str, source: str, output: str, *, sampling: dict | None = Non
         pinned, version = pin_model_uri(model, tracking_uri)
         meta = model_meta(pinned, Path(tmp), tracking_uri)
         cfg = job_config(model_config(tmp, meta), config_file, overrides or [])
-    cfg = with_sampling(cfg, {**(sampling or {}), "sampler": sampler, "steps": steps, "seed": seed})
+    cfg = with_sampling(cfg, {**(sampling or {}), "sampler": sampler, "steps": steps, "seed": seed,
+                              "num_samples": uncertainty})
     work = make_plan(source, output, overwrite=overwrite)
     if work.shard_files:
         check_shards_match(source, cfg)
@@ -251,7 +253,7 @@ def segment(model: str, source: str, output: str, *, sampling: dict | None = Non
     progress = Progress(len(work.todo))
     if work.todo:
         run_pipeline(work.todo, cfg, source=source, model=pinned, output=output, seed=seed,
-                     num_samples=uncertainty or 1, overlays=overlays, address=address, tracking_uri=tracking_uri,
+                     overlays=overlays, address=address, tracking_uri=tracking_uri,
                      progress=progress, shard_files=work.shard_files)
     seconds = time.time() - t0
     fs, root = open_fs(output)
@@ -267,7 +269,7 @@ def segment(model: str, source: str, output: str, *, sampling: dict | None = Non
         "reconciles": len(work.found) == progress.segmented + already + progress.quarantined,
         "seconds": round(seconds, 3), "images_per_s": round(progress.segmented / max(seconds, 1e-9), 4),
         "sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps, "seed": seed,
-        "num_samples": uncertainty or 1, "sampling": to_dict(cfg.sampling), "segment": to_dict(cfg.segment),
+        "num_samples": cfg.sampling.num_samples, "sampling": to_dict(cfg.sampling), "segment": to_dict(cfg.segment),
         "config_hash": config_hash(cfg, ["sampling", "segment"]),
     }
     fs.pipe_file(posixpath.join(root, "_summary.json"), json.dumps(summary, indent=2).encode())

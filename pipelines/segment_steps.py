@@ -131,7 +131,7 @@ def shard_decode_step(batch: dict[str, np.ndarray], *, cfg: Config, todo: dict[i
 class SegmentModel:
     """The model step: one :class:`~ldmseg.segmenter.Segmenter` per actor, loaded in ``__init__``."""
 
-    def __init__(self, model: str, sampling: dict, seed: int, num_samples: int, tracking_uri: str | None = None):
+    def __init__(self, model: str, sampling: dict, seed: int, tracking_uri: str | None = None):
         import tempfile
 
         import torch
@@ -151,15 +151,14 @@ class SegmentModel:
         self.device = device_label()
         log.info(f"model actor on {self.device} (torch device {self.segmenter.device})")
         self.sampling = build(SamplingConfig, sampling)
-        self.seed, self.num_samples = int(seed), int(num_samples)
+        self.seed = int(seed)
 
     def _segment(self, batch: dict[str, np.ndarray], rows: list[int]) -> list:
         infos = [ResizeInfo(int(batch["height"][i]), int(batch["width"][i]), int(batch["scaled_h"][i]),
                             int(batch["scaled_w"][i]), self.segmenter.cfg.data.resolution,
                             self.segmenter.cfg.data.resize_mode) for i in rows]
         return self.segmenter.segment_prepared([batch["image_r"][i] for i in rows], infos,
-                                               seeds=[self.seed] * len(rows), sampling=self.sampling,
-                                               num_samples=self.num_samples)
+                                               seeds=[self.seed] * len(rows), sampling=self.sampling)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["name"])

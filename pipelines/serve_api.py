@@ -241,7 +241,7 @@ def make_app(cfg: ServeConfig, info: dict[str, Any]):
             raise ApiError(400, "missing_map", "no partial map: send it as the multipart file field 'map' (PNG in "
                                                "COCO colours, black = unknown)")
         options = check_options(params, cfg, samplers)
-        if options.samples != 1:
+        if options.samples not in (None, 1):
             raise ApiError(400, "samples_not_supported", "inpainting draws one sample; leave 'samples' out")
         image = await asyncio.to_thread(decode_upload, uploads["image"], "image", cfg)
         partial = decode_id_map(uploads["map"], "map", image.shape[:2], cfg)

@@ -42,7 +42,8 @@ class Options:
 
     sampling: dict[str, Any]
     seed: int
-    samples: int
+    samples: int | None
+    """Samples per image; ``None``: the model's ``sampling.num_samples``."""
 
 
 def check_options(params: dict[str, str], cfg: ServeConfig, samplers: list[str]) -> Options:
@@ -68,8 +69,8 @@ def check_options(params: dict[str, str], cfg: ServeConfig, samplers: list[str])
     seed = values.pop("seed", 0)
     if not 0 <= seed <= MAX_SEED:
         raise ApiError(400, "seed_out_of_range", f"seed={seed} is out of range: 0 to {MAX_SEED}")
-    samples = values.pop("samples", 1)
-    if not 1 <= samples <= cfg.max_samples:
+    samples = values.pop("samples", None)  # None: the model's sampling.num_samples
+    if samples is not None and not 1 <= samples <= cfg.max_samples:
         raise ApiError(400, "samples_out_of_range", f"samples={samples} is out of range: 1 to {cfg.max_samples} "
                                                     "(2 or more give each segment a stability score)")
     for name in FLOAT_PARAMS:

@@ -39,6 +39,14 @@ PREFIX = "sampling."
 METRICS = ("pq", "sq", "rq", "seconds_per_image")
 # the sampling fields with a comma-list flag of their own (sampler and steps: --samplers, --steps)
 SEARCHED_BY_FLAG = tuple(k for k in sampling_fields() if k not in ("sampler", "steps", "seed", "batch_size"))
+# a field's flag is --<field with dashes>, but for num_samples: --samples (as in ldmseg evaluate and the
+# served API), since --num-samples is Ray Tune's trial count
+FLAG_NAMES = {"num_samples": "samples"}
+
+
+def searched_flag(key: str) -> str:
+    """The comma-list flag of the sampling field ``key``, e.g. ``--mask-th``."""
+    return "--" + FLAG_NAMES.get(key, key).replace("_", "-")
 
 
 def score_sampling(model_dir: str, gt: dict[str, Any], out: Path, options: dict[str, Any], *, seed: int = 0,
@@ -182,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samplers", default=None, help="comma list (default: every registered sampler)")
     parser.add_argument("--steps", default="5,10,20,50", help="comma list of step counts (optuna: their range)")
     for key in SEARCHED_BY_FLAG:
-        parser.add_argument("--" + key.replace("_", "-"), dest=key, default=None,
+        parser.add_argument(searched_flag(key), dest=key, default=None,
                             help=f"comma list of sampling.{key} values to search (default: the model's)")
     parser.add_argument("--search", choices=("grid", "optuna"), default="grid")
     parser.add_argument("--num-samples", type=int, default=1, help="optuna trials (grid: repeats of the grid)")
@@ -220,7 +228,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], list[int], dict[s
     from ldmseg import inputs
     from ldmseg.diffusion.sampling import SAMPLERS
 
-    extra = {key: searched_values("--" + key.replace("_", "-"), key, getattr(args, key))
+    extra = {key: searched_values(searched_flag(key), key, getattr(args, key))
              for key in SEARCHED_BY_FLAG if getattr(args, key)}
     samplers = inputs.parse_list("--samplers", args.samplers, str, "names") if args.samplers else list(SAMPLERS)
     steps = inputs.parse_list("--steps", args.steps, int, "integers")

@@ -48,6 +48,18 @@ def test_several_samples_give_the_medoid_and_uncertainty(segmenter):
     assert set(np.unique(res.uncertainty).tolist()) <= {0.0, 0.5, 1.0}
 
 
+def test_the_config_sets_the_samples_per_image(segmenter, monkeypatch):
+    image = scenes(1, size=32, seed=4)[0].image
+    asked = segmenter.segment([image], seed=10, num_samples=3, sampler="ddpm")[0]
+    monkeypatch.setattr(segmenter.cfg.sampling, "num_samples", 3)
+    configured = segmenter.segment([image], seed=10, sampler="ddpm")[0]
+    assert np.array_equal(configured.id_map, asked.id_map)
+    assert np.array_equal(configured.uncertainty, asked.uncertainty)
+    assert segmenter.segment([image], seed=10, sampler="ddpm", num_samples=1)[0].uncertainty is None
+    with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
+        segmenter.segment([image], num_samples=0)
+
+
 def test_to_coco_prediction_round_trips(segmenter):
     image = scenes(1, size=40, seed=8)[0].image
     res = segmenter.segment([image], seed=0, count_th=0.0)[0]

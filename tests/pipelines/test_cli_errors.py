@@ -185,10 +185,12 @@ SAMPLING = {
     "evaluate --mask-th": (["evaluate", "--mask-th", "1.5"], "--mask-th 1.5"),
     "evaluate --count-th": (["evaluate", "--count-th", "-0.1"], "--count-th -0.1"),
     "evaluate --overlap-th": (["evaluate", "--overlap-th", "2"], "--overlap-th 2"),
+    "evaluate --samples": (["evaluate", "--samples", "0"], "--samples 0"),
     "tune sampling --samplers": (["tune", "sampling", "--samplers", "ddim,eulr"], "eulr"),
     "tune sampling --steps": (["tune", "sampling", "--steps", "5,0"], "--steps 0"),
     "tune sampling --mask-th": (["tune", "sampling", "--mask-th", "0.5,1.5"], "--mask-th 1.5"),
     "tune sampling --steps text": (["tune", "sampling", "--steps", "5,ten"], "--steps 5,ten"),
+    "tune sampling --samples": (["tune", "sampling", "--samples", "1,0"], "--samples 1,0"),
     "tune inpainting --sampler": (["tune", "inpainting", "--sampler", "ddimm"], "ddimm"),
     "tune inpainting --steps": (["tune", "inpainting", "--steps", "0"], "--steps 0"),
 }
@@ -204,7 +206,8 @@ def test_bad_sampling_flag(case, good, tmp_path, capsys):
 @pytest.mark.parametrize("command", ["train", "quickstart", "tune schedules"])
 @pytest.mark.parametrize("override,name", [("sampling.sampler=ddimm", "ddimm"),
                                            ("sampling.overlap_th=1.5", "sampling.overlap_th"),
-                                           ("sampling.steps=0", "sampling.steps")])
+                                           ("sampling.steps=0", "sampling.steps"),
+                                           ("sampling.num_samples=0", "sampling.num_samples")])
 def test_bad_sampling_config(command, override, name, good, tmp_path, capsys):
     fails(config_commands(good, tmp_path)[command](good["config"], [override]), capsys, name)
 
