@@ -190,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samplers", default=None, help="comma list (default: every registered sampler)")
     parser.add_argument("--steps", default="5,10,20,50", help="comma list of step counts (optuna: their range)")
     for key in SEARCHED_BY_FLAG:
-        parser.add_argument(searched_flag(key), dest=key, default=None,
+        parser.add_argument(searched_flag(key), dest="searched_" + key, default=None,
                             help=f"comma list of sampling.{key} values to search (default: the model's)")
     parser.add_argument("--search", choices=("grid", "optuna"), default="grid")
     parser.add_argument("--num-samples", type=int, default=1, help="optuna trials (grid: repeats of the grid)")
@@ -228,8 +228,8 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], list[int], dict[s
     from ldmseg import inputs
     from ldmseg.diffusion.sampling import SAMPLERS
 
-    extra = {key: searched_values(searched_flag(key), key, getattr(args, key))
-             for key in SEARCHED_BY_FLAG if getattr(args, key)}
+    extra = {key: searched_values(searched_flag(key), key, getattr(args, "searched_" + key))
+             for key in SEARCHED_BY_FLAG if getattr(args, "searched_" + key)}
     samplers = inputs.parse_list("--samplers", args.samplers, str, "names") if args.samplers else list(SAMPLERS)
     steps = inputs.parse_list("--steps", args.steps, int, "integers")
     for s in samplers:

@@ -218,3 +218,18 @@ def test_schedule_sweep_under_asha_reports_validation_pq(tiny_model, tmp_path, r
     assert [s for s, _ in last] == sorted(t["steps"] for t in res["trials"])
     assert [v for _, v in last] == pytest.approx(
         [t["val_pq"] for t in sorted(res["trials"], key=lambda t: (t["steps"], t["val_pq"]))], abs=1e-12)
+
+
+def test_tune_sampling_searches_samples_per_image_apart_from_its_trial_count(tiny_model, tmp_path):
+    import argparse
+
+    from pipelines.sweeps.sampling import add_arguments, check_inputs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    model, scenes, _ = tiny_model
+    args = parser.parse_args(["--model", model, "--data", scenes, "--output", str(tmp_path / "o"), "--steps", "2",
+                              "--samples", "1,4", "--num-samples", "3", "--mask-th", "0.4"])
+    assert args.num_samples == 3  # Ray Tune's trial count, not a sampling field
+    samplers, steps, extra = check_inputs(args)
+    assert steps == [2] and extra == {"num_samples": [1, 4], "mask_th": [0.4]}
