@@ -161,19 +161,28 @@ def steps(n: int, where: str) -> None:
         raise InputError(f"{where} {n}: need at least 1 sampling step")
 
 
+def samples(n: int, where: str) -> None:
+    """Samples per image (``sampling.num_samples``, at least 1; the medoid is kept)."""
+    if n < 1:
+        raise InputError(f"{where} {n}: need at least 1 sample per image (1 = one sample, no medoid)")
+
+
 def threshold(value: float, where: str) -> None:
     """``mask_th``, ``count_th`` or ``overlap_th``: a fraction in [0, 1]."""
     if not 0.0 <= value <= 1.0:
         raise InputError(f"{where} {value}: must lie in [0, 1] (write 25 % as 0.25)")
 
 
-def sampling_flags(sampler_name: str | None = None, step_count: int | None = None, **thresholds: float | None) -> None:
-    """``--sampler``, ``--steps``, ``--mask-th``, ``--count-th`` and ``--overlap-th`` of a command
-    (``None``: not given, the model's own value is used)."""
+def sampling_flags(sampler_name: str | None = None, step_count: int | None = None, *, sample_count: int | None = None,
+                   **thresholds: float | None) -> None:
+    """``--sampler``, ``--steps``, ``--samples``, ``--mask-th``, ``--count-th`` and ``--overlap-th`` of a
+    command (``None``: not given, the model's own value is used)."""
     if sampler_name is not None:
         sampler(sampler_name, "--sampler")
     if step_count is not None:
         steps(step_count, "--steps")
+    if sample_count is not None:
+        samples(sample_count, "--samples")
     for key, value in thresholds.items():
         if value is not None:
             threshold(value, "--" + key.replace("_", "-"))
@@ -213,6 +222,8 @@ def sampling_preset(name_or_path: str | None) -> dict[str, Any]:
         sampler(options["sampler"], f"{where} sampler")
     if "steps" in options:
         steps(options["steps"], f"{where} steps")
+    if "num_samples" in options:
+        samples(options["num_samples"], f"{where} num_samples")
     for key in set(SamplingConfig.THRESHOLDS) & set(options):
         threshold(options[key], f"{where} {key}")
     return options

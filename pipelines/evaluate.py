@@ -147,10 +147,8 @@ def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The inputs of ``ldmseg evaluate``, checked before the model loads → the ``--sampling`` options."""
     from ldmseg import inputs
 
-    inputs.sampling_flags(args.sampler, args.steps, mask_th=args.mask_th, count_th=args.count_th,
-                          overlap_th=args.overlap_th)
-    if args.samples is not None and args.samples < 1:
-        raise inputs.InputError(f"--samples {args.samples}: must be >= 1 (1 = one sample per image)")
+    inputs.sampling_flags(args.sampler, args.steps, sample_count=args.samples, mask_th=args.mask_th,
+                          count_th=args.count_th, overlap_th=args.overlap_th)
     sampling = inputs.sampling_preset(args.sampling)
     inputs.model("--model", args.model)
     inputs.dataset("--data", args.data)
