@@ -45,7 +45,7 @@ def _pct(x: float) -> float:
     return round(100.0 * float(x), 1)
 
 
-def test_scores(model: str, test: str, *, sampler: str | None = None, steps: int | None = None, seed: int = 0,
+def scores_on_test(model: str, test: str, *, sampler: str | None = None, steps: int | None = None, seed: int = 0,
                 num_samples: int | None = None) -> dict:
     """Class-agnostic scores on ``test`` with the config's sampling, ``sampler``/``steps``/``num_samples``
     on top (``ldmseg evaluate``'s computation): the ``All`` row (pq, sq, rq, tp, fp, fn, ...)."""
@@ -85,7 +85,7 @@ def main() -> int:
     test = str(work / "scenes" / "test")
     scores = summary["test"]
     if args.samples:
-        scores = {**test_scores(summary["model"], test, num_samples=args.samples), "seed": scores["seed"]}
+        scores = {**scores_on_test(summary["model"], test, num_samples=args.samples), "seed": scores["seed"]}
     rows["test_pq"] = {"value": _pct(scores["pq"]),
                        "detail": f"SQ {_pct(scores['sq'])}, RQ {_pct(scores['rq'])}; TP {scores['tp']} / FP "
                                  f"{scores['fp']} / FN {scores['fn']}, {scores['n_images']} scenes of seed "
@@ -112,7 +112,7 @@ def main() -> int:
     print(f"[targets] inpainting gain: {gain:+.1f}", file=sys.stderr)
 
     sampler, seed = segmenter.cfg.sampling.sampler, segmenter.cfg.sampling.seed
-    ten, ddim50 = (_pct(test_scores(summary["model"], test, sampler=name, steps=steps, seed=seed,
+    ten, ddim50 = (_pct(scores_on_test(summary["model"], test, sampler=name, steps=steps, seed=seed,
                                     num_samples=args.samples)["pq"]) for name, steps in ((sampler, 10), ("ddim", 50)))
     rows["ten_step_gap"] = {"value": round(ten - ddim50, 1),
                             "detail": f"{sampler} 10 steps {ten} against DDIM 50 steps {ddim50}"}
