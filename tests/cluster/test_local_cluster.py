@@ -144,8 +144,13 @@ def test_the_pipeline_runs_as_jobs_on_three_nodes_and_survives_a_lost_node(clust
     while not ldm_checkpoint_on_s3():
         assert cluster.status(job_id) in ("PENDING", "RUNNING") and time.monotonic() < deadline, cluster.logs(job_id)
         time.sleep(3)
-    state = cluster.python(STATE_CODE)
-    ldm_nodes = {w["node"] for w in state["train_workers"] if w["state"] == "ALIVE"}
+    # the state API can lag behind the workers under load: read it until both are ALIVE
+    while True:
+        state = cluster.python(STATE_CODE)
+        ldm_nodes = {w["node"] for w in state["train_workers"] if w["state"] == "ALIVE"}
+        if len(ldm_nodes - {"?"}) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert len(ldm_nodes - {"?"}) == 2, f"the LDM's 2 workers run on {ldm_nodes}, not on 2 nodes"
     busy = sorted(n for n in ldm_nodes if n.startswith("worker"))
     assert busy, f"no LDM worker on a worker node: {state}"
