@@ -7,7 +7,9 @@ segment has at most one match). From K samples of an image:
 - :func:`choose_medoid` picks the sample agreeing most with the others and gives the per-pixel
   disagreement (the fraction of the other samples that disagree with it at that pixel);
 - :func:`segment_stability` gives each segment of a map the fraction of the K samples that
-  reproduce it (the map itself included, so 1/K ≤ stability ≤ 1).
+  reproduce it (the map itself included, so 1/K ≤ stability ≤ 1);
+- :func:`consensus_map` builds one map from the segments a majority of the samples hold, each
+  pixel going to the kept segment most samples put it in.
 """
 
 from __future__ import annotations
@@ -73,3 +75,58 @@ def segment_stability(id_map: np.ndarray, samples: Sequence[np.ndarray]) -> dict
         for i in ids:
             hits[i] += int(found[i])
     return {i: hits[i] / len(samples) for i in ids}
+
+
+def consensus_map(maps: Sequence[np.ndarray], min_support: float = 0.5
+                  ) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """One id map voted by K (H, W) id maps of one image (0 = void).
+
+    The segments of the medoid (:func:`choose_medoid`), then of the other samples in order, are
+    grouped: a segment joins the first group whose first segment it overlaps with IoU > 0.5 and
+    that holds no segment of its sample yet, else it starts a group. Groups held by more than
+    ``min_support`` of the samples are kept; each pixel goes to the kept group (or void) that
+    most samples put it in (ties: void, then the group found first). A segment the medoid merged
+    but most samples split comes out split, and the reverse.
+
+    Returns ``id_map`` (H, W) int64 (segments 1..N in group order); ``segments``, one dict per
+    segment in id order, ``{"id", "area" (pixels), "score" (one minus its mean uncertainty),
+    "stability" (the fraction of samples holding its group)}``; and the (H, W) float32
+    ``uncertainty``: the fraction of samples that do not put the pixel where the vote did.
+    """
+    maps = [np.asarray(m, dtype=np.int64) for m in maps]
+    k = len(maps)
+    if k == 0:
+        raise ValueError("consensus_map needs at least one map")
+    best, _ = choose_medoid(maps)
+    heads: list[np.ndarray] = []          # per group: its first segment's (H, W) bool mask
+    members: list[dict[int, int]] = []    # per group: sample index -> segment id
+    for i in [best] + [j for j in range(k) if j != best]:
+        for sid in np.unique(maps[i]):
+            if sid == 0:
+                continue
+            mask = maps[i] == sid
+            for head, group in zip(heads, members):
+                inter = np.logical_and(head, mask).sum()
+                if i not in group and inter > 0.5 * (head.sum() + mask.sum() - inter):
+                    group[i] = int(sid)
+                    break
+            else:
+                heads.append(mask)
+                members.append({i: int(sid)})
+    kept = [group for group in members if len(group) > min_support * k]
+    votes = np.zeros((len(kept) + 1,) + maps[0].shape, dtype=np.int32)
+    for m in maps:
+        votes[0] += m == 0
+    for n, group in enumerate(kept, start=1):
+        for i, sid in group.items():
+            votes[n] += maps[i] == sid
+    winner = votes.argmax(axis=0)
+    uncertainty = (1.0 - np.take_along_axis(votes, winner[None], axis=0)[0] / k).astype(np.float32)
+    present = [n for n in range(1, len(kept) + 1) if (winner == n).any()]
+    relabel = np.zeros(len(kept) + 1, dtype=np.int64)
+    relabel[present] = np.arange(1, len(present) + 1)
+    id_map = relabel[winner]
+    segments = [{"id": new, "area": int((id_map == new).sum()),
+                 "score": float(1.0 - uncertainty[id_map == new].mean()), "stability": len(kept[n - 1]) / k}
+                for new, n in enumerate(present, start=1)]
+    return id_map, segments, uncertainty

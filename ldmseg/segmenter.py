@@ -18,7 +18,10 @@ Several samples per image (``num_samples > 1``: the keyword, else the model's
 that agrees most with the others, where two maps agree at a pixel when the segments covering it
 match with IoU > 0.5 (or both maps are void there). ``uncertainty`` is, per pixel, the fraction of
 the other samples that disagree with the chosen one (0 = all agree), and each segment gets a
-``stability``: the fraction of the samples that reproduce it (:mod:`ldmseg.agreement`).
+``stability``: the fraction of the samples that reproduce it (:mod:`ldmseg.agreement`). With
+``sampling.fusion: vote`` the map is voted instead: the segments most samples hold, each pixel
+where most samples put it; ``uncertainty`` is then the fraction of samples outvoted at the pixel
+and a segment's ``score`` one minus its mean uncertainty.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldmseg.agreement import choose_medoid, segment_agreement, segment_stability
+from ldmseg.agreement import choose_medoid, consensus_map, segment_agreement, segment_stability
 from ldmseg.checkpoint import LoadedModel, load_model
 from ldmseg.config import Config, SamplingConfig, sampling_fields, with_sampling
 from ldmseg.data.encoding import ids_to_bits, image_to_tensor
@@ -257,6 +260,9 @@ class Segmenter:
                 results.append(SegmentResult(id_map, segments, None))
                 continue
             samples = [maps[i, k][0] for k in range(num_samples)]
+            if sampling.fusion == "vote":
+                results.append(SegmentResult(*consensus_map(samples)))
+                continue
             best, uncertainty = choose_medoid(samples)
             id_map, segments = maps[i, best]
             stability = segment_stability(id_map, samples)

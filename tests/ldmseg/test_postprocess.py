@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ldmseg.postprocess import postprocess
+from ldmseg.agreement import consensus_map
 from ldmseg.segmenter import choose_medoid, segment_agreement
 
 
@@ -64,6 +65,32 @@ def test_agreement_and_medoid():
     best, uncertainty = choose_medoid([other, a, relabelled, split])
     assert best in (1, 2)  # a and its relabelling agree most with the rest
     assert uncertainty.dtype == np.float32 and uncertainty[3:, 3:].max() == pytest.approx(1 / 3)
+
+
+def test_the_vote_keeps_what_most_samples_hold():
+    halves = np.zeros((6, 8), dtype=np.int64)
+    halves[:, :4], halves[:, 4:] = 1, 2
+    merged = np.ones_like(halves)           # one segment over both halves: IoU 1/2 with each, no match
+    moved = np.where(halves == 1, 9, 4)     # the same halves, other ids
+    moved[0, 3] = 0                         # and one void pixel
+    ids, segments, uncertainty = consensus_map([merged, halves, merged, moved, halves])
+    # the medoid (a halves map) seeds two groups held by 3 of 5 samples; "merged" (2 of 5) is outvoted
+    assert np.array_equal(ids, halves)
+    assert uncertainty.dtype == np.float32
+    assert uncertainty[0, 0] == pytest.approx(2 / 5) and uncertainty[0, 3] == pytest.approx(3 / 5)
+    assert [(s["id"], s["area"], s["stability"]) for s in segments] == [(1, 24, 3 / 5), (2, 24, 3 / 5)]
+    assert segments[0]["score"] == pytest.approx(1 - (23 * 2 / 5 + 3 / 5) / 24)  # one pixel with 2 votes of 5
+    assert segments[1]["score"] == pytest.approx(3 / 5)
+    # three merged maps of five: one segment
+    ids, segments, _ = consensus_map([merged, halves, merged, merged, halves])
+    assert (ids == 1).all() and [(s["id"], s["area"], s["stability"]) for s in segments] == [(1, 48, 3 / 5)]
+    # void where most samples are void; a segment of one sample in three is dropped
+    lone = np.zeros_like(halves)
+    lone[:2, :2] = 5
+    ids, segments, uncertainty = consensus_map([np.zeros_like(halves), lone, np.zeros_like(halves)])
+    assert (ids == 0).all() and segments == [] and uncertainty.max() == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="at least one map"):
+        consensus_map([])
 
 
 def test_split_disconnected_gives_each_piece_its_own_segment():

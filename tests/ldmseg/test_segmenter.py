@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldmseg.agreement import consensus_map
 from ldmseg.data.ids import rgb_to_id
 from ldmseg.segmenter import to_coco_prediction
 from helpers_segmenter import scenes
@@ -58,6 +59,17 @@ def test_the_config_sets_the_samples_per_image(segmenter, monkeypatch):
     assert segmenter.segment([image], seed=10, sampler="ddpm", num_samples=1)[0].uncertainty is None
     with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
         segmenter.segment([image], num_samples=0)
+
+
+def test_the_config_can_vote_instead_of_the_medoid(segmenter, monkeypatch):
+    image = scenes(1, size=32, seed=4)[0].image
+    single = [segmenter.segment([image], seed=10 + k, count_th=0.0)[0].id_map for k in range(3)]
+    monkeypatch.setattr(segmenter.cfg.sampling, "fusion", "vote")
+    res = segmenter.segment([image], seed=10, num_samples=3, count_th=0.0)[0]
+    ids, segments, uncertainty = consensus_map(single)
+    assert np.array_equal(res.id_map, ids) and np.array_equal(res.uncertainty, uncertainty)
+    assert res.segments == segments
+    assert res.uncertainty.max() > 0  # this untrained denoiser's samples disagree
 
 
 def test_to_coco_prediction_round_trips(segmenter):
