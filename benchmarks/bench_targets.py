@@ -17,9 +17,9 @@ with each target and whether it holds:
 
 Also written to ``WORKDIR/targets.json``. The sampler and every threshold come from the model's
 config: nothing here is chosen on the test scenes. ``--samples K`` re-scores a run whose model
-predates ``sampling.num_samples``, as if its config held K: the test PQ and both sampler figures
-are then measured here with the medoid of K samples (the test PQ no longer read from the run's
-``summary.json``).
+predates ``sampling.num_samples`` (or ``sampling.fusion``), as if its config held K: the test PQ and
+both sampler figures are then measured here with K samples per image made one map by the config's
+``sampling.fusion`` (the test PQ no longer read from the run's ``summary.json``).
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def main() -> int:
     parser.add_argument("--workdir", required=True, help="a finished bench run (ldmseg quickstart --config conf/bench.yaml)")
     parser.add_argument("--quickstart", default=None, help="a finished ldmseg quickstart run, for its test PQ")
     parser.add_argument("--samples", type=int, default=None, metavar="K",
-                        help="score with the medoid of K samples per image (sampling.num_samples), re-measuring the "
-                             "test PQ: for runs trained before the config held it")
+                        help="score with K samples per image (sampling.num_samples, made one map by the model's "
+                             "sampling.fusion), re-measuring the test PQ: for runs trained before the config held it")
     args = parser.parse_args()
     work = Path(args.workdir)
     summary_path = work / "summary.json"
@@ -89,7 +89,7 @@ def main() -> int:
     rows["test_pq"] = {"value": _pct(scores["pq"]),
                        "detail": f"SQ {_pct(scores['sq'])}, RQ {_pct(scores['rq'])}; TP {scores['tp']} / FP "
                                  f"{scores['fp']} / FN {scores['fn']}, {scores['n_images']} scenes of seed "
-                                 f"{scores['seed']}" + (f"; medoid of {args.samples} samples" if args.samples else "")}
+                                 f"{scores['seed']}" + (f"; {args.samples} samples per image" if args.samples else "")}
     print(f"[targets] test PQ: {rows['test_pq']['value']}", file=sys.stderr)
 
     loaded = load_model(summary["ae_model"])

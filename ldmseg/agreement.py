@@ -8,8 +8,8 @@ segment has at most one match). From K samples of an image:
   disagreement (the fraction of the other samples that disagree with it at that pixel);
 - :func:`segment_stability` gives each segment of a map the fraction of the K samples that
   reproduce it (the map itself included, so 1/K ≤ stability ≤ 1);
-- :func:`consensus_map` builds one map from the segments a majority of the samples hold, each
-  pixel going to the kept segment most samples put it in.
+- :func:`consensus_map` votes one map: segments matched across the samples form groups, and each
+  pixel goes to the group (of those held by enough samples) or void that most samples put it in.
 """
 
 from __future__ import annotations
@@ -77,7 +77,13 @@ def segment_stability(id_map: np.ndarray, samples: Sequence[np.ndarray]) -> dict
     return {i: hits[i] / len(samples) for i in ids}
 
 
-def consensus_map(maps: Sequence[np.ndarray], min_support: float = 0.5
+VOTE_MIN_SUPPORT = 0.2
+"""The vote's segment groups must be held by more than this fraction of the samples: chosen on the
+128 validation scenes with two bench models (docs/benchmarks.md, "Vote of several samples"),
+where 0.1–0.3 scored within 1 PQ point and a majority (0.5) 6–12 points less."""
+
+
+def consensus_map(maps: Sequence[np.ndarray], min_support: float = VOTE_MIN_SUPPORT
                   ) -> tuple[np.ndarray, list[dict], np.ndarray]:
     """One id map voted by K (H, W) id maps of one image (0 = void).
 
@@ -86,7 +92,8 @@ def consensus_map(maps: Sequence[np.ndarray], min_support: float = 0.5
     that holds no segment of its sample yet, else it starts a group. Groups held by more than
     ``min_support`` of the samples are kept; each pixel goes to the kept group (or void) that
     most samples put it in (ties: void, then the group found first). A segment the medoid merged
-    but most samples split comes out split, and the reverse.
+    but most samples split comes out split, and the reverse; a segment only some samples find
+    survives where the samples that miss it disagree among themselves.
 
     Returns ``id_map`` (H, W) int64 (segments 1..N in group order); ``segments``, one dict per
     segment in id order, ``{"id", "area" (pixels), "score" (one minus its mean uncertainty),

@@ -212,13 +212,13 @@ class SamplingConfig:
     """One segment per 4-connected piece (:func:`ldmseg.postprocess.postprocess`): for data whose
     segments are connected (the synthetic scenes), not COCO, where occlusion splits objects."""
     num_samples: int = 1
-    """Samples drawn per image (seeds ``seed`` … ``seed + K - 1``); K ≥ 2: the map is the medoid sample,
-    the one agreeing most with the others (:mod:`ldmseg.agreement`), with a per-pixel uncertainty and a
-    stability per segment. K times the sampling time (docs/method.md, "Several samples")."""
-    fusion: Literal["medoid", "vote"] = "medoid"
-    """How K ≥ 2 samples make one map: ``medoid`` keeps the sample agreeing most with the others;
-    ``vote`` keeps the segments most samples hold, each pixel where most samples put it
-    (:func:`ldmseg.agreement.consensus_map`)."""
+    """Samples drawn per image (seeds ``seed`` … ``seed + K - 1``); K ≥ 2: one map made of them
+    (``fusion``), with a per-pixel uncertainty and a stability per segment. K times the sampling time
+    (docs/method.md, "Several samples")."""
+    fusion: Literal["vote", "medoid"] = "vote"
+    """How K ≥ 2 samples make one map: ``vote``, segments matched across the samples, each pixel to
+    the one most samples put it in (:func:`ldmseg.agreement.consensus_map`); ``medoid``, the sample
+    agreeing most with the others (:func:`ldmseg.agreement.choose_medoid`)."""
     batch_size: int = 16
     autocast: Literal["no", "fp16", "bf16", "auto"] = "no"
     """The denoiser's dtype while sampling (the sampler's arithmetic and the AE decoder stay float32);

@@ -11,7 +11,7 @@ ground truth has categories) go to stdout and MLflow. Progress goes to stderr.
 Sampling: the model's own ``sampling`` config, with a named sampling config applied on top
 (``--sampling NAME``, e.g. one saved by ``ldmseg tune sampling --save-best NAME``; or
 ``--sampling FILE.yaml``; :mod:`ldmseg.sampling_presets`), and the flags ``--sampler``,
-``--steps``, ``--samples`` and the thresholds on top of that. The output records the sampling config used
+``--steps``, ``--samples``, ``--fusion`` and the thresholds on top of that. The output records the sampling config used
 (``sampling``) and the named config (``sampling_preset``).
 
 Example::
@@ -39,11 +39,11 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, 
              thresholds: Mapping[str, float] | None = None, sampling: Mapping[str, Any] | None = None,
              sampling_preset: str | None = None, tracking_uri: str | None = None, log_mlflow: bool = True,
              split: str | None = None, on_ray: bool = False, address: str | None = None,
-             num_samples: int | None = None) -> dict[str, Any]:
+             num_samples: int | None = None, fusion: str | None = None) -> dict[str, Any]:
     """Segment ``data`` with ``model`` into ``output`` and score it; → the result (also ``metrics.json``).
 
     ``sampling`` (SamplingConfig fields, e.g. a named sampling config's) is applied to the model's
-    sampling config, then ``sampler``, ``steps``, ``num_samples`` and ``thresholds``; ``sampling_preset`` only
+    sampling config, then ``sampler``, ``steps``, ``num_samples``, ``fusion`` and ``thresholds``; ``sampling_preset`` only
     names where ``sampling`` came from, for the record. ``on_ray``: segment on Ray model actors
     (:mod:`pipelines.evaluate_ray`; ``address``: the cluster) instead of in this process.
     """
@@ -54,8 +54,8 @@ def evaluate(model: str, data: str, output: str, *, sampler: str | None = None, 
     from pipelines.tracking import resolve_model
 
     options = {**(sampling or {}), **(thresholds or {})}
-    options.update({k: v for k, v in (("sampler", sampler), ("steps", steps), ("num_samples", num_samples))
-                    if v is not None})
+    options.update({k: v for k, v in (("sampler", sampler), ("steps", steps), ("num_samples", num_samples),
+                                      ("fusion", fusion)) if v is not None})
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ldmseg-eval-", dir=out) as tmp:
@@ -130,6 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=None, metavar="K",
                         help="samples per image, scoring their medoid (the sample agreeing most with the others; K "
                              "times the sampling time; default: the model's sampling.num_samples)")
+    parser.add_argument("--fusion", choices=("medoid", "vote"), default=None,
+                        help="how K >= 2 samples make one map: the medoid sample, or a vote keeping the segments most "
+                             "samples hold (default: the model's sampling.fusion)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--mask-th", type=float, default=None)
@@ -164,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(args.model, args.data, args.output, sampler=args.sampler, steps=args.steps, seed=seed,
                    batch_size=args.batch_size, max_images=args.max_images, thresholds=thresholds, sampling=sampling,
                    sampling_preset=args.sampling, tracking_uri=args.tracking_uri, log_mlflow=not args.no_mlflow,
-                   split=args.split, on_ray=args.on_ray, address=args.address, num_samples=args.samples)
+                   split=args.split, on_ray=args.on_ray, address=args.address, num_samples=args.samples,
+                   fusion=args.fusion)
     print(json.dumps(res))
     return 0

@@ -75,6 +75,7 @@ def test_the_vote_keeps_what_most_samples_hold():
     moved[0, 3] = 0                         # and one void pixel
     ids, segments, uncertainty = consensus_map([merged, halves, merged, moved, halves])
     # the medoid (a halves map) seeds two groups held by 3 of 5 samples; "merged" (2 of 5) is outvoted
+    # at every pixel (2 votes against 3)
     assert np.array_equal(ids, halves)
     assert uncertainty.dtype == np.float32
     assert uncertainty[0, 0] == pytest.approx(2 / 5) and uncertainty[0, 3] == pytest.approx(3 / 5)
@@ -89,6 +90,13 @@ def test_the_vote_keeps_what_most_samples_hold():
     lone[:2, :2] = 5
     ids, segments, uncertainty = consensus_map([np.zeros_like(halves), lone, np.zeros_like(halves)])
     assert (ids == 0).all() and segments == [] and uncertainty.max() == pytest.approx(1 / 3)
+    # a segment 2 of 5 samples hold, where the other three disagree: kept above min_support 0.4 only
+    others = [np.zeros_like(halves) for _ in range(3)]
+    others[0][:3, :3], others[1][:, :2] = 6, 7  # IoU 4/9 and 4/12 with the lone segment: no match
+    ids, segments, _ = consensus_map([lone, lone, *others])
+    assert (ids[:2, :2] == 1).all() and (ids == 1).sum() == 4 and segments[0]["stability"] == 2 / 5
+    ids, segments, _ = consensus_map([lone, lone, *others], min_support=0.4)
+    assert not (ids[:2, :2] == 1).any() and all(s["stability"] < 2 / 5 for s in segments)
     with pytest.raises(ValueError, match="at least one map"):
         consensus_map([])
 

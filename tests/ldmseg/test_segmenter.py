@@ -40,7 +40,8 @@ def test_segment_any_size_and_batch_independent(segmenter):
         segmenter.segment(images[0])
 
 
-def test_several_samples_give_the_medoid_and_uncertainty(segmenter):
+def test_several_samples_give_the_medoid_and_uncertainty(segmenter, monkeypatch):
+    monkeypatch.setattr(segmenter.cfg.sampling, "fusion", "medoid")
     image = scenes(1, size=32, seed=4)[0].image
     res = segmenter.segment([image], seed=10, num_samples=3, sampler="ddpm")[0]
     single = [segmenter.segment([image], seed=10 + k, sampler="ddpm")[0].id_map for k in range(3)]
@@ -61,10 +62,10 @@ def test_the_config_sets_the_samples_per_image(segmenter, monkeypatch):
         segmenter.segment([image], num_samples=0)
 
 
-def test_the_config_can_vote_instead_of_the_medoid(segmenter, monkeypatch):
+def test_several_samples_are_voted_by_default(segmenter):
+    assert segmenter.cfg.sampling.fusion == "vote"
     image = scenes(1, size=32, seed=4)[0].image
     single = [segmenter.segment([image], seed=10 + k, count_th=0.0)[0].id_map for k in range(3)]
-    monkeypatch.setattr(segmenter.cfg.sampling, "fusion", "vote")
     res = segmenter.segment([image], seed=10, num_samples=3, count_th=0.0)[0]
     ids, segments, uncertainty = consensus_map(single)
     assert np.array_equal(res.id_map, ids) and np.array_equal(res.uncertainty, uncertainty)

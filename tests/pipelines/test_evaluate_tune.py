@@ -66,9 +66,10 @@ def test_evaluate_uses_a_named_sampling_config_under_its_flags(tiny_model, tmp_p
     assert main([*common, "--sampling", "fast", "--steps", "2", "--output", str(tmp_path / "b")]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out["sampler"], out["steps"]) == ("euler", 2)  # the flags go on top
-    # --samples K scores the medoid of the seeds seed..seed+K-1: each map is one of theirs
-    assert main([*common, "--steps", "1", "--samples", "3", "--output", str(tmp_path / "k3")]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sampling"]["num_samples"] == 3
+    # --samples K --fusion medoid scores the medoid of the seeds seed..seed+K-1: each map is one of theirs
+    assert main([*common, "--steps", "1", "--samples", "3", "--fusion", "medoid", "--output", str(tmp_path / "k3")]) == 0
+    used = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sampling"]
+    assert (used["num_samples"], used["fusion"]) == (3, "medoid")
     for seed in range(3):
         assert main([*common, "--steps", "1", "--seed", str(seed), "--output", str(tmp_path / f"s{seed}")]) == 0
     capsys.readouterr()
@@ -77,6 +78,9 @@ def test_evaluate_uses_a_named_sampling_config_under_its_flags(tiny_model, tmp_p
     for png in pngs:
         rel = png.relative_to(tmp_path / "k3")
         assert any(png.read_bytes() == (tmp_path / f"s{seed}" / rel).read_bytes() for seed in range(3)), rel
+    # by default the samples are voted (sampling.fusion), one map of the three
+    assert main([*common, "--steps", "1", "--samples", "3", "--output", str(tmp_path / "v3")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sampling"]["fusion"] == "vote"
     assert main([*common, "--sampling", "nope", "--output", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ldmseg evaluate: no sampling config named 'nope'")
