@@ -128,11 +128,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="sampling seed (default: the --sampling config's, else 0)")
     parser.add_argument("--samples", type=int, default=None, metavar="K",
-                        help="samples per image, scoring their medoid (the sample agreeing most with the others; K "
+                        help="samples per image, scoring the one map --fusion makes of them (K "
                              "times the sampling time; default: the model's sampling.num_samples)")
-    parser.add_argument("--fusion", choices=("medoid", "vote"), default=None,
-                        help="how K >= 2 samples make one map: the medoid sample, or a vote keeping the segments most "
-                             "samples hold (default: the model's sampling.fusion)")
+    parser.add_argument("--fusion", choices=("vote", "medoid"), default=None,
+                        help="how K >= 2 samples make one map: 'vote', each pixel to the segment most samples put it "
+                             "in, or 'medoid', the sample agreeing most with the others (default: the model's "
+                             "sampling.fusion)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--mask-th", type=float, default=None)

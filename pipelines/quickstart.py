@@ -108,7 +108,7 @@ def run_quickstart(workdir: Path, config: str | None, overrides: list[str], *, n
     t = time.time()
     k = cfg.sampling.num_samples
     log.info(f"segmenting {num_test} test scenes ({cfg.sampling.sampler}, {cfg.sampling.steps} steps"
-             + (f", the medoid of {k} samples each)" if k > 1 else ")"))
+             + (f", the {cfg.sampling.fusion} of {k} samples each)" if k > 1 else ")"))
     segmenter = Segmenter.from_pretrained(ldm.model_dir)
     pred_dir = workdir / "predictions"
     stats = predict_dataset(segmenter, coco.load_coco_panoptic(str(test_scenes)), pred_dir,

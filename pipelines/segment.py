@@ -52,9 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling seed, the same for every image (default: the --sampling config's, else 0)")
     parser.add_argument("--overlays", action="store_true", help="also write overlays/<name>.jpg per image")
     parser.add_argument("--uncertainty", type=int, default=None, metavar="K",
-                        help="sample K >= 2 seeds per image: the map is the medoid sample, uncertainty/<name>.png "
-                             "holds the per-pixel disagreement (0-255) and each segment a stability score "
-                             "(default: the model's sampling.num_samples, whose medoid the maps are whenever it is >= 2)")
+                        help="sample K >= 2 seeds per image: the map is their vote (or the medoid sample, with "
+                             "sampling.fusion=medoid), uncertainty/<name>.png holds the per-pixel disagreement (0-255) "
+                             "and each segment a stability score (default: the model's sampling.num_samples, whose "
+                             "one map the maps are whenever it is >= 2)")
     parser.add_argument("--config", default=None,
                         help="YAML whose 'segment' and 'sampling' sections go over the model's (e.g. batch "
                              "sizes, actors, GPUs per actor, segment.max_pixels)")
