@@ -73,18 +73,20 @@ def main() -> int:
     parser.add_argument("--data", required=True, help="COCO panoptic folder (a validation set: this chooses)")
     parser.add_argument("--cache", required=True, help=".npz of the drawn samples (made when missing)")
     parser.add_argument("--ks", default="1,3,5,8,16", help="comma list of K (default 1,3,5,8,16)")
-    parser.add_argument("--min-support", type=float, default=0.5, help="the vote keeps segments of more than "
-                        "this fraction of the samples (default 0.5)")
+    parser.add_argument("--min-support", type=float, default=None, help="the vote keeps segment groups of more "
+                        "than this fraction of the samples (default: the shipped VOTE_MIN_SUPPORT, 0.2)")
     parser.add_argument("--max-images", type=int, help="the first N images only (default: all)")
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
 
-    from ldmseg.agreement import choose_medoid, consensus_map
+    from ldmseg.agreement import VOTE_MIN_SUPPORT, choose_medoid, consensus_map
+
+    min_support = VOTE_MIN_SUPPORT if args.min_support is None else args.min_support
 
     samples, records = sample_all(args.model, args.data, max(ks), Path(args.cache), args.max_images)
     for k in ks:
         medoid = {i: m[choose_medoid(list(m[:k]))[0]].astype("int64") for i, m in samples.items()}
-        vote = {i: consensus_map(list(m[:k]), args.min_support)[0] for i, m in samples.items()}
+        vote = {i: consensus_map(list(m[:k]), min_support)[0] for i, m in samples.items()}
         for rule, maps in (("medoid", medoid), ("vote", vote)):
             s = score(records, maps, args.data)
             print(json.dumps({"K": k, "rule": rule, "pq": round(100 * s["pq"], 1), "sq": round(100 * s["sq"], 1),
