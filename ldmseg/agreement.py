@@ -106,27 +106,38 @@ def consensus_map(maps: Sequence[np.ndarray], min_support: float = VOTE_MIN_SUPP
         raise ValueError("consensus_map needs at least one map")
     best, _ = choose_medoid(maps)
     heads: list[np.ndarray] = []          # per group: its first segment's (H, W) bool mask
+    head_areas: list[int] = []
     members: list[dict[int, int]] = []    # per group: sample index -> segment id
     for i in [best] + [j for j in range(k) if j != best]:
-        for sid in np.unique(maps[i]):
+        ids, areas = np.unique(maps[i], return_counts=True)
+        size = int(ids[-1]) + 1
+        # each earlier group's overlap with every segment of this sample, one pass per group
+        inters = [np.bincount(maps[i][head], minlength=size) for head in heads]
+        for sid, area in zip(ids.tolist(), areas.tolist()):
             if sid == 0:
                 continue
-            mask = maps[i] == sid
-            for head, group in zip(heads, members):
-                inter = np.logical_and(head, mask).sum()
-                if i not in group and inter > 0.5 * (head.sum() + mask.sum() - inter):
-                    group[i] = int(sid)
+            for g, inter in enumerate(inters):
+                if i not in members[g] and inter[sid] > 0.5 * (head_areas[g] + area - inter[sid]):
+                    members[g][i] = sid
                     break
             else:
-                heads.append(mask)
-                members.append({i: int(sid)})
+                heads.append(maps[i] == sid)
+                head_areas.append(area)
+                members.append({i: sid})
     kept = [group for group in members if len(group) > min_support * k]
-    votes = np.zeros((len(kept) + 1,) + maps[0].shape, dtype=np.int32)
-    for m in maps:
-        votes[0] += m == 0
-    for n, group in enumerate(kept, start=1):
-        for i, sid in group.items():
-            votes[n] += maps[i] == sid
+    # votes[n] counts the samples putting a pixel in kept group n (0: void); a pixel of a dropped
+    # group votes in the spare last row, which is never read
+    flat = [m.ravel() for m in maps]
+    votes = np.zeros((len(kept) + 2, flat[0].size), dtype=np.int32)
+    pixels = np.arange(flat[0].size)
+    for i, m in enumerate(flat):
+        to_row = np.full(int(m.max()) + 1, len(kept) + 1, dtype=np.int64)
+        to_row[0] = 0
+        for n, group in enumerate(kept, start=1):
+            if i in group:
+                to_row[group[i]] = n
+        votes[to_row[m], pixels] += 1
+    votes = votes[:-1].reshape((len(kept) + 1,) + maps[0].shape)
     winner = votes.argmax(axis=0)
     uncertainty = (1.0 - np.take_along_axis(votes, winner[None], axis=0)[0] / k).astype(np.float32)
     present = [n for n in range(1, len(kept) + 1) if (winner == n).any()]
