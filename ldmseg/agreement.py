@@ -144,7 +144,9 @@ def consensus_map(maps: Sequence[np.ndarray], min_support: float = VOTE_MIN_SUPP
     relabel = np.zeros(len(kept) + 1, dtype=np.int64)
     relabel[present] = np.arange(1, len(present) + 1)
     id_map = relabel[winner]
-    segments = [{"id": new, "area": int((id_map == new).sum()),
-                 "score": float(1.0 - uncertainty[id_map == new].mean()), "stability": len(kept[n - 1]) / k}
+    areas = np.bincount(id_map.ravel(), minlength=len(present) + 1)
+    certain = np.bincount(id_map.ravel(), weights=1.0 - uncertainty.ravel(), minlength=len(present) + 1)
+    segments = [{"id": new, "area": int(areas[new]), "score": float(certain[new] / areas[new]),
+                 "stability": len(kept[n - 1]) / k}
                 for new, n in enumerate(present, start=1)]
     return id_map, segments, uncertainty

@@ -162,7 +162,7 @@ def steps(n: int, where: str) -> None:
 
 
 def samples(n: int, where: str) -> None:
-    """Samples per image (``sampling.num_samples``, at least 1; the medoid is kept)."""
+    """Samples per image (``sampling.num_samples``, at least 1; ``sampling.fusion`` makes one map of them)."""
     if n < 1:
         raise InputError(f"{where} {n}: need at least 1 sample per image (1 = one sample, no medoid)")
 

@@ -14,14 +14,13 @@ Seeds: ``seed`` is an int (every image uses it, so an image's result never depen
 in the list or the batch size) or one int per image; sample k of an image uses seed + k.
 
 Several samples per image (``num_samples > 1``: the keyword, else the model's
-``sampling.num_samples``): the returned map is the medoid sample, the one
-that agrees most with the others, where two maps agree at a pixel when the segments covering it
-match with IoU > 0.5 (or both maps are void there). ``uncertainty`` is, per pixel, the fraction of
-the other samples that disagree with the chosen one (0 = all agree), and each segment gets a
-``stability``: the fraction of the samples that reproduce it (:mod:`ldmseg.agreement`). With
-``sampling.fusion: vote`` the map is voted instead: the segments most samples hold, each pixel
-where most samples put it; ``uncertainty`` is then the fraction of samples outvoted at the pixel
-and a segment's ``score`` one minus its mean uncertainty.
+``sampling.num_samples``) make one map by ``sampling.fusion`` (:mod:`ldmseg.agreement`). ``vote``
+(the default): segments matched across the samples at IoU > 0.5, each pixel where most samples
+put it; ``uncertainty`` is the per-pixel fraction of samples outvoted and a segment's ``score``
+one minus its mean uncertainty. ``medoid``: the sample that agrees most with the others (two maps
+agree at a pixel when the segments covering it match with IoU > 0.5, or both are void there);
+``uncertainty`` is the fraction of the other samples that disagree with it. Either way each
+segment gets a ``stability``: the fraction of the samples that reproduce it.
 """
 
 from __future__ import annotations
