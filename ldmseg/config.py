@@ -199,8 +199,11 @@ class SamplingConfig:
     sampler: str = "ddim"
     steps: int = 50
     timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
-    sigma_schedule: Literal["default", "karras"] = "default"
-    """``karras``: Karras et al. sigmas (samplers dpmsolver++, dpmsolver++-sde, unipc, euler, heun)."""
+    sigma_schedule: Literal["default", "karras", "exponential", "beta", "lu"] = "default"
+    """The sampler's noise levels (samplers dpmsolver++, dpmsolver++-sde, unipc, euler, heun):
+    ``default`` the timesteps of ``timestep_spacing``; ``karras`` Karras et al. sigmas;
+    ``exponential`` log-uniform sigmas; ``beta`` Beta(0.6, 0.6) sigmas; ``lu`` uniform log-SNR
+    steps (dpmsolver++ and dpmsolver++-sde only)."""
     eta: float = 0.0
     seed: int = 0
     self_condition: bool = True

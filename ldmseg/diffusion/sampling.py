@@ -50,9 +50,27 @@ SamplerFactory = Callable[[DiffusionConfig, SamplingConfig], object]
 SIGMA_SAMPLERS = ("dpmsolver++", "dpmsolver++-sde", "unipc", "euler", "heun")
 
 
-def _sigmas(sampling: SamplingConfig) -> dict:
-    """Scheduler keyword for ``sampling.sigma_schedule`` (``karras``: ``use_karras_sigmas``)."""
-    return {"use_karras_sigmas": True} if sampling.sigma_schedule == "karras" else {}
+SIGMA_SCHEDULES = {
+    "default": {},
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
+    "beta": {"use_beta_sigmas": True},
+    "lu": {"use_lu_lambdas": True},
+}
+"""``sampling.sigma_schedule`` → the diffusers scheduler keyword that spaces the sampler's noise
+levels: ``karras`` (Karras et al.), ``exponential`` (log-uniform σ), ``beta`` (Beta(0.6, 0.6)
+quantiles of σ) and ``lu`` (uniform steps in log-SNR λ, DPM-Solver's own spacing; the
+``dpmsolver++`` samplers only)."""
+
+LU_SAMPLERS = ("dpmsolver++", "dpmsolver++-sde")
+
+
+def _sigmas(sampling: SamplingConfig, name: str) -> dict:
+    """Scheduler keyword for ``sampling.sigma_schedule`` (see :data:`SIGMA_SCHEDULES`)."""
+    if sampling.sigma_schedule == "lu" and name not in LU_SAMPLERS:
+        raise ValueError(f"sigma_schedule='lu' (uniform log-SNR steps) exists for {', '.join(LU_SAMPLERS)} only, "
+                         f"not {name}: use karras, exponential or beta")
+    return dict(SIGMA_SCHEDULES[sampling.sigma_schedule])
 
 
 def _no_sigmas(name: str, sampling: SamplingConfig) -> None:
@@ -76,27 +94,28 @@ def _ddpm(cfg: DiffusionConfig, sampling: SamplingConfig) -> DDPMScheduler:
 
 def _dpmsolver(cfg: DiffusionConfig, sampling: SamplingConfig) -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
-                                       algorithm_type="dpmsolver++", solver_order=2, **_sigmas(sampling))
+                                       algorithm_type="dpmsolver++", solver_order=2, **_sigmas(sampling, "dpmsolver++"))
 
 
 def _dpmsolver_sde(cfg: DiffusionConfig, sampling: SamplingConfig) -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
-                                       algorithm_type="sde-dpmsolver++", solver_order=2, **_sigmas(sampling))
+                                       algorithm_type="sde-dpmsolver++", solver_order=2,
+                                       **_sigmas(sampling, "dpmsolver++-sde"))
 
 
 def _unipc(cfg: DiffusionConfig, sampling: SamplingConfig) -> UniPCMultistepScheduler:
     return UniPCMultistepScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
-                                  **_sigmas(sampling))
+                                  **_sigmas(sampling, "unipc"))
 
 
 def _euler(cfg: DiffusionConfig, sampling: SamplingConfig) -> EulerDiscreteScheduler:
     return EulerDiscreteScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
-                                 **_sigmas(sampling))
+                                 **_sigmas(sampling, "euler"))
 
 
 def _heun(cfg: DiffusionConfig, sampling: SamplingConfig) -> HeunDiscreteScheduler:
     return HeunDiscreteScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
-                                **_sigmas(sampling))
+                                **_sigmas(sampling, "heun"))
 
 
 SAMPLERS: dict[str, SamplerFactory] = {

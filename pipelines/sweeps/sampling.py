@@ -10,7 +10,7 @@ The searched values are :class:`~ldmseg.config.SamplingConfig` fields: the searc
 as ``sampling.<field>`` keys and each trial applies them to the model's config with
 :func:`ldmseg.config.with_sampling` (through ``Segmenter.segment``'s options). Besides
 ``--samplers`` and ``--steps``, every other field but ``seed`` and ``batch_size`` has a flag taking
-a comma list (``--mask-th 0.4,0.5``, ``--sigma-schedule default,karras``: karras fits the
+a comma list (``--mask-th 0.4,0.5``, ``--sigma-schedule default,karras,lu``: the schedules fit the
 sigma-based samplers only, other combinations fail as trials).
 
 Example::

@@ -9,8 +9,8 @@ import torch
 
 from ldmseg.checkpoint import build_components
 from ldmseg.diffusion.noise import make_train_scheduler, predict_x0
-from ldmseg.diffusion.sampling import (SAMPLERS, SIGMA_SAMPLERS, decode_latents, initial_noise, make_sampler,
-                                       sample_latents)
+from ldmseg.diffusion.sampling import (SAMPLERS, LU_SAMPLERS, SIGMA_SAMPLERS, decode_latents, initial_noise,
+                                       make_sampler, sample_latents)
 from helpers_config import tiny_cfg
 from helpers_denoiser import RecordingDenoiser
 
@@ -53,16 +53,23 @@ def test_every_sampler_runs_for_1_2_and_10_steps(name, denoiser):
         assert x0.shape == (2, C, H, H) and torch.isfinite(x0).all()
 
 
+@pytest.mark.parametrize("schedule", ["karras", "exponential", "beta", "lu"])
 @pytest.mark.parametrize("name", SIGMA_SAMPLERS)
-def test_karras_sigma_schedule(name, denoiser):
-    default, karras = tiny_cfg(f"sampling.sampler={name}"), tiny_cfg(f"sampling.sampler={name}",
-                                                                      "sampling.sigma_schedule=karras")
-    a, b = make_sampler(name, default.diffusion, default.sampling), make_sampler(name, karras.diffusion, karras.sampling)
+def test_sigma_schedules(name, schedule, denoiser):
+    if schedule == "lu" and name not in LU_SAMPLERS:
+        cfg = tiny_cfg(f"sampling.sampler={name}", "sampling.sigma_schedule=lu")
+        with pytest.raises(ValueError, match="'lu'.*dpmsolver.*not " + name):
+            make_sampler(name, cfg.diffusion, cfg.sampling)
+        return
+    default, spaced = tiny_cfg(f"sampling.sampler={name}"), tiny_cfg(f"sampling.sampler={name}",
+                                                                     f"sampling.sigma_schedule={schedule}")
+    a, b = make_sampler(name, default.diffusion, default.sampling), make_sampler(name, spaced.diffusion, spaced.sampling)
     a.set_timesteps(10)
     b.set_timesteps(10)
-    assert a.timesteps.tolist() != b.timesteps.tolist()  # Karras spacing spends more steps at low noise
-    karras.sampling.steps = 4
-    x0 = run(denoiser, karras, image_latents(2), [0, 1])
+    assert len(b.timesteps) == (2 * 10 - 1 if name == "heun" else 10)  # heun: two calls per step but the last
+    assert a.timesteps.tolist() != b.timesteps.tolist()  # the schedule moves the noise levels
+    spaced.sampling.steps = 4
+    x0 = run(denoiser, spaced, image_latents(2), [0, 1])
     assert x0.shape == (2, C, H, H) and torch.isfinite(x0).all()
 
 
