@@ -155,6 +155,17 @@ def sampler(name: str, where: str) -> None:
         raise InputError(f"{where} {name}: unknown sampler; choose one of {', '.join(SAMPLERS)}")
 
 
+def sigma_schedule(sampler_name: str, schedule: str, where: str) -> None:
+    """``schedule`` (``sampling.sigma_schedule``) fits sampler ``sampler_name``
+    (:func:`ldmseg.diffusion.sampling.check_sigma_schedule`)."""
+    from ldmseg.diffusion.sampling import check_sigma_schedule
+
+    try:
+        check_sigma_schedule(sampler_name, schedule)
+    except ValueError as exc:
+        raise InputError(f"{where} {exc}") from None
+
+
 def steps(n: int, where: str) -> None:
     """A sampling step count (at least 1)."""
     if n < 1:
@@ -191,6 +202,7 @@ def sampling_flags(sampler_name: str | None = None, step_count: int | None = Non
 def sampling_config(sampling: Any) -> None:
     """The ``sampling`` section of a config (its sampler, steps and thresholds)."""
     sampler(sampling.sampler, "sampling.sampler")
+    sigma_schedule(sampling.sampler, sampling.sigma_schedule, "sampling:")
     steps(sampling.steps, "sampling.steps")
     for key, value in sampling.thresholds.items():
         threshold(value, f"sampling.{key}")
@@ -220,6 +232,8 @@ def sampling_preset(name_or_path: str | None) -> dict[str, Any]:
     where = f"--sampling {name_or_path}:"
     if "sampler" in options:
         sampler(options["sampler"], f"{where} sampler")
+        if "sigma_schedule" in options:
+            sigma_schedule(options["sampler"], options["sigma_schedule"], where)
     if "steps" in options:
         steps(options["steps"], f"{where} steps")
     if "num_samples" in options:

@@ -65,57 +65,59 @@ quantiles of σ) and ``lu`` (uniform steps in log-SNR λ, DPM-Solver's own spaci
 LU_SAMPLERS = ("dpmsolver++", "dpmsolver++-sde")
 
 
-def _sigmas(sampling: SamplingConfig, name: str) -> dict:
-    """Scheduler keyword for ``sampling.sigma_schedule`` (see :data:`SIGMA_SCHEDULES`)."""
-    if sampling.sigma_schedule == "lu" and name not in LU_SAMPLERS:
+def check_sigma_schedule(name: str, schedule: str) -> None:
+    """Raise ``ValueError`` when sampler ``name`` cannot space its noise levels by ``schedule``
+    (``sampling.sigma_schedule``): every schedule but ``default`` needs a :data:`SIGMA_SAMPLERS`
+    sampler, ``lu`` one of :data:`LU_SAMPLERS`."""
+    if schedule == "default":
+        return
+    if name not in SIGMA_SAMPLERS:
+        raise ValueError(f"sigma_schedule={schedule!r} needs a sigma-based sampler "
+                         f"({', '.join(SIGMA_SAMPLERS)}); {name} has none: use sigma_schedule=default")
+    if schedule == "lu" and name not in LU_SAMPLERS:
         raise ValueError(f"sigma_schedule='lu' (uniform log-SNR steps) exists for {', '.join(LU_SAMPLERS)} only, "
                          f"not {name}: use karras, exponential or beta")
+
+
+def _sigmas(sampling: SamplingConfig) -> dict:
+    """Scheduler keyword for ``sampling.sigma_schedule`` (see :data:`SIGMA_SCHEDULES`)."""
     return dict(SIGMA_SCHEDULES[sampling.sigma_schedule])
-
-
-def _no_sigmas(name: str, sampling: SamplingConfig) -> None:
-    if sampling.sigma_schedule != "default":
-        raise ValueError(f"sigma_schedule={sampling.sigma_schedule!r} needs a sigma-based sampler "
-                         f"({', '.join(SIGMA_SAMPLERS)}); {name} has none: use sigma_schedule=default")
 
 
 def _ddim(cfg: DiffusionConfig, sampling: SamplingConfig) -> DDIMScheduler:
     # η is passed to step(); set_alpha_to_one only affects the sample after the last step, which
     # is not used (the result is x̂₀ of the last step).
-    _no_sigmas("ddim", sampling)
     return DDIMScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
                          clip_sample=False, set_alpha_to_one=False, steps_offset=0)
 
 
 def _ddpm(cfg: DiffusionConfig, sampling: SamplingConfig) -> DDPMScheduler:
-    _no_sigmas("ddpm", sampling)
     return DDPMScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing, clip_sample=False)
 
 
 def _dpmsolver(cfg: DiffusionConfig, sampling: SamplingConfig) -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
-                                       algorithm_type="dpmsolver++", solver_order=2, **_sigmas(sampling, "dpmsolver++"))
+                                       algorithm_type="dpmsolver++", solver_order=2, **_sigmas(sampling))
 
 
 def _dpmsolver_sde(cfg: DiffusionConfig, sampling: SamplingConfig) -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
-                                       algorithm_type="sde-dpmsolver++", solver_order=2,
-                                       **_sigmas(sampling, "dpmsolver++-sde"))
+                                       algorithm_type="sde-dpmsolver++", solver_order=2, **_sigmas(sampling))
 
 
 def _unipc(cfg: DiffusionConfig, sampling: SamplingConfig) -> UniPCMultistepScheduler:
     return UniPCMultistepScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
-                                  **_sigmas(sampling, "unipc"))
+                                  **_sigmas(sampling))
 
 
 def _euler(cfg: DiffusionConfig, sampling: SamplingConfig) -> EulerDiscreteScheduler:
     return EulerDiscreteScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
-                                 **_sigmas(sampling, "euler"))
+                                 **_sigmas(sampling))
 
 
 def _heun(cfg: DiffusionConfig, sampling: SamplingConfig) -> HeunDiscreteScheduler:
     return HeunDiscreteScheduler(**scheduler_kwargs(cfg), timestep_spacing=sampling.timestep_spacing,
-                                **_sigmas(sampling, "heun"))
+                                **_sigmas(sampling))
 
 
 SAMPLERS: dict[str, SamplerFactory] = {
@@ -136,6 +138,7 @@ def make_sampler(name: str, diffusion_cfg: DiffusionConfig, sampling_cfg: Sampli
         factory = SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
+    check_sigma_schedule(name, sampling_cfg.sigma_schedule)
     return factory(diffusion_cfg, sampling_cfg)
 
 

@@ -212,6 +212,19 @@ def test_bad_sampling_config(command, override, name, good, tmp_path, capsys):
     fails(config_commands(good, tmp_path)[command](good["config"], [override]), capsys, name)
 
 
+@pytest.mark.parametrize("command", ["train", "quickstart"])
+def test_sigma_schedule_the_sampler_lacks(command, good, tmp_path, capsys):
+    fails(config_commands(good, tmp_path)[command](good["config"], ["sampling.sampler=unipc",
+                                                                    "sampling.sigma_schedule=lu"]), capsys, "not unipc")
+
+
+def test_sampling_file_with_a_sigma_schedule_the_sampler_lacks(good, tmp_path, capsys):
+    preset = tmp_path / "ddim_karras.yaml"
+    preset.write_text("sampler: ddim\nsteps: 10\nsigma_schedule: karras\n")
+    fails(["evaluate", "--sampling", str(preset), "--model", good["model"], "--data", good["coco"],
+           "--output", str(tmp_path / "out")], capsys, "ddim has none")
+
+
 # --------------------------------------------------------------------------------------------
 # Row 7: s3:// paths without credentials
 # --------------------------------------------------------------------------------------------

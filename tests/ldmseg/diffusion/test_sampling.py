@@ -9,8 +9,8 @@ import torch
 
 from ldmseg.checkpoint import build_components
 from ldmseg.diffusion.noise import make_train_scheduler, predict_x0
-from ldmseg.diffusion.sampling import (SAMPLERS, LU_SAMPLERS, SIGMA_SAMPLERS, decode_latents, initial_noise,
-                                       make_sampler, sample_latents)
+from ldmseg.diffusion.sampling import (SAMPLERS, LU_SAMPLERS, SIGMA_SAMPLERS, SIGMA_SCHEDULES, decode_latents,
+                                       initial_noise, make_sampler, sample_latents)
 from helpers_config import tiny_cfg
 from helpers_denoiser import RecordingDenoiser
 
@@ -53,7 +53,7 @@ def test_every_sampler_runs_for_1_2_and_10_steps(name, denoiser):
         assert x0.shape == (2, C, H, H) and torch.isfinite(x0).all()
 
 
-@pytest.mark.parametrize("schedule", ["karras", "exponential", "beta", "lu"])
+@pytest.mark.parametrize("schedule", [s for s in SIGMA_SCHEDULES if s != "default"])
 @pytest.mark.parametrize("name", SIGMA_SAMPLERS)
 def test_sigma_schedules(name, schedule, denoiser):
     if schedule == "lu" and name not in LU_SAMPLERS:
@@ -71,6 +71,15 @@ def test_sigma_schedules(name, schedule, denoiser):
     spaced.sampling.steps = 4
     x0 = run(denoiser, spaced, image_latents(2), [0, 1])
     assert x0.shape == (2, C, H, H) and torch.isfinite(x0).all()
+
+
+def test_every_configurable_sigma_schedule_has_its_scheduler_keyword():
+    import typing
+
+    from ldmseg.config import SamplingConfig
+
+    allowed = typing.get_args(typing.get_type_hints(SamplingConfig)["sigma_schedule"])
+    assert set(allowed) == set(SIGMA_SCHEDULES)
 
 
 @pytest.mark.parametrize("name", ["ddim", "ddpm"])
