@@ -91,6 +91,11 @@ class MaskAEConfig:
     random_map_fraction: float = 0.0
     """Share of each AE training batch replaced by procedural COCO-like maps
     (:mod:`ldmseg.data.random_maps`): outlines, sizes and segment counts the dataset may not show."""
+    train_crop: Optional[int] = None
+    """Side of the random square window each AE training map is cut to (:mod:`ldmseg.data.crops`),
+    a multiple of the downsampling factor, at most ``data.resolution``; None trains on whole maps.
+    The AE is fully convolutional, so it still encodes whole maps; a step costs about
+    ``(train_crop / resolution)²`` of a whole-map step. Scale ``num_points`` with the crop's area."""
     num_points: int = 1024
     """Points sampled per image for the loss (112² at COCO scale)."""
     oversample_ratio: float = 3.0
@@ -106,6 +111,10 @@ class MaskAEConfig:
     def validate(self) -> None:
         if not 0.0 <= self.random_map_fraction <= 1.0:
             raise ConfigError(f"mask_ae.random_map_fraction must lie in [0, 1], got {self.random_map_fraction}")
+        f = self.downsample_factor
+        if self.train_crop is not None and (self.train_crop < f or self.train_crop % f):
+            raise ConfigError(f"mask_ae.train_crop must be a positive multiple of the AE's downsampling factor {f} "
+                              f"(2 ** (len(mask_ae.widths) - 1)), got {self.train_crop}; or null for whole maps")
 
 
 @dataclass
@@ -288,6 +297,9 @@ class Config:
     def validate(self) -> None:
         self.data.validate()
         self.mask_ae.validate()
+        if self.mask_ae.train_crop is not None and self.mask_ae.train_crop > self.data.resolution:
+            raise ConfigError(f"mask_ae.train_crop {self.mask_ae.train_crop} exceeds data.resolution "
+                              f"{self.data.resolution}: use a smaller crop, or null for whole maps")
         self.diffusion.validate()
         for key, t in (("train_ae", self.train_ae), ("train_ldm", self.train_ldm)):
             for name, value in (("max_nonfinite_steps", t.max_nonfinite_steps), ("num_workers", t.num_workers)):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ldmseg.config import Config
+from ldmseg.data.crops import random_crops
 from ldmseg.data.encoding import ids_to_bits
 from ldmseg.data.random_maps import random_slot_maps
 from ldmseg.models.ddp import unwrap
@@ -42,9 +43,11 @@ def ae_train_step(
 ) -> dict[str, float]:
     """One optimiser step of the mask autoencoder on ``batch``.
 
-    The slot map becomes bit planes (:func:`~ldmseg.data.encoding.ids_to_bits`); when
-    ``cfg.mask_ae.random_map_fraction > 0`` the last ``round(fraction × B)`` maps of the batch are
-    replaced by procedural COCO-like maps (:func:`~ldmseg.data.random_maps.random_slot_maps`); when
+    When ``cfg.mask_ae.random_map_fraction > 0`` the last ``round(fraction × B)`` maps of the
+    batch are replaced by procedural COCO-like maps (:func:`~ldmseg.data.random_maps.random_slot_maps`);
+    with ``cfg.mask_ae.train_crop`` set, each map is then cut to a random window of that side
+    (:func:`~ldmseg.data.crops.random_crops`: the maps' scale, a fraction of the cost); the
+    slot map becomes bit planes (:func:`~ldmseg.data.encoding.ids_to_bits`); when
     ``cfg.mask_ae.latent_noise > 0`` Gaussian noise of that many latent stds (the std of this
     batch's latents) is added to the latent; the loss is
     :func:`~ldmseg.models.mask_losses.mask_ae_loss`; gradients are clipped to
@@ -60,20 +63,23 @@ def ae_train_step(
     ae.train()
     device = slot_map.device
     same_device = generator is not None and generator.device.type == device.type
+    gen = generator if same_device else None
     n_random = round(cfg.mask_ae.random_map_fraction * slot_map.shape[0])
     if n_random:
-        slot_map, valid = slot_map.clone(), valid.clone()
+        slot_map, valid = slot_map.clone(), valid.clone()  # the caller's batch stays as it was
         slot_map[-n_random:] = random_slot_maps(n_random, slot_map.shape[-1], module.num_slots,
                                                 min_area=cfg.data.min_segment_area,
-                                                generator=generator if same_device else None, device=device)
+                                                generator=gen, device=device)
         valid[-n_random:] = True
+    if cfg.mask_ae.train_crop is not None:  # after the procedural maps: their segments keep the scene's scale
+        slot_map, valid = random_crops(slot_map, valid, cfg.mask_ae.train_crop,
+                                       multiple=module.downsample_factor, generator=gen)
     bits = ids_to_bits(slot_map, module.num_bits)
     check_scaler(cfg.train_ae.mixed_precision, device, scaler)
     with autocast_context(device, cfg.train_ae.mixed_precision):
         # the AE draws its latent noise on the latent's device: a generator elsewhere is not used
-        logits = ae(bits, latent_noise=float(cfg.mask_ae.latent_noise), generator=generator if same_device else None)
-    loss, parts = mask_ae_loss(logits.float(), slot_map, valid, cfg.mask_ae,
-                               generator=generator if same_device else None)
+        logits = ae(bits, latent_noise=float(cfg.mask_ae.latent_noise), generator=gen)
+    loss, parts = mask_ae_loss(logits.float(), slot_map, valid, cfg.mask_ae, generator=gen)
     outcome = optimizer_step(loss, optimizer, cfg.train_ae.grad_clip, scaler, lr_scheduler)
     parts.update(grad_norm=outcome.grad_norm, lr=float(optimizer.param_groups[0]["lr"]),
                  skipped=float(outcome.skipped), **loss_scale(scaler))

@@ -133,3 +133,40 @@ def test_ae_train_step_mixes_in_random_maps(fraction):
     assert torch.equal(batch["slot_map"], before)
     with pytest.raises(Exception, match="random_map_fraction"):
         training_cfg("mask_ae.random_map_fraction=1.5")
+
+
+def test_ae_train_step_on_crops_learns_and_encodes_whole_maps():
+    """``mask_ae.train_crop``: the AE sees windows of that side (random maps are drawn at the full
+    side first), its loss falls, and the trained AE still reconstructs whole maps."""
+    cfg = training_cfg("mask_ae.train_crop=16", "mask_ae.random_map_fraction=0.25", "train_ae.lr=3e-3")
+    batch = scene_batch(cfg, 8)
+    before = batch["slot_map"].clone()
+    torch.manual_seed(0)
+    ae = build_components(cfg)["mask_autoencoder"]
+    def whole_map_accuracy() -> float:
+        with torch.no_grad():
+            logits = ae(ids_to_bits(batch["slot_map"], 3))
+        assert logits.shape == (8, cfg.data.num_slots, 32, 32)
+        return float((logits.argmax(1) == batch["slot_map"])[batch["valid"]].float().mean())
+
+    untrained = whole_map_accuracy()
+    seen = []
+    ae.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    optimizer, lr_sched = training.make_optimizer(ae.parameters(), cfg.train_ae)
+    g = torch.Generator().manual_seed(0)
+    losses = [training.ae_train_step(ae, batch, optimizer, cfg, generator=g, lr_scheduler=lr_sched)["loss"]
+              for _ in range(150)]
+    assert set(seen) == {(8, 3, 16, 16)} and batch["slot_map"].shape[-1] == 32
+    assert torch.equal(batch["slot_map"], before)
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+    seen.clear()
+    accuracy = whole_map_accuracy()
+    assert seen == [(8, 3, 32, 32)]
+    assert accuracy > 0.6 and accuracy > 2 * untrained, (untrained, accuracy)
+
+
+@pytest.mark.parametrize("crop, message", [(6, "multiple of the AE's downsampling factor"),
+                                           (64, "exceeds data.resolution")])
+def test_train_crop_is_checked_on_load(crop, message):
+    with pytest.raises(Exception, match=message):
+        training_cfg(f"mask_ae.train_crop={crop}")
