@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_overhead import REPO, plain_steps_per_s  # noqa: E402
+from train_overhead import REPO, make_shards, plain_steps_per_s, untrained_ae  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -53,27 +53,13 @@ def main() -> int:
 
     import torch
 
-    from ldmseg.checkpoint import save_model
     from ldmseg.config import load_config
-    from ldmseg.models.mask_autoencoder import MaskAutoencoder
 
     cfg = load_config(args.config, args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        shards = args.shards
-        if shards is None:
-            from ldmseg.data.synthetic import write_scenes
-            from pipelines import ray_compat
-            from pipelines.preprocess import run_preprocess
-
-            write_scenes(tmp / "scenes", num_images=args.images, size=cfg.data.resolution, seed=0,
-                         min_things=cfg.synth.min_things, max_things=cfg.synth.max_things)
-            ray_compat.init_ray(None)
-            run_preprocess(cfg, output=str(tmp / "shards"), source=str(tmp / "scenes"))
-            shards = str(tmp / "shards")
-        ae_dir = str(tmp / "ae")  # an untrained AE costs the LDM step what a trained one does
-        torch.manual_seed(0)
-        save_model(ae_dir, cfg, {"mask_autoencoder": MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots)}, latent_scale=1.0)
+        shards = args.shards or make_shards(cfg, tmp, args.images)
+        ae_dir = untrained_ae(cfg, tmp)
 
         rows = []
         for stage, tcfg in (("ae", cfg.train_ae), ("ldm", cfg.train_ldm)):

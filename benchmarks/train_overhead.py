@@ -50,6 +50,33 @@ def plain_steps_per_s(stage: str, cfg, shards: str, ae_dir: str | None, steps: i
     return steps / (time.perf_counter() - t0), means["data_seconds"], means["step_seconds"]
 
 
+def make_shards(cfg, tmp: Path, images: int) -> str:
+    """``images`` synthetic scenes of ``cfg``'s size, preprocessed with Ray Data into ``tmp/shards``
+    (starts a local Ray); the shards' path."""
+    from ldmseg.data.synthetic import write_scenes
+    from pipelines import ray_compat
+    from pipelines.preprocess import run_preprocess
+
+    write_scenes(tmp / "scenes", num_images=images, size=cfg.data.resolution, seed=0,
+                 min_things=cfg.synth.min_things, max_things=cfg.synth.max_things)
+    ray_compat.init_ray(None)
+    run_preprocess(cfg, output=str(tmp / "shards"), source=str(tmp / "scenes"))
+    return str(tmp / "shards")
+
+
+def untrained_ae(cfg, tmp: Path) -> str:
+    """An untrained mask AE saved in ``tmp/ae`` (it costs the LDM step what a trained one does)."""
+    import torch
+
+    from ldmseg.checkpoint import save_model
+    from ldmseg.models.mask_autoencoder import MaskAutoencoder
+
+    torch.manual_seed(0)
+    save_model(str(tmp / "ae"), cfg, {"mask_autoencoder": MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots)},
+               latent_scale=1.0)
+    return str(tmp / "ae")
+
+
 def _uri(run_dir: Path) -> str:
     from pipelines.tracking import resolve_tracking_uri
 
@@ -65,14 +92,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=512, help="synthetic training scenes")
     args = parser.parse_args()
 
-    import torch
-
-    from ldmseg.checkpoint import save_model
     from ldmseg.config import load_config
-    from ldmseg.data.synthetic import write_scenes
-    from ldmseg.models.mask_autoencoder import MaskAutoencoder
-    from pipelines import ray_compat
-    from pipelines.preprocess import run_preprocess
     from pipelines.train import run_train
 
     report = args.steps // 4
@@ -86,16 +106,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_scenes(tmp / "scenes", num_images=args.images, size=cfg.data.resolution, seed=0,
-                     min_things=cfg.synth.min_things, max_things=cfg.synth.max_things)
-        ray_compat.init_ray(None)
-        run_preprocess(cfg, output=str(tmp / "shards"), source=str(tmp / "scenes"))
-        ae_dir = None
-        if args.stage == "ldm":  # an untrained AE is as costly to run as a trained one
-            ae_dir = str(tmp / "ae")
-            torch.manual_seed(0)
-            save_model(ae_dir, cfg, {"mask_autoencoder": MaskAutoencoder(cfg.mask_ae, cfg.data.num_slots)},
-                       latent_scale=1.0)
+        make_shards(cfg, tmp, args.images)
+        ae_dir = untrained_ae(cfg, tmp) if args.stage == "ldm" else None
 
         print(f"[bench] plain loop: {args.stage}, batch {tcfg.batch_size}, {tcfg.torch_threads} threads, "
               f"{args.steps} steps", file=sys.stderr, flush=True)
