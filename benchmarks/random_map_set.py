@@ -8,14 +8,32 @@ drawn with a seed of their own stand in for them when a choice is made:
     python benchmarks/ae_recon.py --model runs/bench/models/ae --data runs/val/random_maps
 
 Each map is one image (a flat grey picture; the AE reads only the masks), every segment one
-``thing`` category, ids ``slot + 1`` so that no segment is id 0 (void stays void).
+``thing`` category, its id the slot itself (slot 0, void, is id 0). An existing set is never
+overwritten: a seed names one set.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, in one line, or None."""
+    if args.num_images < 1:
+        return f"--num-images must be at least 1, got {args.num_images}"
+    if args.size < 8:
+        return f"--size must be at least 8 pixels, got {args.size}"
+    if args.num_slots < 2 or args.num_slots & (args.num_slots - 1):
+        return f"--num-slots must be a power of two >= 2 (data.num_slots), got {args.num_slots}"
+    if args.min_area < 0:
+        return f"--min-area must be >= 0, got {args.min_area}"
+    if (Path(args.output) / "panoptic.json").exists():
+        return f"{args.output} already holds a set (panoptic.json): pick another folder, or delete it first"
+    return None
 
 
 def main() -> int:
@@ -27,6 +45,10 @@ def main() -> int:
     parser.add_argument("--min-area", type=int, default=10, help="data.min_segment_area")
     parser.add_argument("--seed", type=int, required=True, help="the set's seed (never a training seed)")
     args = parser.parse_args()
+    problem = check_args(args)
+    if problem:
+        print(f"random_map_set.py: {problem}", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -41,7 +63,7 @@ def main() -> int:
     categories = [{"id": 1, "name": "thing", "supercategory": "thing", "isthing": 1}]
     with CocoPanopticWriter(args.output, categories, images=True) as writer:
         for index, slot_map in enumerate(maps, start=1):
-            id_map = np.where(slot_map > 0, slot_map + 1, 0).astype(np.int64)
+            id_map = slot_map.astype(np.int64)
             writer.add_image(index, f"{index:012d}.png", args.size, args.size, image=grey)
             writer.add_annotation(index, f"{index:012d}.png", id_map, segments_info(id_map))
     segments = sum(len(np.unique(m)) - (0 in m) for m in maps)
